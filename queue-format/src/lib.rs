@@ -1,0 +1,34 @@
+//! `queue-format`: saida's spool. Every accepted message is stored here before the client hears
+//! `250`, and every delivery outcome is journaled here before a recipient counts as done.
+//!
+//! The byte layout is specified in `docs/spool-format.md`; this crate is its only encoder and
+//! decoder. Modules, from the bytes up:
+//! - [`codec`]: record frames and payloads, pure (no I/O, never panics on input);
+//! - [`segment`]: segment header and file names, pure;
+//! - [`mmap`]: read-only maps of segments (the one module allowed `unsafe`);
+//! - [`log`]: the append-only writer with group commit on a sync thread;
+//! - [`recovery`]: the scan that checks every CRC, repairs a torn tail and reports damage;
+//! - [`spool`]: the per-shard spool (log + index + reclamation + compaction);
+//! - [`fuzzing`]: the property the fuzz target and the property tests share.
+//!
+//! Not here: SMTP, queues per destination, retry policy (the engine's); encryption at rest.
+
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
+
+pub mod codec;
+pub mod error;
+pub mod fuzzing;
+pub mod log;
+pub mod mmap;
+pub mod recovery;
+pub mod segment;
+pub mod spool;
+
+pub use codec::{
+    DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, message_flags, notify,
+};
+pub use error::{DecodeError, IoFailure, IoOp, SpoolError};
+pub use log::{AppendMethod, CommitTicket, Location, LogConfig, LogStats, SegmentLog, SyncPolicy, now_micros};
+pub use recovery::{Damage, RecoveryReport, TornTail};
+pub use spool::{LiveMessage, RcptStatus, ReclaimReport, Spool, SpoolConfig, SpoolUsage};

@@ -1,0 +1,828 @@
+//! The segment log: appends framed records to preallocated segment files and makes them durable
+//! by group commit on a dedicated sync thread.
+//!
+//! [`SegmentLog::append`] encodes a record straight into the pending batch buffer (one copy),
+//! assigns its [`Location`] and returns a [`CommitTicket`] at once; it never does I/O. The sync
+//! thread takes the whole pending batch, writes it with one `pwrite` per segment touched and
+//! covers it with one `fdatasync`, then completes every ticket of the batch. While it syncs, new
+//! appends fill the next batch: that is group commit, and its batch size adapts to the load.
+//!
+//! # Durability
+//! With [`SyncPolicy::EveryCommit`] (the default) a ticket completes only after the `fdatasync`
+//! that covers its record has returned, so an SMTP server may answer `250` then. A batch that
+//! spans two segments is written and synced segment by segment in order, so after a crash only
+//! the newest segment holding records can have a torn tail (recovery relies on this).
+//! [`SyncPolicy::Interval`] and [`SyncPolicy::None`] complete tickets after the `pwrite` alone:
+//! a crash of the machine (not of the process) loses what was not yet synced. They exist for load
+//! tests and are documented as unsafe.
+//!
+//! # Backpressure
+//! Bytes waiting for the next commit are bounded by `pending_bytes_max`; an append beyond it
+//! fails with [`SpoolError::Backpressure`] instead of queueing without bound.
+//!
+//! # Disk full
+//! Segments are preallocated with `fallocate` (and the next one is prepared ahead, the
+//! *standby*), so writes into a segment cannot run out of space. Disk full shows up as a failure
+//! to preallocate the next segment: appends that need it fail with [`SpoolError::Full`] right
+//! away, nothing written is touched, and the sync thread retries every `standby_retry` until
+//! space returns.
+//!
+//! # I/O errors
+//! When a write or sync fails, every ticket of that batch fails, and the next append starts a
+//! fresh segment: after `fdatasync` reports an error the kernel may have dropped the dirty pages,
+//! so nothing more is written into that file.
+//!
+//! # Shutdown
+//! [`SegmentLog::close`] (and `Drop`) writes and syncs what is pending, completes its tickets and
+//! joins the thread. Appends after that fail with [`SpoolError::Closed`].
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::mem;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::codec::Record;
+use crate::error::{IoFailure, IoOp, SpoolError, io_err};
+use crate::mmap::SegmentMapMut;
+use crate::segment::{FORMAT_VERSION, SEGMENT_HEADER_LEN, SegmentHeader, TEMP_SUFFIX, segment_file_name};
+
+/// Smallest allowed segment size.
+pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
+/// Largest allowed segment size (offsets within a segment are `u32`).
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+/// Default segment size: 64 MiB.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Default bound on bytes waiting for commit: 64 MiB.
+pub const PENDING_BYTES_MAX_DEFAULT: usize = 64 << 20;
+/// How often the sync thread retries preallocating a segment after a failure.
+const STANDBY_RETRY: Duration = Duration::from_millis(500);
+/// Spare batch buffers kept for reuse.
+const SPARE_BUFFERS_MAX: usize = 4;
+
+/// When appended records are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// `fdatasync` before a ticket completes. The only policy under which `250` means durable.
+    EveryCommit,
+    /// Tickets complete after `pwrite`; `fdatasync` runs at most this often. **Unsafe**: a
+    /// machine crash loses up to this much acknowledged mail.
+    Interval(Duration),
+    /// Tickets complete after `pwrite`; no `fdatasync` except at shutdown. **Unsafe**; for load
+    /// tests only.
+    None,
+}
+
+/// How the sync thread puts bytes into a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendMethod {
+    /// `pwrite` then `fdatasync` (default: measured faster, see docs/benchmarks.md).
+    Pwrite,
+    /// Copy into a writable shared map, then `msync(MS_SYNC)` of the range.
+    MmapMsync,
+}
+
+/// Configuration of one shard's log.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// The shard's spool directory.
+    pub dir: PathBuf,
+    /// Shard number, written into segment headers and queue ids.
+    pub shard: u16,
+    /// Preallocated size of each segment; bounds a record's size too.
+    pub segment_bytes: u64,
+    pub sync: SyncPolicy,
+    pub append_method: AppendMethod,
+    /// Bound on bytes appended but not yet handed to the sync thread.
+    pub pending_bytes_max: usize,
+}
+
+impl LogConfig {
+    /// Defaults: 64 MiB segments, `EveryCommit`, `pwrite`, 64 MiB pending bound.
+    pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
+        LogConfig {
+            dir: dir.into(),
+            shard: 0,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            sync: SyncPolicy::EveryCommit,
+            append_method: AppendMethod::Pwrite,
+            pending_bytes_max: PENDING_BYTES_MAX_DEFAULT,
+        }
+    }
+
+    /// Checks every bound; the message names the key.
+    pub fn validate(&self) -> Result<(), SpoolError> {
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return Err(SpoolError::Config(format!(
+                "segment_bytes = {} is outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                self.segment_bytes
+            )));
+        }
+        if self.segment_bytes % 4096 != 0 {
+            return Err(SpoolError::Config("segment_bytes must be a multiple of 4096".into()));
+        }
+        if !(64 << 10..=1 << 30).contains(&self.pending_bytes_max) {
+            return Err(SpoolError::Config(format!(
+                "pending_bytes_max = {} is outside 65536..=1073741824",
+                self.pending_bytes_max
+            )));
+        }
+        if let SyncPolicy::Interval(d) = self.sync {
+            if d.is_zero() || d > Duration::from_secs(60) {
+                return Err(SpoolError::Config("sync interval must be within 1 ms..=60 s".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Largest frame one segment can hold.
+    pub fn record_bytes_max(&self) -> usize {
+        self.segment_bytes as usize - SEGMENT_HEADER_LEN
+    }
+}
+
+/// Where a record lives: segment id, byte offset of its frame, frame length (padding included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Location {
+    pub segment: u64,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// Counters of the log, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Group commits completed (one per batch written).
+    pub commits: u64,
+    /// Records those commits covered.
+    pub records: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// `fdatasync`/`msync` calls.
+    pub syncs: u64,
+}
+
+/// The appending side of one shard's spool.
+pub struct SegmentLog {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    config: LogConfig,
+    state: Mutex<State>,
+    /// Wakes the sync thread: a batch is pending, a standby is wanted, or shutdown.
+    work: Condvar,
+    /// Wakes appenders waiting for a standby segment.
+    standby_ready: Condvar,
+}
+
+struct State {
+    active: u64,
+    active_next: u64,
+    /// A preallocated segment ready to become active.
+    standby: Option<u64>,
+    /// Why the last standby could not be created, and when to retry.
+    standby_failure: Option<(IoFailure, Instant)>,
+    next_id: u64,
+    pending: Batch,
+    pending_bytes: usize,
+    spare: Vec<Vec<u8>>,
+    /// The sync thread saw an I/O error in the active segment: roll before appending again.
+    roll_requested: bool,
+    closed: bool,
+    stats: LogStats,
+}
+
+struct Batch {
+    chunks: Vec<Chunk>,
+    outcome: Arc<BatchOutcome>,
+    records: u64,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch { chunks: Vec::new(), outcome: Arc::new(BatchOutcome::default()), records: 0 }
+    }
+}
+
+/// Contiguous bytes destined for one segment at one offset.
+struct Chunk {
+    segment: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+impl SegmentLog {
+    /// Creates segment `first_segment` (which must not exist) as the active segment and starts
+    /// the sync thread, which prepares the next segment at once.
+    pub fn open(config: LogConfig, first_segment: u64) -> Result<SegmentLog, SpoolError> {
+        config.validate()?;
+        let first = create_segment(&config, first_segment)?;
+        let state = State {
+            active: first_segment,
+            active_next: SEGMENT_HEADER_LEN as u64,
+            standby: None,
+            standby_failure: None,
+            next_id: first_segment + 1,
+            pending: Batch::new(),
+            pending_bytes: 0,
+            spare: Vec::new(),
+            roll_requested: false,
+            closed: false,
+            stats: LogStats::default(),
+        };
+        let shared = Arc::new(Shared {
+            config,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            standby_ready: Condvar::new(),
+        });
+        let mut files = HashMap::new();
+        files.insert(first_segment, first);
+        let thread_shared = Arc::clone(&shared);
+        let name = format!("spool-sync-{}", shared.config.shard);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || SyncThread { shared: thread_shared, files, unsynced: Vec::new() }.run())
+            .map_err(|e| SpoolError::Io(IoFailure::new(IoOp::Create, "sync thread", &e)))?;
+        Ok(SegmentLog { shared, thread: Some(thread) })
+    }
+
+    /// The configuration the log runs with.
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// Encodes `record` into the pending batch and returns a ticket that completes when the batch
+    /// is committed.
+    ///
+    /// Cost: one copy of the record and a short critical section; no I/O, no waiting, except when
+    /// the active segment is full and the next one is still being preallocated (once per
+    /// `segment_bytes`, normally never).
+    pub fn append(&self, record: &Record<'_>) -> Result<CommitTicket, SpoolError> {
+        let len = record.frame_len();
+        let max = self.shared.config.record_bytes_max();
+        if len > max {
+            return Err(SpoolError::RecordTooLarge { len, max });
+        }
+        let mut st = self.lock();
+        if st.closed {
+            return Err(SpoolError::Closed);
+        }
+        let pending_max = self.shared.config.pending_bytes_max;
+        if st.pending_bytes > 0 && st.pending_bytes + len > pending_max {
+            return Err(SpoolError::Backpressure { pending: st.pending_bytes, max: pending_max });
+        }
+        if st.roll_requested || st.active_next + len as u64 > self.shared.config.segment_bytes {
+            st = self.roll(st)?;
+        }
+        let (segment, offset) = (st.active, st.active_next);
+        let st_ref = &mut *st;
+        let contiguous = st_ref.pending.chunks.last().is_some_and(|c| {
+            c.segment == segment && c.offset + c.bytes.len() as u64 == offset
+        });
+        if !contiguous {
+            let bytes = st_ref.spare.pop().unwrap_or_default();
+            st_ref.pending.chunks.push(Chunk { segment, offset, bytes });
+        }
+        let chunk = st_ref.pending.chunks.last_mut().expect("a chunk was just ensured");
+        let before = chunk.bytes.len();
+        if let Err(e) = record.encode_frame(&mut chunk.bytes) {
+            // Caller error (an oversized field): nothing was added to the buffer.
+            debug_assert_eq!(chunk.bytes.len(), before);
+            if chunk.bytes.is_empty() {
+                st_ref.pending.chunks.pop();
+            }
+            return Err(SpoolError::Config(format!("record cannot be encoded: {e}")));
+        }
+        debug_assert_eq!(chunk.bytes.len() - before, len);
+        st_ref.active_next += len as u64;
+        st_ref.pending_bytes += len;
+        st_ref.pending.records += 1;
+        let ticket = CommitTicket {
+            outcome: Arc::clone(&st_ref.pending.outcome),
+            location: Location { segment, offset: offset as u32, len: len as u32 },
+        };
+        let first_in_batch = st_ref.pending.records == 1;
+        drop(st);
+        if first_in_batch {
+            self.shared.work.notify_one();
+        }
+        Ok(ticket)
+    }
+
+    /// Switches to the standby segment, waiting for it if the sync thread is still creating it.
+    fn roll<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, SpoolError> {
+        loop {
+            if let Some(id) = st.standby.take() {
+                st.active = id;
+                st.active_next = SEGMENT_HEADER_LEN as u64;
+                st.roll_requested = false;
+                self.shared.work.notify_one(); // prepare the next standby
+                return Ok(st);
+            }
+            if let Some((failure, _)) = &st.standby_failure {
+                let failure = failure.clone();
+                self.shared.work.notify_one(); // retry soon
+                return Err(if failure.is_no_space() {
+                    SpoolError::Full(failure)
+                } else {
+                    SpoolError::Io(failure)
+                });
+            }
+            if st.closed {
+                return Err(SpoolError::Closed);
+            }
+            st = self.shared.standby_ready.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State inconsistent in a way that matters
+        // more than refusing service, so poisoning is ignored.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LogStats {
+        self.lock().stats
+    }
+
+    /// The segment currently receiving appends.
+    pub fn active_segment(&self) -> u64 {
+        self.lock().active
+    }
+
+    /// Bytes appended and not yet taken by the sync thread.
+    pub fn pending_bytes(&self) -> usize {
+        self.lock().pending_bytes
+    }
+
+    /// Commits what is pending, stops the sync thread and waits for it.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.lock().closed = true;
+        self.shared.work.notify_all();
+        self.shared.standby_ready.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SegmentLog {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// An open segment as the sync thread holds it.
+struct OpenSegment {
+    file: File,
+    path: PathBuf,
+    map: Option<SegmentMapMut>,
+}
+
+struct SyncThread {
+    shared: Arc<Shared>,
+    files: HashMap<u64, OpenSegment>,
+    /// Segments written but not yet synced (Interval and None policies).
+    unsynced: Vec<u64>,
+}
+
+enum Work {
+    CreateStandby(u64),
+    Write(Batch),
+    SyncInterval,
+    Exit,
+}
+
+impl SyncThread {
+    fn run(mut self) {
+        let mut last_sync = Instant::now();
+        loop {
+            match self.next_work(last_sync) {
+                Work::CreateStandby(id) => self.create_standby(id),
+                Work::Write(batch) => {
+                    let result = self.write_batch(&batch);
+                    if matches!(self.shared.config.sync, SyncPolicy::Interval(d) if last_sync.elapsed() >= d)
+                    {
+                        let _ = self.sync_unsynced();
+                        last_sync = Instant::now();
+                    }
+                    self.finish(batch, result);
+                }
+                Work::SyncInterval => {
+                    let _ = self.sync_unsynced();
+                    last_sync = Instant::now();
+                }
+                Work::Exit => {
+                    let _ = self.sync_unsynced();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn next_work(&mut self, last_sync: Instant) -> Work {
+        let shared = Arc::clone(&self.shared);
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if st.pending.records > 0 {
+                let batch = mem::replace(&mut st.pending, Batch::new());
+                st.pending_bytes = 0;
+                return Work::Write(batch);
+            }
+            if st.closed {
+                return Work::Exit;
+            }
+            let now = Instant::now();
+            let retry_due = st.standby_failure.as_ref().is_none_or(|(_, at)| now >= *at);
+            if st.standby.is_none() && retry_due {
+                let id = st.next_id;
+                st.next_id += 1;
+                return Work::CreateStandby(id);
+            }
+            let mut timeout = Duration::from_secs(1);
+            if let Some((_, at)) = &st.standby_failure {
+                timeout = timeout.min(at.saturating_duration_since(now));
+            }
+            if let SyncPolicy::Interval(d) = shared.config.sync {
+                if !self.unsynced.is_empty() {
+                    let due = last_sync + d;
+                    if now >= due {
+                        return Work::SyncInterval;
+                    }
+                    timeout = timeout.min(due - now);
+                }
+            }
+            st = shared.work.wait_timeout(st, timeout).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn create_standby(&mut self, id: u64) {
+        let result = create_segment(&self.shared.config, id);
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(seg) => {
+                self.files.insert(id, seg);
+                st.standby = Some(id);
+                st.standby_failure = None;
+            }
+            Err(SpoolError::Full(f) | SpoolError::Io(f)) => {
+                st.standby_failure = Some((f, Instant::now() + STANDBY_RETRY));
+            }
+            Err(other) => {
+                let f = IoFailure {
+                    op: IoOp::Create,
+                    path: self.shared.config.dir.clone(),
+                    kind: std::io::ErrorKind::Other,
+                    message: other.to_string(),
+                };
+                st.standby_failure = Some((f, Instant::now() + STANDBY_RETRY));
+            }
+        }
+        drop(st);
+        self.shared.standby_ready.notify_all();
+    }
+
+    /// Writes every chunk in order; with `EveryCommit`, syncs each segment before the batch moves
+    /// on to the next one and at the end.
+    fn write_batch(&mut self, batch: &Batch) -> Result<(), SpoolError> {
+        let every_commit = self.shared.config.sync == SyncPolicy::EveryCommit;
+        let mut written: Option<u64> = None;
+        for chunk in &batch.chunks {
+            if every_commit {
+                if let Some(prev) = written.filter(|&p| p != chunk.segment) {
+                    self.sync_segment(prev)?;
+                }
+            }
+            self.write_chunk(chunk)?;
+            written = Some(chunk.segment);
+            if !every_commit && !self.unsynced.contains(&chunk.segment) {
+                self.unsynced.push(chunk.segment);
+            }
+        }
+        if every_commit {
+            if let Some(last) = written {
+                self.sync_segment(last)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn segment(&mut self, id: u64) -> Result<&mut OpenSegment, SpoolError> {
+        self.files
+            .get_mut(&id)
+            .ok_or_else(|| SpoolError::NotFound(format!("segment {id} is not open for writing")))
+    }
+
+    fn write_chunk(&mut self, chunk: &Chunk) -> Result<(), SpoolError> {
+        let method = self.shared.config.append_method;
+        let seg = self.segment(chunk.segment)?;
+        match method {
+            AppendMethod::Pwrite => seg
+                .file
+                .write_all_at(&chunk.bytes, chunk.offset)
+                .map_err(io_err(IoOp::Write, &seg.path)),
+            AppendMethod::MmapMsync => {
+                let path = seg.path.clone();
+                let map = match &mut seg.map {
+                    Some(m) => m,
+                    None => seg.map.insert(SegmentMapMut::open(&seg.file, &path)?),
+                };
+                map.write_and_sync(chunk.offset as usize, &chunk.bytes, &path)
+            }
+        }
+    }
+
+    fn sync_segment(&mut self, id: u64) -> Result<(), SpoolError> {
+        let method = self.shared.config.append_method;
+        let seg = self.segment(id)?;
+        if method == AppendMethod::Pwrite {
+            seg.file.sync_data().map_err(io_err(IoOp::Sync, &seg.path))?;
+        }
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stats.syncs += 1;
+        Ok(())
+    }
+
+    fn sync_unsynced(&mut self) -> Result<(), SpoolError> {
+        let ids = mem::take(&mut self.unsynced);
+        let mut result = Ok(());
+        for id in ids {
+            if let Some(seg) = self.files.get(&id) {
+                if let Err(e) = seg.file.sync_data() {
+                    result = Err(SpoolError::Io(IoFailure::new(IoOp::Sync, &seg.path, &e)));
+                }
+            }
+        }
+        result
+    }
+
+    /// Completes the batch's tickets, recycles its buffers, closes files no longer written.
+    fn finish(&mut self, batch: Batch, result: Result<(), SpoolError>) {
+        let bytes: usize = batch.chunks.iter().map(|c| c.bytes.len()).sum();
+        {
+            let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            if result.is_ok() {
+                st.stats.commits += 1;
+                st.stats.records += batch.records;
+                st.stats.bytes += bytes as u64;
+            } else {
+                st.roll_requested = true;
+            }
+            for mut chunk in batch.chunks {
+                if st.spare.len() < SPARE_BUFFERS_MAX
+                    && chunk.bytes.capacity() <= self.shared.config.pending_bytes_max * 2
+                {
+                    chunk.bytes.clear();
+                    st.spare.push(chunk.bytes);
+                }
+            }
+            // Keep what may still be written: the active and standby segments, segments the
+            // next batch already refers to, and segments awaiting an interval sync.
+            let keep = [Some(st.active), st.standby];
+            let unsynced = &self.unsynced;
+            let pending = &st.pending.chunks;
+            self.files.retain(|id, _| {
+                keep.contains(&Some(*id))
+                    || unsynced.contains(id)
+                    || pending.iter().any(|c| c.segment == *id)
+            });
+        }
+        batch.outcome.complete(result);
+    }
+}
+
+/// Creates a segment atomically: a `.seg.tmp` file is preallocated, given its header, synced,
+/// renamed into place, and the directory is synced. A crash leaves either no segment or a
+/// complete one (plus perhaps a `.tmp` file, which recovery deletes).
+fn create_segment(config: &LogConfig, id: u64) -> Result<OpenSegment, SpoolError> {
+    let path = config.dir.join(segment_file_name(id));
+    let tmp = config.dir.join(format!("{id:016x}{TEMP_SUFFIX}"));
+    let result = (|| {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(IoOp::Create, &tmp))?;
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, config.segment_bytes)
+            .map_err(|e| {
+                let failure = IoFailure::new(IoOp::Preallocate, &tmp, &e.into());
+                if failure.is_no_space() { SpoolError::Full(failure) } else { SpoolError::Io(failure) }
+            })?;
+        let header = SegmentHeader {
+            format_version: FORMAT_VERSION,
+            segment_id: id,
+            created_micros: now_micros(),
+            shard: config.shard,
+        };
+        file.write_all_at(&header.encode(), 0).map_err(io_err(IoOp::Write, &tmp))?;
+        file.sync_all().map_err(io_err(IoOp::Sync, &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(IoOp::Rename, &tmp))?;
+        sync_dir(&config.dir)?;
+        Ok(file)
+    })();
+    match result {
+        Ok(file) => Ok(OpenSegment { file, path, map: None }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// `fsync` of a directory, so that a created, renamed or deleted entry is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(IoOp::SyncDir, dir))
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The shared completion of one group commit.
+#[derive(Default)]
+struct BatchOutcome {
+    state: Mutex<OutcomeState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct OutcomeState {
+    result: Option<Result<(), SpoolError>>,
+    wakers: Vec<Waker>,
+}
+
+impl BatchOutcome {
+    fn lock(&self) -> MutexGuard<'_, OutcomeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn complete(&self, result: Result<(), SpoolError>) {
+        let wakers = {
+            let mut st = self.lock();
+            st.result = Some(result);
+            mem::take(&mut st.wakers)
+        };
+        self.done.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+/// A claim on the commit of one appended record.
+///
+/// Wait for it with [`CommitTicket::wait`] (blocking) or `.await` (any executor: the sync
+/// thread wakes the task). Dropping a ticket does not cancel the append.
+#[must_use = "a record is durable only when its ticket completes"]
+pub struct CommitTicket {
+    outcome: Arc<BatchOutcome>,
+    location: Location,
+}
+
+impl CommitTicket {
+    /// Where the record was placed (valid to read only after a successful commit).
+    pub fn location(&self) -> Location {
+        self.location
+    }
+
+    /// The commit's result, if it is known yet.
+    pub fn try_result(&self) -> Option<Result<Location, SpoolError>> {
+        let st = self.outcome.lock();
+        st.result.as_ref().map(|r| r.clone().map(|()| self.location))
+    }
+
+    /// Blocks the calling thread until the commit is known.
+    pub fn wait(self) -> Result<Location, SpoolError> {
+        let mut st = self.outcome.lock();
+        loop {
+            if let Some(r) = &st.result {
+                return r.clone().map(|()| self.location);
+            }
+            st = self.outcome.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Future for CommitTicket {
+    type Output = Result<Location, SpoolError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.outcome.lock();
+        if let Some(r) = &st.result {
+            return Poll::Ready(r.clone().map(|()| self.location));
+        }
+        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            st.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Outcomes, QueueId};
+
+    fn rec(i: u128) -> Record<'static> {
+        Record::Outcomes(Outcomes { queue_id: QueueId(i), at_micros: 1, entries: vec![] })
+    }
+
+    fn small_config(dir: &Path) -> LogConfig {
+        LogConfig { segment_bytes: SEGMENT_BYTES_MIN, ..LogConfig::new(dir) }
+    }
+
+    #[test]
+    fn tickets_complete_in_order_with_distinct_locations() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let tickets: Vec<_> = (0..100).map(|i| log.append(&rec(i)).unwrap()).collect();
+        let locs: Vec<_> = tickets.into_iter().map(|t| t.wait().unwrap()).collect();
+        for w in locs.windows(2) {
+            assert!(w[0] < w[1]);
+        }
+        let stats = log.stats();
+        assert_eq!(stats.records, 100);
+        assert!(stats.commits >= 1 && stats.commits <= 100);
+    }
+
+    #[test]
+    fn rolls_to_a_new_segment_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let body = vec![b'x'; 300 << 10];
+        let m = crate::codec::Message {
+            queue_id: QueueId(1),
+            received_at_micros: 0,
+            flags: 0,
+            dsn_ret: Default::default(),
+            tenant: "",
+            sender: "",
+            envid: "",
+            recipients: vec![],
+            body: &body,
+        };
+        let locs: Vec<_> =
+            (0..8).map(|_| log.append(&Record::Message(m.clone())).unwrap().wait().unwrap()).collect();
+        assert!(locs.last().unwrap().segment > 1, "{locs:?}");
+    }
+
+    #[test]
+    fn oversized_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let body = vec![0u8; SEGMENT_BYTES_MIN as usize];
+        let m = crate::codec::Message {
+            queue_id: QueueId(1),
+            received_at_micros: 0,
+            flags: 0,
+            dsn_ret: Default::default(),
+            tenant: "",
+            sender: "",
+            envid: "",
+            recipients: vec![],
+            body: &body,
+        };
+        assert!(matches!(
+            log.append(&Record::Message(m)),
+            Err(SpoolError::RecordTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn appends_after_close_are_refused_and_pending_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let t = log.append(&rec(1)).unwrap();
+        let shared = Arc::clone(&log.shared);
+        log.close();
+        assert!(t.wait().is_ok());
+        assert!(shared.state.lock().unwrap().closed);
+    }
+
+    #[test]
+    fn bad_config_names_the_key() {
+        let c = LogConfig { segment_bytes: 5, ..LogConfig::new("/nonexistent") };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("segment_bytes"), "{err}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The spool of one shard: the segment log plus the in-memory index of live messages, recovery
+//! on open, zero-copy reads of message bodies, reclamation and compaction.
+//!
+//! Main type: [`Spool`]. One shard thread owns it (`&mut self` for changes); appends return
+//! [`CommitTicket`]s that complete on the log's sync thread.
+//!
+//! # Index
+//! For each live message (one with a recipient not yet terminal) the index keeps where its
+//! current base record lies (the `Message`, or the latest `Rehomed` copy), its receive time and
+//! 16 bytes of state per recipient. Addresses and bodies stay on disk and are read through the
+//! segment maps. A message leaves the index when its last recipient becomes terminal.
+//!
+//! # Reclamation
+//! Segments are deleted oldest first, and only when they hold no live base record. Deleting in
+//! prefix order is what keeps recovery correct without tombstones: a surviving base record never
+//! loses the later outcome records that apply to it, because those sit in the same or newer
+//! segments. Compaction keeps one long-lived message from pinning everything behind it: the
+//! oldest segment's live messages are re-appended as `Rehomed` records (state included) when
+//! the spool holds more than `2 × ⌈live bytes / segment_bytes⌉ + 2` segments, or when the
+//! oldest segment is older than `compact_age`. Hence the bound stated in docs/spool-format.md:
+//! after reclamation settles, dead records occupy at most about as much disk as live ones plus
+//! two segments (active and standby).
+//!
+//! # Durability
+//! Index updates happen at append time; callers act on them (answer `250`, start a delivery)
+//! only once the ticket completes. A segment is never deleted while a compaction copy of one of
+//! its messages is uncommitted.
+
+use std::cell::OnceCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::codec::{Message, OutcomeEntry, Outcomes, QueueId, RcptState, Record};
+use crate::error::{IoOp, SpoolError, io_err};
+use crate::log::{CommitTicket, LogConfig, LogStats, SegmentLog, Location, now_micros, sync_dir};
+use crate::mmap::SegmentMap;
+use crate::recovery::{RecoveryReport, recover_dir};
+use crate::segment::segment_file_name;
+
+/// Default age after which a segment's live messages are compacted: one hour.
+pub const COMPACT_AGE_DEFAULT: Duration = Duration::from_secs(3600);
+
+/// Configuration of one shard's spool.
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    pub log: LogConfig,
+    /// A sealed segment older than this has its live messages re-appended (1 min ..= 7 days).
+    pub compact_age: Duration,
+}
+
+impl SpoolConfig {
+    /// Defaults for a spool in `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> SpoolConfig {
+        SpoolConfig { log: LogConfig::new(dir), compact_age: COMPACT_AGE_DEFAULT }
+    }
+
+    /// Checks every bound; the message names the key.
+    pub fn validate(&self) -> Result<(), SpoolError> {
+        self.log.validate()?;
+        if !(Duration::from_secs(60)..=Duration::from_secs(7 * 86400)).contains(&self.compact_age) {
+            return Err(SpoolError::Config("compact_age must be within 60 s ..= 7 days".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Delivery state of one recipient in the index (16 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RcptStatus {
+    pub state: RcptState,
+    pub attempts: u32,
+    pub next_attempt_micros: u64,
+}
+
+/// A message with at least one non-terminal recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveMessage {
+    /// The record holding envelope and body.
+    pub base: Location,
+    pub received_at_micros: u64,
+    pub rcpts: Box<[RcptStatus]>,
+}
+
+impl LiveMessage {
+    fn is_terminal(&self) -> bool {
+        self.rcpts.iter().all(|r| r.state.is_terminal())
+    }
+}
+
+struct SegmentEntry {
+    map: OnceCell<SegmentMap>,
+    live_bases: u32,
+    live_bytes: u64,
+    created_micros: u64,
+}
+
+impl SegmentEntry {
+    fn new(created_micros: u64) -> SegmentEntry {
+        SegmentEntry { map: OnceCell::new(), live_bases: 0, live_bytes: 0, created_micros }
+    }
+}
+
+struct Rehome {
+    ticket: CommitTicket,
+    queue_id: QueueId,
+    old: Location,
+}
+
+/// What one [`Spool::reclaim`] call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimReport {
+    pub segments_deleted: u64,
+    pub messages_rehomed: u64,
+    /// Compaction copies still waiting for commit (no segment is deleted meanwhile).
+    pub rehomes_pending: u64,
+}
+
+/// Sizes of the spool, for metrics and the reclamation bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpoolUsage {
+    /// Segment files holding records (the standby is not counted).
+    pub segments: u64,
+    pub bytes_on_disk: u64,
+    /// Frame bytes of live base records.
+    pub live_bytes: u64,
+    pub live_messages: u64,
+}
+
+/// One shard's spool. See the module docs.
+pub struct Spool {
+    config: SpoolConfig,
+    log: SegmentLog,
+    segments: BTreeMap<u64, SegmentEntry>,
+    messages: HashMap<QueueId, LiveMessage>,
+    live_bytes: u64,
+    counter: u64,
+    rehoming: Vec<Rehome>,
+}
+
+impl Spool {
+    /// Recovers the spool directory and opens a fresh active segment after the newest one.
+    pub fn open(config: SpoolConfig) -> Result<(Spool, RecoveryReport), SpoolError> {
+        config.validate()?;
+        let mut builder = IndexBuilder::default();
+        let (recovered, report) = recover_dir(&config.log.dir, |loc, rec| builder.apply(loc, rec))?;
+        let mut segments = BTreeMap::new();
+        let mut next_id = 1;
+        for seg in recovered {
+            next_id = next_id.max(seg.id + 1);
+            let created = seg.header.map_or(0, |h| h.created_micros);
+            let entry = SegmentEntry::new(created);
+            let _ = entry.map.set(seg.map);
+            segments.insert(seg.id, entry);
+        }
+        let mut live_bytes = 0;
+        for m in builder.messages.values() {
+            if let Some(e) = segments.get_mut(&m.base.segment) {
+                e.live_bases += 1;
+                e.live_bytes += u64::from(m.base.len);
+            }
+            live_bytes += u64::from(m.base.len);
+        }
+        let log = SegmentLog::open(config.log.clone(), next_id)?;
+        let spool = Spool {
+            config,
+            log,
+            segments,
+            messages: builder.messages,
+            live_bytes,
+            counter: random_u64() & COUNTER_MASK,
+            rehoming: Vec::new(),
+        };
+        Ok((spool, report))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SpoolConfig {
+        &self.config
+    }
+
+    /// A new queue id for a message received at `received_at_micros`.
+    pub fn next_queue_id(&mut self, received_at_micros: u64) -> QueueId {
+        self.counter = (self.counter + 1) & COUNTER_MASK;
+        let low = (u64::from(self.config.log.shard) << 48) | self.counter;
+        QueueId((u128::from(received_at_micros) << 64) | u128::from(low))
+    }
+
+    /// Appends an accepted message and indexes it. Answer the client only when the ticket
+    /// completes; if it fails, call [`Spool::abandon`].
+    pub fn accept(&mut self, message: &Message<'_>) -> Result<CommitTicket, SpoolError> {
+        if self.messages.contains_key(&message.queue_id) {
+            return Err(SpoolError::Config(format!("queue id {} is already live", message.queue_id)));
+        }
+        let ticket = self.log.append(&Record::Message(message.clone()))?;
+        let rcpts = message
+            .recipients
+            .iter()
+            .map(|_| RcptStatus { state: RcptState::Pending, attempts: 0, next_attempt_micros: 0 })
+            .collect();
+        let live = LiveMessage {
+            base: ticket.location(),
+            received_at_micros: message.received_at_micros,
+            rcpts,
+        };
+        self.add_base(live.base);
+        if live.is_terminal() {
+            // No recipients: nothing to deliver; kept on disk only until reclaimed.
+            self.remove_base(live.base);
+        } else {
+            self.messages.insert(message.queue_id, live);
+        }
+        Ok(ticket)
+    }
+
+    /// Forgets a message whose commit failed (the client was not told `250`).
+    pub fn abandon(&mut self, queue_id: QueueId) {
+        if let Some(m) = self.messages.remove(&queue_id) {
+            self.remove_base(m.base);
+        }
+    }
+
+    /// Journals outcomes for recipients of a live message and applies them to the index.
+    pub fn record_outcomes(
+        &mut self,
+        queue_id: QueueId,
+        at_micros: u64,
+        entries: &[OutcomeEntry<'_>],
+    ) -> Result<CommitTicket, SpoolError> {
+        let live = self.messages.get(&queue_id).ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
+        if let Some(e) = entries.iter().find(|e| e.rcpt_index as usize >= live.rcpts.len()) {
+            return Err(SpoolError::NotFound(format!("{queue_id} recipient {}", e.rcpt_index)));
+        }
+        let record = Record::Outcomes(Outcomes { queue_id, at_micros, entries: entries.to_vec() });
+        let ticket = self.log.append(&record)?;
+        let live = self.messages.get_mut(&queue_id).expect("checked above, nothing removed since");
+        for e in entries {
+            live.rcpts[e.rcpt_index as usize] = RcptStatus {
+                state: e.state,
+                attempts: e.attempts,
+                next_attempt_micros: e.next_attempt_micros,
+            };
+        }
+        if live.is_terminal() {
+            let base = live.base;
+            self.messages.remove(&queue_id);
+            self.remove_base(base);
+        }
+        Ok(ticket)
+    }
+
+    /// The index entry of a live message.
+    pub fn get(&self, queue_id: QueueId) -> Option<&LiveMessage> {
+        self.messages.get(&queue_id)
+    }
+
+    /// Every live message, in no particular order.
+    pub fn live(&self) -> impl Iterator<Item = (QueueId, &LiveMessage)> {
+        self.messages.iter().map(|(id, m)| (*id, m))
+    }
+
+    /// Number of live messages.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// True when no message is live.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Reads a live message's envelope and body from the segment map, without copying. The
+    /// recipients' states in the result are those of the base record; the index has the current
+    /// ones ([`Spool::get`]).
+    pub fn message(&self, queue_id: QueueId) -> Result<Message<'_>, SpoolError> {
+        let live = self.messages.get(&queue_id).ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
+        read_base(&self.config.log.dir, &self.segments, live.base)
+    }
+
+    /// Log counters (commits, records, bytes, syncs).
+    pub fn log_stats(&self) -> LogStats {
+        self.log.stats()
+    }
+
+    /// Disk and index sizes.
+    pub fn usage(&self) -> SpoolUsage {
+        let segments = self.segments.len() as u64;
+        SpoolUsage {
+            segments,
+            bytes_on_disk: segments * self.config.log.segment_bytes,
+            live_bytes: self.live_bytes,
+            live_messages: self.messages.len() as u64,
+        }
+    }
+
+    /// The most segments the spool should hold for its live bytes once reclamation settles.
+    pub fn segments_bound(&self) -> u64 {
+        2 * self.live_bytes.div_ceil(self.config.log.segment_bytes) + 2
+    }
+
+    /// One step of reclamation: settles finished compaction copies, deletes dead segments from
+    /// the oldest on, and compacts at most one segment. Cheap when there is nothing to do; call
+    /// it periodically (the engine does every second).
+    pub fn reclaim(&mut self) -> Result<ReclaimReport, SpoolError> {
+        let mut report = ReclaimReport::default();
+        if !self.settle_rehomes() {
+            report.rehomes_pending = self.rehoming.len() as u64;
+            return Ok(report);
+        }
+        let active = self.log.active_segment();
+        let mut deleted = Vec::new();
+        while let Some((&id, entry)) = self.segments.first_key_value() {
+            if id >= active || entry.live_bases > 0 {
+                break;
+            }
+            self.segments.remove(&id);
+            deleted.push(id);
+        }
+        for id in &deleted {
+            let path = self.config.log.dir.join(segment_file_name(*id));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(IoOp::Remove, &path)(e)),
+            }
+        }
+        if !deleted.is_empty() {
+            sync_dir(&self.config.log.dir)?;
+        }
+        report.segments_deleted = deleted.len() as u64;
+
+        let Some((&oldest, entry)) = self.segments.first_key_value() else { return Ok(report) };
+        let too_many = self.segments.len() as u64 > self.segments_bound();
+        let age_limit = self.config.compact_age.as_micros() as u64;
+        let too_old = entry.created_micros.saturating_add(age_limit) < now_micros();
+        if oldest < active && entry.live_bases > 0 && (too_many || too_old) {
+            report.messages_rehomed = self.rehome_segment(oldest)?;
+            report.rehomes_pending = self.rehoming.len() as u64;
+        }
+        Ok(report)
+    }
+
+    /// Re-appends every live message whose base is in `segment` as a `Rehomed` record.
+    fn rehome_segment(&mut self, segment: u64) -> Result<u64, SpoolError> {
+        let ids: Vec<QueueId> =
+            self.messages.iter().filter(|(_, m)| m.base.segment == segment).map(|(id, _)| *id).collect();
+        for queue_id in &ids {
+            let live = &self.messages[queue_id];
+            let mut message = read_base(&self.config.log.dir, &self.segments, live.base)?;
+            for (r, s) in message.recipients.iter_mut().zip(live.rcpts.iter()) {
+                r.state = s.state;
+                r.attempts = s.attempts;
+                r.next_attempt_micros = s.next_attempt_micros;
+            }
+            let ticket = self.log.append(&Record::Rehomed(message))?;
+            let new = ticket.location();
+            let old = std::mem::replace(&mut self.messages.get_mut(queue_id).expect("listed above").base, new);
+            self.remove_base(old);
+            self.add_base(new);
+            self.rehoming.push(Rehome { ticket, queue_id: *queue_id, old });
+        }
+        Ok(ids.len() as u64)
+    }
+
+    /// Processes completed compaction copies; returns true when none is pending. A failed copy
+    /// puts the message's base back on its old record, whose segment was kept meanwhile.
+    fn settle_rehomes(&mut self) -> bool {
+        let mut i = 0;
+        while i < self.rehoming.len() {
+            match self.rehoming[i].ticket.try_result() {
+                None => i += 1,
+                Some(result) => {
+                    let r = self.rehoming.swap_remove(i);
+                    if result.is_err() {
+                        let reverted = self.messages.get_mut(&r.queue_id).map(|m| {
+                            let new = m.base;
+                            m.base = r.old;
+                            new
+                        });
+                        if let Some(new) = reverted {
+                            self.remove_base(new);
+                            self.add_base(r.old);
+                        }
+                    }
+                }
+            }
+        }
+        self.rehoming.is_empty()
+    }
+
+    fn add_base(&mut self, loc: Location) {
+        let e = self.segments.entry(loc.segment).or_insert_with(|| SegmentEntry::new(now_micros()));
+        e.live_bases += 1;
+        e.live_bytes += u64::from(loc.len);
+        self.live_bytes += u64::from(loc.len);
+    }
+
+    fn remove_base(&mut self, loc: Location) {
+        if let Some(e) = self.segments.get_mut(&loc.segment) {
+            e.live_bases = e.live_bases.saturating_sub(1);
+            e.live_bytes = e.live_bytes.saturating_sub(u64::from(loc.len));
+        }
+        self.live_bytes = self.live_bytes.saturating_sub(u64::from(loc.len));
+    }
+
+    /// Commits what is pending and stops the sync thread.
+    pub fn close(self) {
+        self.log.close();
+    }
+}
+
+/// Decodes the base record at `loc` through the segment's map (mapped on first use).
+fn read_base<'s>(
+    dir: &Path,
+    segments: &'s BTreeMap<u64, SegmentEntry>,
+    loc: Location,
+) -> Result<Message<'s>, SpoolError> {
+    let entry = segments.get(&loc.segment).ok_or_else(|| SpoolError::NotFound(format!("segment {}", loc.segment)))?;
+    let path = dir.join(segment_file_name(loc.segment));
+    if entry.map.get().is_none() {
+        let file = std::fs::File::open(&path).map_err(io_err(IoOp::Open, &path))?;
+        let _ = entry.map.set(SegmentMap::open(&file, &path)?);
+    }
+    let bytes = entry.map.get().expect("set just above").bytes();
+    let start = loc.offset as usize;
+    let frame = bytes
+        .get(start..start + loc.len as usize)
+        .ok_or_else(|| SpoolError::NotFound(format!("{loc:?} is past the end of the segment")))?;
+    let unreadable = |error| SpoolError::Unreadable { path: path.clone(), offset: loc.offset.into(), error };
+    // Pair assertion at the durability boundary: the CRC is checked again on every read.
+    match crate::codec::decode_frame(frame).map_err(unreadable)? {
+        crate::codec::FrameRead::Frame(f) => match f.record().map_err(unreadable)? {
+            Record::Message(m) | Record::Rehomed(m) => Ok(m),
+            Record::Outcomes(_) => Err(SpoolError::NotFound(format!("{loc:?} is not a message"))),
+        },
+        crate::codec::FrameRead::End => Err(SpoolError::NotFound(format!("{loc:?} holds no record"))),
+    }
+}
+
+const COUNTER_MASK: u64 = (1 << 48) - 1;
+
+/// Rebuilds the index from records in write order.
+#[derive(Default)]
+struct IndexBuilder {
+    messages: HashMap<QueueId, LiveMessage>,
+}
+
+impl IndexBuilder {
+    fn apply(&mut self, loc: Location, rec: &Record<'_>) {
+        match rec {
+            Record::Message(m) | Record::Rehomed(m) => {
+                let rcpts = m
+                    .recipients
+                    .iter()
+                    .map(|r| RcptStatus {
+                        state: r.state,
+                        attempts: r.attempts,
+                        next_attempt_micros: r.next_attempt_micros,
+                    })
+                    .collect();
+                let live = LiveMessage { base: loc, received_at_micros: m.received_at_micros, rcpts };
+                if live.is_terminal() {
+                    self.messages.remove(&m.queue_id);
+                } else {
+                    self.messages.insert(m.queue_id, live);
+                }
+            }
+            Record::Outcomes(o) => {
+                // Outcomes for an unknown queue id belong to a message whose base was reclaimed.
+                let Some(live) = self.messages.get_mut(&o.queue_id) else { return };
+                for e in &o.entries {
+                    if let Some(r) = live.rcpts.get_mut(e.rcpt_index as usize) {
+                        *r = RcptStatus {
+                            state: e.state,
+                            attempts: e.attempts,
+                            next_attempt_micros: e.next_attempt_micros,
+                        };
+                    }
+                }
+                if live.is_terminal() {
+                    self.messages.remove(&o.queue_id);
+                }
+            }
+        }
+    }
+}
+
+/// A random 64-bit number from the standard library's per-process hash keys (no extra
+/// dependency; quality is ample for spreading queue id counters).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_micros());
+    h.finish()
+}
