@@ -1,0 +1,39 @@
+//! Helpers shared by the spool's integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use queue_format::{LogConfig, Message, QueueId, Recipient, SpoolConfig};
+
+/// A spool config with 1 MiB segments, so tests roll segments quickly.
+pub fn small_config(dir: &Path) -> SpoolConfig {
+    SpoolConfig { log: LogConfig { segment_bytes: 1 << 20, ..LogConfig::new(dir) }, ..SpoolConfig::new(dir) }
+}
+
+/// A message with the given recipients and body.
+pub fn message<'a>(queue_id: QueueId, rcpts: &[&'a str], body: &'a [u8]) -> Message<'a> {
+    Message {
+        queue_id,
+        received_at_micros: 1_700_000_000_000_000,
+        flags: 0,
+        dsn_ret: Default::default(),
+        tenant: "t1",
+        sender: "sender@origin.test",
+        envid: "",
+        recipients: rcpts.iter().map(|a| Recipient::new(a)).collect(),
+        body,
+    }
+}
+
+/// A deterministic body of `len` bytes that encodes `seed`, to check integrity after recovery.
+pub fn body(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect()
+}

@@ -1,0 +1,179 @@
+//! The spool end to end on real files: accept, journal outcomes, recover, read bodies zero-copy,
+//! reclaim, compact, and stay within the stated bound on dead records.
+
+mod common;
+
+use common::{body, message, small_config};
+use queue_format::{OutcomeEntry, QueueId, RcptState, Spool};
+
+fn delivered(i: u32) -> OutcomeEntry<'static> {
+    OutcomeEntry { rcpt_index: i, state: RcptState::Delivered, attempts: 1, next_attempt_micros: 0, reply: "250 2.0.0 ok" }
+}
+
+#[test]
+fn accepted_messages_survive_reopen_with_their_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = vec![];
+    {
+        let (mut spool, report) = Spool::open(small_config(dir.path())).unwrap();
+        assert!(report.is_clean() && report.records == 0);
+        for i in 0..50u64 {
+            let qid = spool.next_queue_id(1);
+            let b = body(i, 2000 + i as usize);
+            spool.accept(&message(qid, &["a@x.test", "b@y.test"], &b)).unwrap().wait().unwrap();
+            ids.push((qid, i));
+        }
+        spool.close();
+    }
+    let (spool, report) = Spool::open(small_config(dir.path())).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.records, 50);
+    assert_eq!(spool.len(), 50);
+    for (qid, i) in ids {
+        let m = spool.message(qid).unwrap();
+        assert_eq!(m.body, &body(i, 2000 + i as usize)[..]);
+        assert_eq!(m.recipients[1].address, "b@y.test");
+    }
+}
+
+#[test]
+fn outcomes_are_replayed_and_terminal_messages_leave_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b);
+    {
+        let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+        a = spool.next_queue_id(1);
+        b = spool.next_queue_id(1);
+        spool.accept(&message(a, &["1@x.test", "2@x.test"], b"x")).unwrap().wait().unwrap();
+        spool.accept(&message(b, &["3@x.test"], b"y")).unwrap().wait().unwrap();
+        let deferred = OutcomeEntry {
+            rcpt_index: 1,
+            state: RcptState::Deferred,
+            attempts: 1,
+            next_attempt_micros: 99,
+            reply: "451 4.7.1 later",
+        };
+        spool.record_outcomes(a, 5, &[delivered(0), deferred]).unwrap().wait().unwrap();
+        spool.record_outcomes(b, 5, &[delivered(0)]).unwrap().wait().unwrap();
+        assert!(spool.get(b).is_none());
+        spool.close();
+    }
+    let (spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    assert_eq!(spool.len(), 1);
+    let live = spool.get(a).unwrap();
+    assert_eq!(live.rcpts[0].state, RcptState::Delivered);
+    assert_eq!(live.rcpts[1].state, RcptState::Deferred);
+    assert_eq!(live.rcpts[1].next_attempt_micros, 99);
+    assert!(spool.get(b).is_none());
+}
+
+#[test]
+fn outcome_for_unknown_recipient_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    let a = spool.next_queue_id(1);
+    spool.accept(&message(a, &["1@x.test"], b"x")).unwrap().wait().unwrap();
+    assert!(spool.record_outcomes(a, 1, &[delivered(3)]).is_err());
+    assert!(spool.record_outcomes(QueueId(5), 1, &[delivered(0)]).is_err());
+}
+
+#[test]
+fn delivered_segments_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    let b = body(1, 20_000);
+    let mut ids = vec![];
+    for _ in 0..300 {
+        let qid = spool.next_queue_id(1);
+        spool.accept(&message(qid, &["a@x.test"], &b)).unwrap().wait().unwrap();
+        ids.push(qid);
+    }
+    assert!(spool.usage().segments >= 5, "{:?}", spool.usage());
+    for qid in ids {
+        spool.record_outcomes(qid, 2, &[delivered(0)]).unwrap().wait().unwrap();
+    }
+    spool.reclaim().unwrap();
+    let usage = spool.usage();
+    assert!(usage.segments <= 1, "{usage:?}");
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(files <= 3, "active + standby (+ one just sealed) expected, found {files}");
+}
+
+#[test]
+fn compaction_keeps_dead_space_within_the_bound_and_keeps_live_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    let b = body(2, 10_000);
+    let mut keep = vec![];
+    // Every 50th message stays deferred forever; the rest are delivered. Without compaction the
+    // deferred ones would pin every segment.
+    for i in 0..2000 {
+        let qid = spool.next_queue_id(1);
+        spool.accept(&message(qid, &["a@x.test"], &b)).unwrap().wait().unwrap();
+        if i % 50 == 0 {
+            keep.push(qid);
+        } else {
+            spool.record_outcomes(qid, 2, &[delivered(0)]).unwrap().wait().unwrap();
+        }
+        if i % 100 == 0 {
+            spool.reclaim().unwrap();
+        }
+    }
+    for _ in 0..200 {
+        let r = spool.reclaim().unwrap();
+        if r.rehomes_pending == 0 && r.segments_deleted == 0 && r.messages_rehomed == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let usage = spool.usage();
+    assert!(usage.segments <= spool.segments_bound(), "{usage:?} bound {}", spool.segments_bound());
+    // The documented bound: segments <= 2 * ceil(live / segment) + 2, i.e. at most
+    // 2 * live + 4 segments of bytes, plus the one preallocated standby file.
+    assert!(usage.bytes_on_disk <= 2 * usage.live_bytes + 4 * (1 << 20), "{usage:?}");
+    let files = std::fs::read_dir(dir.path()).unwrap().count() as u64;
+    assert!(files <= spool.segments_bound() + 1, "{files} files on disk");
+    spool.close();
+    // Every kept message is still there, body intact, after a restart.
+    let (spool, report) = Spool::open(small_config(dir.path())).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(spool.len(), keep.len());
+    for qid in keep {
+        assert_eq!(spool.message(qid).unwrap().body, &b[..]);
+    }
+}
+
+#[test]
+fn rehomed_messages_keep_their_recipient_state_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = body(3, 100_000);
+    let qid;
+    {
+        let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+        qid = spool.next_queue_id(1);
+        spool.accept(&message(qid, &["1@x.test", "2@x.test"], &b)).unwrap().wait().unwrap();
+        spool.record_outcomes(qid, 2, &[delivered(0)]).unwrap().wait().unwrap();
+        // Fill segments with delivered mail until compaction must move `qid`.
+        for _ in 0..40 {
+            let other = spool.next_queue_id(1);
+            spool.accept(&message(other, &["z@x.test"], &b)).unwrap().wait().unwrap();
+            spool.record_outcomes(other, 2, &[delivered(0)]).unwrap().wait().unwrap();
+        }
+        let first_base = spool.get(qid).unwrap().base;
+        let mut moved = false;
+        for _ in 0..100 {
+            spool.reclaim().unwrap();
+            if spool.get(qid).unwrap().base.segment != first_base.segment {
+                moved = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(moved, "compaction did not move the message");
+        spool.close();
+    }
+    let (spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    let live = spool.get(qid).unwrap();
+    assert_eq!(live.rcpts[0].state, RcptState::Delivered);
+    assert_eq!(live.rcpts[1].state, RcptState::Pending);
+    assert_eq!(spool.message(qid).unwrap().body, &b[..]);
+}
