@@ -220,14 +220,33 @@ struct Chunk {
 }
 
 impl SegmentLog {
-    /// Creates segment `first_segment` (which must not exist) as the active segment and starts
-    /// the sync thread, which prepares the next segment at once.
-    pub fn open(config: LogConfig, first_segment: u64) -> Result<SegmentLog, SpoolError> {
+    /// Starts appending at the beginning of segment `first_segment`, creating it unless it is
+    /// `reuse`d (an existing, empty, preallocated segment: recovery hands back the previous run's
+    /// standby so that a restart on a full disk still has room). Starts the sync thread, which
+    /// prepares the next segment at once.
+    pub fn open(config: LogConfig, first_segment: u64, reuse: bool) -> Result<SegmentLog, SpoolError> {
         config.validate()?;
-        let first = create_segment(&config, first_segment)?;
+        let first = if reuse {
+            let path = config.dir.join(segment_file_name(first_segment));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(IoOp::Open, &path))?;
+            Some(OpenSegment { file, path, map: None })
+        } else {
+            match create_segment(&config, first_segment) {
+                Ok(seg) => Some(seg),
+                // A full disk must not stop the spool from opening: queued mail still has to be
+                // delivered to free space. Appends fail with `Full` until a segment can be made.
+                Err(SpoolError::Full(_)) => None,
+                Err(e) => return Err(e),
+            }
+        };
         let state = State {
             active: first_segment,
-            active_next: SEGMENT_HEADER_LEN as u64,
+            // Without a first segment, the first append has to roll (and finds no standby yet).
+            active_next: if first.is_some() { SEGMENT_HEADER_LEN as u64 } else { config.segment_bytes },
             standby: None,
             standby_failure: None,
             next_id: first_segment + 1,
@@ -245,7 +264,9 @@ impl SegmentLog {
             standby_ready: Condvar::new(),
         });
         let mut files = HashMap::new();
-        files.insert(first_segment, first);
+        if let Some(first) = first {
+            files.insert(first_segment, first);
+        }
         let thread_shared = Arc::clone(&shared);
         let name = format!("spool-sync-{}", shared.config.shard);
         let thread = std::thread::Builder::new()
@@ -754,7 +775,7 @@ mod tests {
     #[test]
     fn tickets_complete_in_order_with_distinct_locations() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
         let tickets: Vec<_> = (0..100).map(|i| log.append(&rec(i)).unwrap()).collect();
         let locs: Vec<_> = tickets.into_iter().map(|t| t.wait().unwrap()).collect();
         for w in locs.windows(2) {
@@ -768,7 +789,7 @@ mod tests {
     #[test]
     fn rolls_to_a_new_segment_when_full() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
         let body = vec![b'x'; 300 << 10];
         let m = crate::codec::Message {
             queue_id: QueueId(1),
@@ -789,7 +810,7 @@ mod tests {
     #[test]
     fn oversized_record_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
         let body = vec![0u8; SEGMENT_BYTES_MIN as usize];
         let m = crate::codec::Message {
             queue_id: QueueId(1),
@@ -811,7 +832,7 @@ mod tests {
     #[test]
     fn appends_after_close_are_refused_and_pending_is_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
         let t = log.append(&rec(1)).unwrap();
         let shared = Arc::clone(&log.shared);
         log.close();

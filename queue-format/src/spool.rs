@@ -146,6 +146,12 @@ impl Spool {
         let (recovered, report) = recover_dir(&config.log.dir, |loc, rec| builder.apply(loc, rec))?;
         let mut segments = BTreeMap::new();
         let mut next_id = 1;
+        // The previous run's standby (newest, empty, intact) becomes the active segment again.
+        let reuse = recovered.last().is_some_and(|s| {
+            s.records == 0 && s.header.is_some() && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
+                && report.torn_tail.as_ref().is_none_or(|t| t.segment != s.id)
+                && s.map.bytes().len() as u64 == config.log.segment_bytes
+        });
         for seg in recovered {
             next_id = next_id.max(seg.id + 1);
             let created = seg.header.map_or(0, |h| h.created_micros);
@@ -161,7 +167,8 @@ impl Spool {
             }
             live_bytes += u64::from(m.base.len);
         }
-        let log = SegmentLog::open(config.log.clone(), next_id)?;
+        let first = if reuse { next_id - 1 } else { next_id };
+        let log = SegmentLog::open(config.log.clone(), first, reuse)?;
         let spool = Spool {
             config,
             log,
