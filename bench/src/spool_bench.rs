@@ -5,7 +5,8 @@
 //! appends in flight on one thread, as an engine shard does with that many SMTP sessions. The
 //! ceiling run then writes the same bytes, in the batch size the spool's group commit actually
 //! formed, with plain `pwrite` + `fdatasync` into the same kind of preallocated segment files.
-//! Both append methods (`pwrite`, `mmap-msync`) are measured so the default is chosen by numbers.
+//! Each cell alternates spool and ceiling runs (`--rounds`, default 3) and reports medians and
+//! the ratio of medians. Both append methods (`pwrite`, `mmap-msync`) are measured so the default is chosen by numbers.
 //!
 //! Usage: `cargo run --release -p saida-bench --bin spool-bench -- [--seconds 3] [--json]`.
 //! Results and the machine they were measured on are recorded in docs/benchmarks.md.
@@ -44,8 +45,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = ["pwrite".to_string(), "mmap".to_string()])]
     methods: Vec<String>,
     /// Seconds per run.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Alternating spool/ceiling run pairs per cell; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Print one JSON object per line instead of the table.
     #[arg(long)]
     json: bool,
@@ -79,16 +83,27 @@ fn main() -> anyhow::Result<()> {
                     "mmap" => AppendMethod::MmapMsync,
                     other => anyhow::bail!("unknown method {other:?} (pwrite, mmap)"),
                 };
-                let spool = run_spool(&args.dir, size, appenders, append_method, run_for)?;
-                let frame = (spool.bytes / spool.appends.max(1)) as usize;
-                let batch = (spool.appends as f64 / spool.commits.max(1) as f64).round().max(1.0) as usize;
-                let (raw_appends, raw_elapsed) = run_raw(&args.dir, frame, batch, run_for)?;
-                let rate = spool.appends as f64 / spool.elapsed.as_secs_f64();
-                let raw_rate = raw_appends as f64 / raw_elapsed.as_secs_f64();
+                // The VM is noisy (±30 % run to run): alternate spool and ceiling runs and
+                // compare medians, so that both see the same background.
+                let mut rates = Vec::new();
+                let mut raw_rates = Vec::new();
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                let (mut frame, mut batch) = (0, 1);
+                for _ in 0..args.rounds {
+                    let spool = run_spool(&args.dir, size, appenders, append_method, run_for)?;
+                    frame = (spool.bytes / spool.appends.max(1)) as usize;
+                    batch = (spool.appends as f64 / spool.commits.max(1) as f64).round().max(1.0) as usize;
+                    rates.push(spool.appends as f64 / spool.elapsed.as_secs_f64());
+                    latency.add(&spool.latency)?;
+                    let (raw_appends, raw_elapsed) = run_raw(&args.dir, frame, batch, run_for)?;
+                    raw_rates.push(raw_appends as f64 / raw_elapsed.as_secs_f64());
+                }
+                let rate = median(&mut rates);
+                let raw_rate = median(&mut raw_rates);
                 let mbps = rate * frame as f64 / 1e6;
                 let raw_mbps = raw_rate * frame as f64 / 1e6;
-                let p50 = spool.latency.value_at_quantile(0.50);
-                let p99 = spool.latency.value_at_quantile(0.99);
+                let p50 = latency.value_at_quantile(0.50);
+                let p99 = latency.value_at_quantile(0.99);
                 if args.json {
                     println!(
                         "{{\"bench\":\"spool\",\"size\":{size},\"frame\":{frame},\"appenders\":{appenders},\
@@ -110,6 +125,11 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&args.dir);
     Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Appends through the spool with `appenders` appends in flight for `run_for`.
