@@ -12,3 +12,19 @@ fi
 # The end-to-end tests in tests/ run the built binaries, so build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked --no-fail-fast
+
+# A short fuzz run of the spool decoders (the long run is in docs/operations.md). cargo-fuzz
+# needs a nightly compiler feature; RUSTC_BOOTSTRAP=1 enables it on the stable toolchain.
+if ! command -v cargo-fuzz >/dev/null; then
+    cargo install cargo-fuzz --locked --version 0.13.2
+fi
+(
+    cd queue-format/fuzz
+    RUSTC_BOOTSTRAP=1 cargo fuzz run decode corpus/decode -- -max_total_time=20 -print_final_stats=1 2>&1 \
+        | grep -E 'Done [0-9]+ runs|stat::number_of_executed_units|ERROR|panicked' || true
+    # cargo fuzz exits non-zero on a crash; the pipeline above hides that, so check artifacts.
+    if compgen -G "artifacts/decode/crash-*" >/dev/null; then
+        echo "fuzzing found a crash: queue-format/fuzz/artifacts/decode/" >&2
+        exit 1
+    fi
+)
