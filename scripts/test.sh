@@ -11,7 +11,6 @@ fi
 
 # The end-to-end tests in tests/ run the built binaries, so build them first.
 cargo build --workspace --bins --locked
-cargo test --workspace --locked --no-fail-fast
 
 # A short fuzz run of the spool decoders (the long run is in docs/operations.md). cargo-fuzz
 # needs a nightly compiler feature; RUSTC_BOOTSTRAP=1 enables it on the stable toolchain.
@@ -27,3 +26,6 @@ if ! (cd queue-format/fuzz &&
     exit 1
 fi
 echo "fuzz decode: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
+
+# Last, so that the test runner's summary closes the output.
+cargo test --workspace --locked --no-fail-fast
