@@ -16,11 +16,19 @@ fn demo_loses_no_acknowledged_message_and_leaves_a_clean_spool() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.matches(", lost 0").count(), 3, "{stdout}");
     assert!(stdout.contains("every acknowledged message survived every kill"));
 
-    let out = Command::new(binary("saida-spool")).arg("inspect").arg(&spool).output().unwrap();
+    let out = Command::new(binary("saida-spool"))
+        .arg("inspect")
+        .arg(&spool)
+        .output()
+        .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "inspect found damage:\n{report}");
     let total: Vec<&str> = report.lines().last().unwrap().split_whitespace().collect();
@@ -49,7 +57,16 @@ fn inspect_reports_damage_with_exit_status_1() {
     let mut bytes = std::fs::read(&segs[0]).unwrap();
     bytes[64 + 40] ^= 0xFF;
     std::fs::write(&segs[0], bytes).unwrap();
-    let out = Command::new(binary("saida-spool")).arg("inspect").arg(&spool).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new(binary("saida-spool"))
+        .arg("inspect")
+        .arg(&spool)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("damage at 64"));
 }

@@ -66,13 +66,23 @@ struct SpoolRun {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let run_for = Duration::from_secs_f64(args.seconds);
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
     if !args.json {
         println!("{}", machine_description(&args.dir));
         println!(
             "{:>7} {:>5} {:>6} | {:>10} {:>8} {:>7} {:>8} {:>8} | {:>10} {:>8} | {:>5}",
-            "size", "appnd", "method", "appends/s", "MB/s", "batch", "p50 µs", "p99 µs", "raw app/s",
-            "raw MB/s", "ratio"
+            "size",
+            "appnd",
+            "method",
+            "appends/s",
+            "MB/s",
+            "batch",
+            "p50 µs",
+            "p99 µs",
+            "raw app/s",
+            "raw MB/s",
+            "ratio"
         );
     }
     for &size in &args.sizes {
@@ -92,7 +102,9 @@ fn main() -> anyhow::Result<()> {
                 for _ in 0..args.rounds {
                     let spool = run_spool(&args.dir, size, appenders, append_method, run_for)?;
                     frame = (spool.bytes / spool.appends.max(1)) as usize;
-                    batch = (spool.appends as f64 / spool.commits.max(1) as f64).round().max(1.0) as usize;
+                    batch = (spool.appends as f64 / spool.commits.max(1) as f64)
+                        .round()
+                        .max(1.0) as usize;
                     rates.push(spool.appends as f64 / spool.elapsed.as_secs_f64());
                     latency.add(&spool.latency)?;
                     let (raw_appends, raw_elapsed) = run_raw(&args.dir, frame, batch, run_for)?;
@@ -143,7 +155,11 @@ fn run_spool(
     let dir = dir.join("spool");
     let _ = std::fs::remove_dir_all(&dir);
     let config = SpoolConfig {
-        log: LogConfig { sync: SyncPolicy::EveryCommit, append_method: method, ..LogConfig::new(&dir) },
+        log: LogConfig {
+            sync: SyncPolicy::EveryCommit,
+            append_method: method,
+            ..LogConfig::new(&dir)
+        },
         ..SpoolConfig::new(&dir)
     };
     let (mut spool, _) = Spool::open(config)?;
@@ -178,7 +194,13 @@ fn run_spool(
     let commits = spool.log_stats().commits - before.commits;
     spool.close();
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(SpoolRun { appends, bytes, elapsed, commits, latency })
+    Ok(SpoolRun {
+        appends,
+        bytes,
+        elapsed,
+        commits,
+        latency,
+    })
 }
 
 fn message<'a>(spool: &mut Spool, body: &'a [u8]) -> Message<'a> {
@@ -198,7 +220,12 @@ fn message<'a>(spool: &mut Spool, body: &'a [u8]) -> Message<'a> {
 
 /// The ceiling: `batch` frames of `frame` bytes per `pwrite`, one `fdatasync` each, into 64 MiB
 /// preallocated segment files created as the spool creates them. Returns (records, elapsed).
-fn run_raw(dir: &Path, frame: usize, batch: usize, run_for: Duration) -> anyhow::Result<(u64, Duration)> {
+fn run_raw(
+    dir: &Path,
+    frame: usize,
+    batch: usize,
+    run_for: Duration,
+) -> anyhow::Result<(u64, Duration)> {
     const SEGMENT: u64 = 64 << 20;
     let dir = dir.join("raw");
     let _ = std::fs::remove_dir_all(&dir);
@@ -213,8 +240,17 @@ fn run_raw(dir: &Path, frame: usize, batch: usize, run_for: Duration) -> anyhow:
         if offset + buf.len() as u64 > SEGMENT {
             seg_no += 1;
             let path = dir.join(format!("{seg_no}.raw"));
-            let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, SEGMENT.max(buf.len() as u64 + 64))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            rustix::fs::fallocate(
+                &f,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                SEGMENT.max(buf.len() as u64 + 64),
+            )?;
             f.write_all_at(&[1u8; 64], 0)?;
             f.sync_all()?;
             std::fs::File::open(&dir)?.sync_all()?;
@@ -236,7 +272,11 @@ fn run_raw(dir: &Path, frame: usize, batch: usize, run_for: Duration) -> anyhow:
 fn machine_description(dir: &Path) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -247,11 +287,15 @@ fn machine_description(dir: &Path) -> String {
             m.lines()
                 .filter_map(|l| {
                     let f: Vec<&str> = l.split_whitespace().collect();
-                    (f.len() > 3 && abs.starts_with(f[1])).then(|| (f[1].len(), format!("{} on {} ({})", f[2], f[1], f[0])))
+                    (f.len() > 3 && abs.starts_with(f[1]))
+                        .then(|| (f[1].len(), format!("{} on {} ({})", f[2], f[1], f[0])))
                 })
                 .max()
                 .map(|(_, s)| s)
         })
         .unwrap_or_else(|| "unknown filesystem".into());
-    format!("machine: {cpu}, {cores} cores, kernel {}, {fs}", kernel.trim())
+    format!(
+        "machine: {cpu}, {cores} cores, kernel {}, {fs}",
+        kernel.trim()
+    )
 }

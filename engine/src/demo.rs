@@ -41,16 +41,26 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         return writer(&args.dir, args.size);
     }
     if !args.keep && args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir).with_context(|| format!("emptying {}", args.dir.display()))?;
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("emptying {}", args.dir.display()))?;
     }
-    println!("saida spool demo: {} rounds of append -> commit -> kill -9 -> recover", args.rounds);
+    println!(
+        "saida spool demo: {} rounds of append -> commit -> kill -9 -> recover",
+        args.rounds
+    );
     println!("spool directory: {}", args.dir.display());
     let exe = std::env::current_exe().context("locating the saida binary")?;
     let mut acked: HashMap<QueueId, u32> = HashMap::new();
     let mut rng = now_micros() | 1;
     for round in 1..=args.rounds {
         let mut child = Command::new(&exe)
-            .args(["demo", "--writer", "--size", &args.size.to_string(), "--dir"])
+            .args([
+                "demo",
+                "--writer",
+                "--size",
+                &args.size.to_string(),
+                "--dir",
+            ])
             .arg(&args.dir)
             .stdout(Stdio::piped())
             .spawn()
@@ -79,10 +89,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         child.kill().context("SIGKILL")?;
         child.wait()?;
         let mut this_round = 0;
-        for line in reader.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))? {
+        for line in reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
+        {
             let mut parts = line.split_whitespace();
             if parts.next() == Some("ACK") {
-                let qid = parts.next().context("ACK line")?.parse().context("queue id")?;
+                let qid = parts
+                    .next()
+                    .context("ACK line")?
+                    .parse()
+                    .context("queue id")?;
                 let crc = parts.next().context("ACK line")?.parse().context("crc")?;
                 acked.insert(qid, crc);
                 this_round += 1;
@@ -105,7 +122,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             run_for.as_millis(),
             report.records,
             recovery.as_secs_f64() * 1e3,
-            if report.torn_tail.is_some() { "repaired" } else { "none" },
+            if report.torn_tail.is_some() {
+                "repaired"
+            } else {
+                "none"
+            },
             acked.len(),
             spool.len(),
         );

@@ -3,10 +3,14 @@
 //! One seed per record kind, a segment header followed by frames, and a torn frame.
 
 use queue_format::segment::SegmentHeader;
-use queue_format::{DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, notify};
+use queue_format::{
+    DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, notify,
+};
 
 fn main() -> std::io::Result<()> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "queue-format/fuzz/corpus/decode".into());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "queue-format/fuzz/corpus/decode".into());
     std::fs::create_dir_all(&dir)?;
     let message = Message {
         queue_id: QueueId(0x0006_0000_0000_0001_0000_0000_0000_0042),
@@ -18,7 +22,11 @@ fn main() -> std::io::Result<()> {
         envid: "QQ314159",
         recipients: vec![
             Recipient::new("alice@example.test"),
-            Recipient { notify: notify::FAILURE | notify::DELAY, orcpt: "rfc822;bob@example.test", ..Recipient::new("bob@example.test") },
+            Recipient {
+                notify: notify::FAILURE | notify::DELAY,
+                orcpt: "rfc822;bob@example.test",
+                ..Recipient::new("bob@example.test")
+            },
         ],
         body: b"From: a@acme.test\r\nSubject: seed\r\n\r\nhello\r\n",
     };
@@ -30,10 +38,27 @@ fn main() -> std::io::Result<()> {
     let outcomes = Outcomes {
         queue_id: message.queue_id,
         at_micros: 1_764_300_060_000_000,
-        entries: vec![OutcomeEntry { rcpt_index: 1, state: RcptState::Delivered, attempts: 1, next_attempt_micros: 0, reply: "250 2.0.0 ok" }],
+        entries: vec![OutcomeEntry {
+            rcpt_index: 1,
+            state: RcptState::Delivered,
+            attempts: 1,
+            next_attempt_micros: 0,
+            reply: "250 2.0.0 ok",
+        }],
     };
-    let records = [Record::Message(message), Record::Rehomed(rehomed), Record::Outcomes(outcomes)];
-    let mut segment = SegmentHeader { format_version: 1, segment_id: 7, created_micros: 1, shard: 0 }.encode().to_vec();
+    let records = [
+        Record::Message(message),
+        Record::Rehomed(rehomed),
+        Record::Outcomes(outcomes),
+    ];
+    let mut segment = SegmentHeader {
+        format_version: 1,
+        segment_id: 7,
+        created_micros: 1,
+        shard: 0,
+    }
+    .encode()
+    .to_vec();
     for (name, rec) in ["message", "rehomed", "outcomes"].iter().zip(&records) {
         let mut frame = Vec::new();
         rec.encode_frame(&mut frame).expect("seed encodes");

@@ -97,7 +97,10 @@ pub enum RcptState {
 impl RcptState {
     /// True when nothing more will be attempted for the recipient.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RcptState::Delivered | RcptState::Failed | RcptState::Cancelled)
+        matches!(
+            self,
+            RcptState::Delivered | RcptState::Failed | RcptState::Cancelled
+        )
     }
 
     fn from_u8(v: u8) -> Result<Self, DecodeError> {
@@ -107,7 +110,12 @@ impl RcptState {
             2 => RcptState::Failed,
             3 => RcptState::Deferred,
             4 => RcptState::Cancelled,
-            _ => return Err(DecodeError::InvalidValue { field: "state", value: v.into() }),
+            _ => {
+                return Err(DecodeError::InvalidValue {
+                    field: "state",
+                    value: v.into(),
+                });
+            }
         })
     }
 }
@@ -128,7 +136,12 @@ impl DsnRet {
             0 => DsnRet::Unspecified,
             1 => DsnRet::Full,
             2 => DsnRet::Headers,
-            _ => return Err(DecodeError::InvalidValue { field: "dsn_ret", value: v.into() }),
+            _ => {
+                return Err(DecodeError::InvalidValue {
+                    field: "dsn_ret",
+                    value: v.into(),
+                });
+            }
         })
     }
 }
@@ -273,10 +286,23 @@ impl Record<'_> {
                         s(r.address)
                             + 1
                             + s(r.orcpt)
-                            + if with_state { 1 + 4 + 8 + s(r.last_reply) } else { 0 }
+                            + if with_state {
+                                1 + 4 + 8 + s(r.last_reply)
+                            } else {
+                                0
+                            }
                     })
                     .sum();
-                16 + 8 + 4 + 1 + s(m.tenant) + s(m.sender) + s(m.envid) + 4 + rcpts + 4 + m.body.len()
+                16 + 8
+                    + 4
+                    + 1
+                    + s(m.tenant)
+                    + s(m.sender)
+                    + s(m.envid)
+                    + 4
+                    + rcpts
+                    + 4
+                    + m.body.len()
             }
             Record::Outcomes(o) => {
                 let entries: usize = o.entries.iter().map(|e| 4 + 1 + 4 + 8 + s(e.reply)).sum();
@@ -295,7 +321,10 @@ impl Record<'_> {
     pub fn validate(&self) -> Result<(), EncodeError> {
         fn s(field: &'static str, x: &str) -> Result<(), EncodeError> {
             if x.len() > u16::MAX as usize {
-                return Err(EncodeError::FieldTooLong { field, len: x.len() });
+                return Err(EncodeError::FieldTooLong {
+                    field,
+                    len: x.len(),
+                });
             }
             Ok(())
         }
@@ -308,7 +337,10 @@ impl Record<'_> {
                     return Err(EncodeError::InvalidValue { field: "flags" });
                 }
                 if m.recipients.len() > u32::MAX as usize {
-                    return Err(EncodeError::FieldTooLong { field: "recipients", len: usize::MAX });
+                    return Err(EncodeError::FieldTooLong {
+                        field: "recipients",
+                        len: usize::MAX,
+                    });
                 }
                 for r in &m.recipients {
                     s("address", r.address)?;
@@ -339,7 +371,10 @@ impl Record<'_> {
         }
         let len = self.payload_len();
         if len > PAYLOAD_LEN_MAX {
-            return Err(EncodeError::FieldTooLong { field: "payload", len });
+            return Err(EncodeError::FieldTooLong {
+                field: "payload",
+                len,
+            });
         }
         Ok(())
     }
@@ -423,9 +458,16 @@ impl Record<'_> {
             return Err(DecodeError::UnknownKind { kind });
         }
         if version != KIND_VERSION {
-            return Err(DecodeError::UnsupportedKindVersion { kind, version, known: KIND_VERSION });
+            return Err(DecodeError::UnsupportedKindVersion {
+                kind,
+                version,
+                known: KIND_VERSION,
+            });
         }
-        let mut r = Reader { buf: payload, pos: 0 };
+        let mut r = Reader {
+            buf: payload,
+            pos: 0,
+        };
         let rec = match kind {
             kind::OUTCOMES => {
                 let queue_id = QueueId(r.u128()?);
@@ -436,7 +478,10 @@ impl Record<'_> {
                     let rcpt_index = r.u32()?;
                     let state = RcptState::from_u8(r.u8()?)?;
                     if state == RcptState::Pending {
-                        return Err(DecodeError::InvalidValue { field: "state", value: 0 });
+                        return Err(DecodeError::InvalidValue {
+                            field: "state",
+                            value: 0,
+                        });
                     }
                     entries.push(OutcomeEntry {
                         rcpt_index,
@@ -446,7 +491,11 @@ impl Record<'_> {
                         reply: r.str("reply")?,
                     });
                 }
-                Record::Outcomes(Outcomes { queue_id, at_micros, entries })
+                Record::Outcomes(Outcomes {
+                    queue_id,
+                    at_micros,
+                    entries,
+                })
             }
             _ => {
                 let with_state = kind == kind::REHOMED;
@@ -454,7 +503,10 @@ impl Record<'_> {
                 let received_at_micros = r.u64()?;
                 let flags = r.u32()?;
                 if flags & !message_flags::KNOWN != 0 {
-                    return Err(DecodeError::InvalidValue { field: "flags", value: flags.into() });
+                    return Err(DecodeError::InvalidValue {
+                        field: "flags",
+                        value: flags.into(),
+                    });
                 }
                 let dsn_ret = DsnRet::from_u8(r.u8()?)?;
                 let tenant = r.str("tenant")?;
@@ -468,7 +520,10 @@ impl Record<'_> {
                     rcpt.notify = r.u8()?;
                     if rcpt.notify & !notify::KNOWN != 0 {
                         let value = rcpt.notify.into();
-                        return Err(DecodeError::InvalidValue { field: "notify", value });
+                        return Err(DecodeError::InvalidValue {
+                            field: "notify",
+                            value,
+                        });
                     }
                     rcpt.orcpt = r.str("orcpt")?;
                     if with_state {
@@ -492,11 +547,17 @@ impl Record<'_> {
                     recipients,
                     body,
                 };
-                if with_state { Record::Rehomed(m) } else { Record::Message(m) }
+                if with_state {
+                    Record::Rehomed(m)
+                } else {
+                    Record::Message(m)
+                }
             }
         };
         if r.pos != payload.len() {
-            return Err(DecodeError::TrailingBytes { count: payload.len() - r.pos });
+            return Err(DecodeError::TrailingBytes {
+                count: payload.len() - r.pos,
+            });
         }
         Ok(rec)
     }
@@ -557,11 +618,17 @@ pub fn decode_frame(buf: &[u8]) -> Result<FrameRead<'_>, DecodeError> {
     let stored = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
     if len > PAYLOAD_LEN_MAX {
-        return Err(DecodeError::TooLong { len: len as u64, max: PAYLOAD_LEN_MAX as u64 });
+        return Err(DecodeError::TooLong {
+            len: len as u64,
+            max: PAYLOAD_LEN_MAX as u64,
+        });
     }
     let end = FRAME_HEADER_LEN + len;
     let Some(covered) = buf.get(4..end) else {
-        return Err(DecodeError::Short { needed: end, available: buf.len() });
+        return Err(DecodeError::Short {
+            needed: end,
+            available: buf.len(),
+        });
     };
     let computed = crc32c::crc32c(covered);
     if computed != stored {
@@ -569,7 +636,10 @@ pub fn decode_frame(buf: &[u8]) -> Result<FrameRead<'_>, DecodeError> {
     }
     let flags = u16::from_le_bytes([header[10], header[11]]);
     if flags & !FLAGS_KNOWN != 0 {
-        return Err(DecodeError::InvalidValue { field: "frame flags", value: flags.into() });
+        return Err(DecodeError::InvalidValue {
+            field: "frame flags",
+            value: flags.into(),
+        });
     }
     Ok(FrameRead::Frame(Frame {
         kind: header[8],
@@ -588,9 +658,14 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(
-            DecodeError::Short { needed: self.pos.saturating_add(n), available: self.buf.len() },
-        )?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(DecodeError::Short {
+                needed: self.pos.saturating_add(n),
+                available: self.buf.len(),
+            })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -629,7 +704,10 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         let remaining = self.buf.len() - self.pos;
         if n.saturating_mul(min_each) > remaining {
-            return Err(DecodeError::Short { needed: n.saturating_mul(min_each), available: remaining });
+            return Err(DecodeError::Short {
+                needed: n.saturating_mul(min_each),
+                available: remaining,
+            });
         }
         Ok(n)
     }
@@ -648,11 +726,14 @@ mod tests {
             tenant: "acme",
             sender: "bounce@acme.test",
             envid: "env-1",
-            recipients: vec![Recipient::new("a@x.test"), Recipient {
-                notify: notify::FAILURE | notify::DELAY,
-                orcpt: "rfc822;b@y.test",
-                ..Recipient::new("b@y.test")
-            }],
+            recipients: vec![
+                Recipient::new("a@x.test"),
+                Recipient {
+                    notify: notify::FAILURE | notify::DELAY,
+                    orcpt: "rfc822;b@y.test",
+                    ..Recipient::new("b@y.test")
+                },
+            ],
             body: b"Subject: hi\r\n\r\nhello\r\n",
         }
     }
@@ -664,7 +745,9 @@ mod tests {
         let n = rec.encode_frame(&mut buf).unwrap();
         assert_eq!(n, buf.len());
         assert_eq!(n % FRAME_ALIGN, 0);
-        let FrameRead::Frame(f) = decode_frame(&buf).unwrap() else { panic!("no frame") };
+        let FrameRead::Frame(f) = decode_frame(&buf).unwrap() else {
+            panic!("no frame")
+        };
         assert_eq!(f.frame_len, n);
         assert_eq!(f.record().unwrap(), rec);
     }
@@ -674,7 +757,10 @@ mod tests {
         let mut buf = vec![];
         Record::Message(sample()).encode_frame(&mut buf).unwrap();
         buf[40] ^= 0x10;
-        assert!(matches!(decode_frame(&buf), Err(DecodeError::BadCrc { .. })));
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(DecodeError::BadCrc { .. })
+        ));
     }
 
     #[test]
@@ -701,16 +787,27 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_future_kind_version_are_typed_errors() {
-        assert_eq!(Record::decode(9, 1, &[]), Err(DecodeError::UnknownKind { kind: 9 }));
+        assert_eq!(
+            Record::decode(9, 1, &[]),
+            Err(DecodeError::UnknownKind { kind: 9 })
+        );
         assert_eq!(
             Record::decode(kind::MESSAGE, 2, &[]),
-            Err(DecodeError::UnsupportedKindVersion { kind: 1, version: 2, known: 1 })
+            Err(DecodeError::UnsupportedKindVersion {
+                kind: 1,
+                version: 2,
+                known: 1
+            })
         );
     }
 
     #[test]
     fn trailing_bytes_are_refused() {
-        let rec = Record::Outcomes(Outcomes { queue_id: QueueId(7), at_micros: 1, entries: vec![] });
+        let rec = Record::Outcomes(Outcomes {
+            queue_id: QueueId(7),
+            at_micros: 1,
+            entries: vec![],
+        });
         let mut payload = vec![];
         rec.encode_payload(&mut payload);
         payload.push(0);

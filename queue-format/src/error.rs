@@ -98,12 +98,20 @@ pub struct IoFailure {
 
 impl IoFailure {
     pub fn new(op: IoOp, path: impl Into<PathBuf>, err: &io::Error) -> Self {
-        IoFailure { op, path: path.into(), kind: err.kind(), message: err.to_string() }
+        IoFailure {
+            op,
+            path: path.into(),
+            kind: err.kind(),
+            message: err.to_string(),
+        }
     }
 
     /// True when the failure means "no space left" (ENOSPC or EDQUOT).
     pub fn is_no_space(&self) -> bool {
-        matches!(self.kind, io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+        matches!(
+            self.kind,
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
     }
 }
 
@@ -132,11 +140,19 @@ pub enum SpoolError {
     /// and modifies nothing, so that the newer saida can still read it.
     #[error("{}: segment format version {version} is newer than supported {supported}",
         path.display())]
-    FutureFormat { path: PathBuf, version: u16, supported: u16 },
+    FutureFormat {
+        path: PathBuf,
+        version: u16,
+        supported: u16,
+    },
     /// A record kind written by a newer saida that cannot be skipped. Like
     /// [`SpoolError::FutureFormat`], the spool refuses to open and modifies nothing.
     #[error("{}: offset {offset}: {error}", path.display())]
-    Unreadable { path: PathBuf, offset: u64, error: DecodeError },
+    Unreadable {
+        path: PathBuf,
+        offset: u64,
+        error: DecodeError,
+    },
     /// A queue id or location that the spool does not hold (stale reference).
     #[error("no such record: {0}")]
     NotFound(String),

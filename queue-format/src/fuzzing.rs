@@ -11,10 +11,16 @@ pub fn decode_round_trip(data: &[u8]) {
     if let Ok(FrameRead::Frame(frame)) = decode_frame(data) {
         if let Ok(record) = frame.record() {
             let mut again = Vec::new();
-            let n = record.encode_frame(&mut again).expect("a decoded record re-encodes");
+            let n = record
+                .encode_frame(&mut again)
+                .expect("a decoded record re-encodes");
             assert_eq!(n, frame.frame_len);
             let payload_end = crate::codec::FRAME_HEADER_LEN + frame.payload.len();
-            assert_eq!(&again[..payload_end], &data[..payload_end], "re-encoding differs");
+            assert_eq!(
+                &again[..payload_end],
+                &data[..payload_end],
+                "re-encoding differs"
+            );
         }
     }
     let _ = crate::segment::SegmentHeader::decode(data);

@@ -26,9 +26,12 @@ pub mod segment;
 pub mod spool;
 
 pub use codec::{
-    DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, message_flags, notify,
+    DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, message_flags,
+    notify,
 };
 pub use error::{DecodeError, IoFailure, IoOp, SpoolError};
-pub use log::{AppendMethod, CommitTicket, Location, LogConfig, LogStats, SegmentLog, SyncPolicy, now_micros};
+pub use log::{
+    AppendMethod, CommitTicket, Location, LogConfig, LogStats, SegmentLog, SyncPolicy, now_micros,
+};
 pub use recovery::{Damage, RecoveryReport, TornTail};
 pub use spool::{LiveMessage, RcptStatus, ReclaimReport, Spool, SpoolConfig, SpoolUsage};

@@ -51,7 +51,9 @@ use std::time::{Duration, Instant};
 use crate::codec::Record;
 use crate::error::{IoFailure, IoOp, SpoolError, io_err};
 use crate::mmap::SegmentMapMut;
-use crate::segment::{FORMAT_VERSION, SEGMENT_HEADER_LEN, SegmentHeader, TEMP_SUFFIX, segment_file_name};
+use crate::segment::{
+    FORMAT_VERSION, SEGMENT_HEADER_LEN, SegmentHeader, TEMP_SUFFIX, segment_file_name,
+};
 
 /// Smallest allowed segment size.
 pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
@@ -125,7 +127,9 @@ impl LogConfig {
             )));
         }
         if self.segment_bytes % 4096 != 0 {
-            return Err(SpoolError::Config("segment_bytes must be a multiple of 4096".into()));
+            return Err(SpoolError::Config(
+                "segment_bytes must be a multiple of 4096".into(),
+            ));
         }
         if !(64 << 10..=1 << 30).contains(&self.pending_bytes_max) {
             return Err(SpoolError::Config(format!(
@@ -135,7 +139,9 @@ impl LogConfig {
         }
         if let SyncPolicy::Interval(d) = self.sync {
             if d.is_zero() || d > Duration::from_secs(60) {
-                return Err(SpoolError::Config("sync interval must be within 1 ms..=60 s".into()));
+                return Err(SpoolError::Config(
+                    "sync interval must be within 1 ms..=60 s".into(),
+                ));
             }
         }
         Ok(())
@@ -208,7 +214,11 @@ struct Batch {
 
 impl Batch {
     fn new() -> Batch {
-        Batch { chunks: Vec::new(), outcome: Arc::new(BatchOutcome::default()), records: 0 }
+        Batch {
+            chunks: Vec::new(),
+            outcome: Arc::new(BatchOutcome::default()),
+            records: 0,
+        }
     }
 }
 
@@ -224,7 +234,11 @@ impl SegmentLog {
     /// `reuse`d (an existing, empty, preallocated segment: recovery hands back the previous run's
     /// standby so that a restart on a full disk still has room). Starts the sync thread, which
     /// prepares the next segment at once.
-    pub fn open(config: LogConfig, first_segment: u64, reuse: bool) -> Result<SegmentLog, SpoolError> {
+    pub fn open(
+        config: LogConfig,
+        first_segment: u64,
+        reuse: bool,
+    ) -> Result<SegmentLog, SpoolError> {
         config.validate()?;
         let first = if reuse {
             let path = config.dir.join(segment_file_name(first_segment));
@@ -233,7 +247,11 @@ impl SegmentLog {
                 .write(true)
                 .open(&path)
                 .map_err(io_err(IoOp::Open, &path))?;
-            Some(OpenSegment { file, path, map: None })
+            Some(OpenSegment {
+                file: Arc::new(file),
+                path,
+                map: None,
+            })
         } else {
             match create_segment(&config, first_segment) {
                 Ok(seg) => Some(seg),
@@ -246,7 +264,11 @@ impl SegmentLog {
         let state = State {
             active: first_segment,
             // Without a first segment, the first append has to roll (and finds no standby yet).
-            active_next: if first.is_some() { SEGMENT_HEADER_LEN as u64 } else { config.segment_bytes },
+            active_next: if first.is_some() {
+                SEGMENT_HEADER_LEN as u64
+            } else {
+                config.segment_bytes
+            },
             standby: None,
             standby_failure: None,
             next_id: first_segment + 1,
@@ -267,13 +289,16 @@ impl SegmentLog {
         if let Some(first) = first {
             files.insert(first_segment, first);
         }
-        let thread_shared = Arc::clone(&shared);
+        let writer = SyncThread::new(Arc::clone(&shared), files)?;
         let name = format!("spool-sync-{}", shared.config.shard);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || SyncThread { shared: thread_shared, files, unsynced: Vec::new() }.run())
+            .spawn(move || writer.run())
             .map_err(|e| SpoolError::Io(IoFailure::new(IoOp::Create, "sync thread", &e)))?;
-        Ok(SegmentLog { shared, thread: Some(thread) })
+        Ok(SegmentLog {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// The configuration the log runs with.
@@ -299,21 +324,34 @@ impl SegmentLog {
         }
         let pending_max = self.shared.config.pending_bytes_max;
         if st.pending_bytes > 0 && st.pending_bytes + len > pending_max {
-            return Err(SpoolError::Backpressure { pending: st.pending_bytes, max: pending_max });
+            return Err(SpoolError::Backpressure {
+                pending: st.pending_bytes,
+                max: pending_max,
+            });
         }
         if st.roll_requested || st.active_next + len as u64 > self.shared.config.segment_bytes {
             st = self.roll(st)?;
         }
         let (segment, offset) = (st.active, st.active_next);
         let st_ref = &mut *st;
-        let contiguous = st_ref.pending.chunks.last().is_some_and(|c| {
-            c.segment == segment && c.offset + c.bytes.len() as u64 == offset
-        });
+        let contiguous = st_ref
+            .pending
+            .chunks
+            .last()
+            .is_some_and(|c| c.segment == segment && c.offset + c.bytes.len() as u64 == offset);
         if !contiguous {
             let bytes = st_ref.spare.pop().unwrap_or_default();
-            st_ref.pending.chunks.push(Chunk { segment, offset, bytes });
+            st_ref.pending.chunks.push(Chunk {
+                segment,
+                offset,
+                bytes,
+            });
         }
-        let chunk = st_ref.pending.chunks.last_mut().expect("a chunk was just ensured");
+        let chunk = st_ref
+            .pending
+            .chunks
+            .last_mut()
+            .expect("a chunk was just ensured");
         let before = chunk.bytes.len();
         if let Err(e) = record.encode_frame(&mut chunk.bytes) {
             // Caller error (an oversized field): nothing was added to the buffer.
@@ -329,7 +367,11 @@ impl SegmentLog {
         st_ref.pending.records += 1;
         let ticket = CommitTicket {
             outcome: Arc::clone(&st_ref.pending.outcome),
-            location: Location { segment, offset: offset as u32, len: len as u32 },
+            location: Location {
+                segment,
+                offset: offset as u32,
+                len: len as u32,
+            },
         };
         let first_in_batch = st_ref.pending.records == 1;
         drop(st);
@@ -340,7 +382,10 @@ impl SegmentLog {
     }
 
     /// Switches to the standby segment, waiting for it if the sync thread is still creating it.
-    fn roll<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, SpoolError> {
+    fn roll<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> Result<MutexGuard<'a, State>, SpoolError> {
         loop {
             if let Some(id) = st.standby.take() {
                 st.active = id;
@@ -361,7 +406,11 @@ impl SegmentLog {
             if st.closed {
                 return Err(SpoolError::Closed);
             }
-            st = self.shared.standby_ready.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self
+                .shared
+                .standby_ready
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -407,11 +456,118 @@ impl Drop for SegmentLog {
     }
 }
 
-/// An open segment as the sync thread holds it.
+/// An open segment as the writer thread holds it. The file is shared with the sync stage.
 struct OpenSegment {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     map: Option<SegmentMapMut>,
+}
+
+/// Written batches the sync stage may hold before the writer waits: bounds memory and keeps the
+/// pipeline two deep, which is all the overlap there is to win.
+const STAGE_QUEUE_MAX: usize = 2;
+
+/// The second stage of the commit pipeline (policy `every-commit` with `pwrite`): it covers
+/// written batches with `fdatasync` while the writer thread already copies the next batch into
+/// the page cache, so the copy and the device flush overlap. When the stage is idle and nothing
+/// else is pending, the writer syncs a batch itself instead, saving a thread hand-off at low load.
+struct SyncStage {
+    state: Mutex<StageState>,
+    work: Condvar,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct StageState {
+    queue: Vec<WrittenBatch>,
+    busy: bool,
+    closed: bool,
+}
+
+/// A batch whose bytes are in the page cache and that waits for its `fdatasync`.
+struct WrittenBatch {
+    outcome: Arc<BatchOutcome>,
+    records: u64,
+    bytes: u64,
+    /// The segment the batch ended in (earlier segments of the batch were synced at the change).
+    segment: u64,
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl SyncStage {
+    fn lock(&self) -> MutexGuard<'_, StageState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self, shared: &Shared) {
+        loop {
+            let batches = {
+                let mut st = self.lock();
+                while st.queue.is_empty() && !st.closed {
+                    st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                if st.queue.is_empty() {
+                    return;
+                }
+                st.busy = true;
+                mem::take(&mut st.queue)
+            };
+            let mut files: Vec<(u64, &Arc<File>, &PathBuf)> = batches
+                .iter()
+                .map(|b| (b.segment, &b.file, &b.path))
+                .collect();
+            files.sort_by_key(|f| f.0);
+            files.dedup_by_key(|f| f.0);
+            let mut result = Ok(());
+            for (_, file, path) in &files {
+                if let Err(e) = file.sync_data() {
+                    result = Err(SpoolError::Io(IoFailure::new(IoOp::Sync, *path, &e)));
+                    break;
+                }
+            }
+            {
+                let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.stats.syncs += files.len() as u64;
+                if result.is_ok() {
+                    st.stats.commits += batches.len() as u64;
+                    st.stats.records += batches.iter().map(|b| b.records).sum::<u64>();
+                    st.stats.bytes += batches.iter().map(|b| b.bytes).sum::<u64>();
+                } else {
+                    st.roll_requested = true;
+                }
+            }
+            for b in &batches {
+                b.outcome.complete(result.clone());
+            }
+            self.lock().busy = false;
+            self.idle.notify_all();
+        }
+    }
+
+    /// Hands a written batch over, waiting while the queue is full.
+    fn push(&self, batch: WrittenBatch) {
+        let mut st = self.lock();
+        while st.queue.len() >= STAGE_QUEUE_MAX {
+            st = self.idle.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.queue.push(batch);
+        drop(st);
+        self.work.notify_one();
+    }
+
+    /// Waits until every handed-over batch is synced.
+    fn drain(&self) {
+        let mut st = self.lock();
+        while st.busy || !st.queue.is_empty() {
+            st = self.idle.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        let st = self.lock();
+        !st.busy && st.queue.is_empty()
+    }
 }
 
 struct SyncThread {
@@ -419,6 +575,10 @@ struct SyncThread {
     files: HashMap<u64, OpenSegment>,
     /// Segments written but not yet synced (Interval and None policies).
     unsynced: Vec<u64>,
+    /// The segment the last chunk went to.
+    last_segment: Option<u64>,
+    /// The pipelined sync stage and its thread, for `every-commit` with `pwrite`.
+    stage: Option<(Arc<SyncStage>, JoinHandle<()>)>,
 }
 
 enum Work {
@@ -429,30 +589,110 @@ enum Work {
 }
 
 impl SyncThread {
+    fn new(
+        shared: Arc<Shared>,
+        files: HashMap<u64, OpenSegment>,
+    ) -> Result<SyncThread, SpoolError> {
+        let pipelined = shared.config.sync == SyncPolicy::EveryCommit
+            && shared.config.append_method == AppendMethod::Pwrite;
+        let stage = if pipelined {
+            let stage = Arc::new(SyncStage {
+                state: Mutex::new(StageState::default()),
+                work: Condvar::new(),
+                idle: Condvar::new(),
+            });
+            let (st, sh) = (Arc::clone(&stage), Arc::clone(&shared));
+            let handle = std::thread::Builder::new()
+                .name(format!("spool-fsync-{}", shared.config.shard))
+                .spawn(move || st.run(&sh))
+                .map_err(|e| {
+                    SpoolError::Io(IoFailure::new(IoOp::Create, "sync stage thread", &e))
+                })?;
+            Some((stage, handle))
+        } else {
+            None
+        };
+        Ok(SyncThread {
+            shared,
+            files,
+            unsynced: Vec::new(),
+            last_segment: None,
+            stage,
+        })
+    }
+
     fn run(mut self) {
         let mut last_sync = Instant::now();
         loop {
             match self.next_work(last_sync) {
                 Work::CreateStandby(id) => self.create_standby(id),
                 Work::Write(batch) => {
-                    let result = self.write_batch(&batch);
-                    if matches!(self.shared.config.sync, SyncPolicy::Interval(d) if last_sync.elapsed() >= d)
-                    {
-                        let _ = self.sync_unsynced();
-                        last_sync = Instant::now();
+                    let written = self.write_batch(&batch);
+                    match self.shared.config.sync {
+                        SyncPolicy::EveryCommit => self.commit(batch, written),
+                        SyncPolicy::Interval(d) => {
+                            if last_sync.elapsed() >= d {
+                                let _ = self.sync_unsynced();
+                                last_sync = Instant::now();
+                            }
+                            self.finish(batch, written);
+                        }
+                        SyncPolicy::None => self.finish(batch, written),
                     }
-                    self.finish(batch, result);
                 }
                 Work::SyncInterval => {
                     let _ = self.sync_unsynced();
                     last_sync = Instant::now();
                 }
                 Work::Exit => {
+                    if let Some((stage, handle)) = self.stage.take() {
+                        stage.lock().closed = true;
+                        stage.work.notify_all();
+                        let _ = handle.join();
+                    }
                     let _ = self.sync_unsynced();
                     return;
                 }
             }
         }
+    }
+
+    /// `every-commit`: syncs the written batch here, or hands it to the sync stage when that is
+    /// already busy or more work waits (then the next batch is written meanwhile).
+    fn commit(&mut self, batch: Batch, written: Result<(), SpoolError>) {
+        let Some(segment) = batch.chunks.last().map(|c| c.segment) else {
+            return self.finish(batch, written);
+        };
+        if written.is_err() {
+            return self.finish(batch, written);
+        }
+        let hand_off = match &self.stage {
+            Some((stage, _)) => !stage.is_idle() || self.lock_state().pending.records > 0,
+            None => false,
+        };
+        if !hand_off {
+            let result = self.sync_segment(segment);
+            return self.finish(batch, result);
+        }
+        let (Some((stage, _)), Some(seg)) = (&self.stage, self.files.get(&segment)) else {
+            let result = self.sync_segment(segment);
+            return self.finish(batch, result);
+        };
+        let written = WrittenBatch {
+            outcome: Arc::clone(&batch.outcome),
+            records: batch.records,
+            bytes: batch.chunks.iter().map(|c| c.bytes.len() as u64).sum(),
+            segment,
+            file: Arc::clone(&seg.file),
+            path: seg.path.clone(),
+        };
+        let stage = Arc::clone(stage);
+        self.recycle(batch.chunks);
+        stage.push(written);
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn next_work(&mut self, last_sync: Instant) -> Work {
@@ -487,13 +727,18 @@ impl SyncThread {
                     timeout = timeout.min(due - now);
                 }
             }
-            st = shared.work.wait_timeout(st, timeout).unwrap_or_else(|p| p.into_inner()).0;
+            st = shared
+                .work
+                .wait_timeout(st, timeout)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
     fn create_standby(&mut self, id: u64) {
         let result = create_segment(&self.shared.config, id);
-        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = Arc::clone(&self.shared);
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(seg) => {
                 self.files.insert(id, seg);
@@ -517,26 +762,26 @@ impl SyncThread {
         self.shared.standby_ready.notify_all();
     }
 
-    /// Writes every chunk in order; with `EveryCommit`, syncs each segment before the batch moves
-    /// on to the next one and at the end.
+    /// Writes every chunk in order. Before the first write into a new segment, everything
+    /// written into the previous one is made durable (with `every-commit`), so that only the
+    /// newest segment holding data can end in a torn write; recovery relies on it.
     fn write_batch(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         let every_commit = self.shared.config.sync == SyncPolicy::EveryCommit;
-        let mut written: Option<u64> = None;
         for chunk in &batch.chunks {
-            if every_commit {
-                if let Some(prev) = written.filter(|&p| p != chunk.segment) {
-                    self.sync_segment(prev)?;
+            if every_commit && self.last_segment.is_some_and(|p| p != chunk.segment) {
+                if let Some((stage, _)) = &self.stage {
+                    stage.drain();
+                }
+                if let Some(prev) = self.last_segment {
+                    if self.files.contains_key(&prev) {
+                        self.sync_segment(prev)?;
+                    }
                 }
             }
+            self.last_segment = Some(chunk.segment);
             self.write_chunk(chunk)?;
-            written = Some(chunk.segment);
             if !every_commit && !self.unsynced.contains(&chunk.segment) {
                 self.unsynced.push(chunk.segment);
-            }
-        }
-        if every_commit {
-            if let Some(last) = written {
-                self.sync_segment(last)?;
             }
         }
         Ok(())
@@ -571,9 +816,11 @@ impl SyncThread {
         let method = self.shared.config.append_method;
         let seg = self.segment(id)?;
         if method == AppendMethod::Pwrite {
-            seg.file.sync_data().map_err(io_err(IoOp::Sync, &seg.path))?;
+            seg.file
+                .sync_data()
+                .map_err(io_err(IoOp::Sync, &seg.path))?;
         }
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stats.syncs += 1;
+        self.lock_state().stats.syncs += 1;
         Ok(())
     }
 
@@ -590,38 +837,45 @@ impl SyncThread {
         result
     }
 
-    /// Completes the batch's tickets, recycles its buffers, closes files no longer written.
+    /// Completes the batch's tickets with `result` and recycles its buffers.
     fn finish(&mut self, batch: Batch, result: Result<(), SpoolError>) {
-        let bytes: usize = batch.chunks.iter().map(|c| c.bytes.len()).sum();
+        let bytes: u64 = batch.chunks.iter().map(|c| c.bytes.len() as u64).sum();
         {
-            let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.lock_state();
             if result.is_ok() {
                 st.stats.commits += 1;
                 st.stats.records += batch.records;
-                st.stats.bytes += bytes as u64;
+                st.stats.bytes += bytes;
             } else {
                 st.roll_requested = true;
             }
-            for mut chunk in batch.chunks {
-                if st.spare.len() < SPARE_BUFFERS_MAX
-                    && chunk.bytes.capacity() <= self.shared.config.pending_bytes_max * 2
-                {
-                    chunk.bytes.clear();
-                    st.spare.push(chunk.bytes);
-                }
-            }
-            // Keep what may still be written: the active and standby segments, segments the
-            // next batch already refers to, and segments awaiting an interval sync.
-            let keep = [Some(st.active), st.standby];
-            let unsynced = &self.unsynced;
-            let pending = &st.pending.chunks;
-            self.files.retain(|id, _| {
-                keep.contains(&Some(*id))
-                    || unsynced.contains(id)
-                    || pending.iter().any(|c| c.segment == *id)
-            });
         }
+        self.recycle(batch.chunks);
         batch.outcome.complete(result);
+    }
+
+    /// Returns batch buffers for reuse and closes files that will not be written again.
+    fn recycle(&mut self, chunks: Vec<Chunk>) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        for mut chunk in chunks {
+            if st.spare.len() < SPARE_BUFFERS_MAX
+                && chunk.bytes.capacity() <= self.shared.config.pending_bytes_max * 2
+            {
+                chunk.bytes.clear();
+                st.spare.push(chunk.bytes);
+            }
+        }
+        // Keep what may still be written: the active and standby segments, segments the next
+        // batch already refers to, segments awaiting an interval sync, and the last one written
+        // (a roll syncs it). The sync stage holds its own handles.
+        let keep = [Some(st.active), st.standby, self.last_segment];
+        let unsynced = &self.unsynced;
+        let pending = &st.pending.chunks;
+        self.files.retain(|id, _| {
+            keep.contains(&Some(*id))
+                || unsynced.contains(id)
+                || pending.iter().any(|c| c.segment == *id)
+        });
     }
 }
 
@@ -638,25 +892,39 @@ fn create_segment(config: &LogConfig, id: u64) -> Result<OpenSegment, SpoolError
             .create_new(true)
             .open(&tmp)
             .map_err(io_err(IoOp::Create, &tmp))?;
-        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, config.segment_bytes)
-            .map_err(|e| {
-                let failure = IoFailure::new(IoOp::Preallocate, &tmp, &e.into());
-                if failure.is_no_space() { SpoolError::Full(failure) } else { SpoolError::Io(failure) }
-            })?;
+        rustix::fs::fallocate(
+            &file,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            config.segment_bytes,
+        )
+        .map_err(|e| {
+            let failure = IoFailure::new(IoOp::Preallocate, &tmp, &e.into());
+            if failure.is_no_space() {
+                SpoolError::Full(failure)
+            } else {
+                SpoolError::Io(failure)
+            }
+        })?;
         let header = SegmentHeader {
             format_version: FORMAT_VERSION,
             segment_id: id,
             created_micros: now_micros(),
             shard: config.shard,
         };
-        file.write_all_at(&header.encode(), 0).map_err(io_err(IoOp::Write, &tmp))?;
+        file.write_all_at(&header.encode(), 0)
+            .map_err(io_err(IoOp::Write, &tmp))?;
         file.sync_all().map_err(io_err(IoOp::Sync, &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(IoOp::Rename, &tmp))?;
         sync_dir(&config.dir)?;
         Ok(file)
     })();
     match result {
-        Ok(file) => Ok(OpenSegment { file, path, map: None }),
+        Ok(file) => Ok(OpenSegment {
+            file: Arc::new(file),
+            path,
+            map: None,
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
@@ -729,7 +997,9 @@ impl CommitTicket {
     /// The commit's result, if it is known yet.
     pub fn try_result(&self) -> Option<Result<Location, SpoolError>> {
         let st = self.outcome.lock();
-        st.result.as_ref().map(|r| r.clone().map(|()| self.location))
+        st.result
+            .as_ref()
+            .map(|r| r.clone().map(|()| self.location))
     }
 
     /// Blocks the calling thread until the commit is known.
@@ -739,7 +1009,11 @@ impl CommitTicket {
             if let Some(r) = &st.result {
                 return r.clone().map(|()| self.location);
             }
-            st = self.outcome.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self
+                .outcome
+                .done
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -765,11 +1039,18 @@ mod tests {
     use crate::codec::{Outcomes, QueueId};
 
     fn rec(i: u128) -> Record<'static> {
-        Record::Outcomes(Outcomes { queue_id: QueueId(i), at_micros: 1, entries: vec![] })
+        Record::Outcomes(Outcomes {
+            queue_id: QueueId(i),
+            at_micros: 1,
+            entries: vec![],
+        })
     }
 
     fn small_config(dir: &Path) -> LogConfig {
-        LogConfig { segment_bytes: SEGMENT_BYTES_MIN, ..LogConfig::new(dir) }
+        LogConfig {
+            segment_bytes: SEGMENT_BYTES_MIN,
+            ..LogConfig::new(dir)
+        }
     }
 
     #[test]
@@ -802,8 +1083,14 @@ mod tests {
             recipients: vec![],
             body: &body,
         };
-        let locs: Vec<_> =
-            (0..8).map(|_| log.append(&Record::Message(m.clone())).unwrap().wait().unwrap()).collect();
+        let locs: Vec<_> = (0..8)
+            .map(|_| {
+                log.append(&Record::Message(m.clone()))
+                    .unwrap()
+                    .wait()
+                    .unwrap()
+            })
+            .collect();
         assert!(locs.last().unwrap().segment > 1, "{locs:?}");
     }
 
@@ -842,7 +1129,10 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_key() {
-        let c = LogConfig { segment_bytes: 5, ..LogConfig::new("/nonexistent") };
+        let c = LogConfig {
+            segment_bytes: 5,
+            ..LogConfig::new("/nonexistent")
+        };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("segment_bytes"), "{err}");
     }

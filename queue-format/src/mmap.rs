@@ -69,11 +69,24 @@ impl SegmentMapMut {
     }
 
     /// Copies `bytes` to `offset` and `msync`s that range (MS_SYNC), which makes it durable.
-    pub fn write_and_sync(&mut self, offset: usize, bytes: &[u8], path: &Path) -> Result<(), SpoolError> {
-        let end = offset.checked_add(bytes.len()).filter(|&e| e <= self.map.len()).ok_or_else(
-            || SpoolError::Config(format!("write past the end of mapped segment {}", path.display())),
-        )?;
+    pub fn write_and_sync(
+        &mut self,
+        offset: usize,
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<(), SpoolError> {
+        let end = offset
+            .checked_add(bytes.len())
+            .filter(|&e| e <= self.map.len())
+            .ok_or_else(|| {
+                SpoolError::Config(format!(
+                    "write past the end of mapped segment {}",
+                    path.display()
+                ))
+            })?;
         self.map[offset..end].copy_from_slice(bytes);
-        self.map.flush_range(offset, bytes.len()).map_err(io_err(IoOp::Sync, path))
+        self.map
+            .flush_range(offset, bytes.len())
+            .map_err(io_err(IoOp::Sync, path))
     }
 }

@@ -69,12 +69,14 @@ pub fn scan_segment<'a>(
                         visit(pos as u64, f.frame_len as u32, rec);
                         scan.records += 1;
                     }
-                    Err(DecodeError::UnknownKind { .. } | DecodeError::UnsupportedKindVersion { .. })
-                        if f.is_ignorable() =>
-                    {
-                        scan.ignored += 1
-                    }
-                    Err(e @ (DecodeError::UnknownKind { .. } | DecodeError::UnsupportedKindVersion { .. })) => {
+                    Err(
+                        DecodeError::UnknownKind { .. }
+                        | DecodeError::UnsupportedKindVersion { .. },
+                    ) if f.is_ignorable() => scan.ignored += 1,
+                    Err(
+                        e @ (DecodeError::UnknownKind { .. }
+                        | DecodeError::UnsupportedKindVersion { .. }),
+                    ) => {
                         return Err((pos as u64, e));
                     }
                     // The CRC matched but the payload does not decode: written so by a bug, or
@@ -218,8 +220,15 @@ pub fn recover_dir(
     // format is refused untouched.
     let mut opened = Vec::new();
     for (id, path) in ids {
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(IoOp::Open, &path))?;
-        let len = file.metadata().map_err(io_err(IoOp::Metadata, &path))?.len();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(IoOp::Open, &path))?;
+        let len = file
+            .metadata()
+            .map_err(io_err(IoOp::Metadata, &path))?
+            .len();
         if len < SEGMENT_HEADER_LEN as u64 {
             opened.push((id, path, file, None, None));
             continue;
@@ -227,9 +236,16 @@ pub fn recover_dir(
         let map = SegmentMap::open(&file, &path)?;
         let header = match SegmentHeader::decode(map.bytes()) {
             Ok(h) if h.segment_id == id => Ok(h),
-            Ok(h) => Err(DecodeError::InvalidValue { field: "segment_id", value: h.segment_id }),
+            Ok(h) => Err(DecodeError::InvalidValue {
+                field: "segment_id",
+                value: h.segment_id,
+            }),
             Err(DecodeError::FutureFormat { version, supported }) => {
-                return Err(SpoolError::FutureFormat { path, version, supported });
+                return Err(SpoolError::FutureFormat {
+                    path,
+                    version,
+                    supported,
+                });
             }
             Err(e) => Err(e),
         };
@@ -242,8 +258,16 @@ pub fn recover_dir(
         let Some(map) = map else {
             let damaged = path.with_extension("damaged");
             std::fs::rename(&path, &damaged).map_err(io_err(IoOp::Rename, &path))?;
-            let e = DecodeError::Short { needed: SEGMENT_HEADER_LEN, available: 0 };
-            report.damage(Damage { segment: id, offset: 0, len: 0, error: e });
+            let e = DecodeError::Short {
+                needed: SEGMENT_HEADER_LEN,
+                available: 0,
+            };
+            report.damage(Damage {
+                segment: id,
+                offset: 0,
+                len: 0,
+                error: e,
+            });
             report.quarantined.push(damaged);
             continue;
         };
@@ -252,33 +276,65 @@ pub fn recover_dir(
             Some(Err(e)) => {
                 // The frames check themselves: a damaged header costs the header, not the data.
                 let len = SEGMENT_HEADER_LEN as u64;
-                report.damage(Damage { segment: id, offset: 0, len, error: e });
+                report.damage(Damage {
+                    segment: id,
+                    offset: 0,
+                    len,
+                    error: e,
+                });
                 None
             }
             None => None,
         };
         let bytes = map.bytes();
         let scan = scan_segment(bytes, |offset, len, rec| {
-            visit(Location { segment: id, offset: offset as u32, len }, &rec)
+            visit(
+                Location {
+                    segment: id,
+                    offset: offset as u32,
+                    len,
+                },
+                &rec,
+            )
         })
-        .map_err(|(offset, error)| SpoolError::Unreadable { path: path.clone(), offset, error })?;
+        .map_err(|(offset, error)| SpoolError::Unreadable {
+            path: path.clone(),
+            offset,
+            error,
+        })?;
         report.segments += 1;
         report.records += scan.records;
         report.ignored_records += scan.ignored;
         report.bytes_scanned += scan.end;
         for (offset, len, error) in &scan.damage {
-            report.damage(Damage { segment: id, offset: *offset, len: *len, error: error.clone() });
+            report.damage(Damage {
+                segment: id,
+                offset: *offset,
+                len: *len,
+                error: error.clone(),
+            });
         }
-        let seg = RecoveredSegment { id, path, map, header, records: scan.records, end: scan.end };
+        let seg = RecoveredSegment {
+            id,
+            path,
+            map,
+            header,
+            records: scan.records,
+            end: scan.end,
+        };
         scanned.push((seg, file, scan));
     }
 
     // The tail segment is the newest one holding anything; segments after it are empty
     // preallocated standbys. Only the tail may carry a torn write (see `log`): elsewhere,
     // unreadable bytes at the end are damage.
-    let tail = scanned.iter().rposition(|(s, _, scan)| s.records > 0 || scan.garbage_after_end.is_some());
+    let tail = scanned
+        .iter()
+        .rposition(|(s, _, scan)| s.records > 0 || scan.garbage_after_end.is_some());
     for (i, (seg, file, scan)) in scanned.iter().enumerate() {
-        let Some((garbage_end, error)) = &scan.garbage_after_end else { continue };
+        let Some((garbage_end, error)) = &scan.garbage_after_end else {
+            continue;
+        };
         if Some(i) == tail {
             zero_range(file, &seg.path, scan.end, *garbage_end)?;
             report.torn_tail = Some(TornTail {
@@ -288,8 +344,16 @@ pub fn recover_dir(
                 error: error.clone(),
             });
         } else {
-            let error = error.clone().unwrap_or(DecodeError::InvalidValue { field: "data after end", value: 0 });
-            report.damage(Damage { segment: seg.id, offset: scan.end, len: garbage_end - scan.end, error });
+            let error = error.clone().unwrap_or(DecodeError::InvalidValue {
+                field: "data after end",
+                value: 0,
+            });
+            report.damage(Damage {
+                segment: seg.id,
+                offset: scan.end,
+                len: garbage_end - scan.end,
+                error,
+            });
         }
     }
 
@@ -311,7 +375,8 @@ fn zero_range(file: &File, path: &Path, from: u64, to: u64) -> Result<(), SpoolE
     let mut pos = from;
     while pos < to {
         let n = ((to - pos) as usize).min(CHUNK);
-        file.write_all_at(&zeros[..n], pos).map_err(io_err(IoOp::Write, path))?;
+        file.write_all_at(&zeros[..n], pos)
+            .map_err(io_err(IoOp::Write, path))?;
         pos += n as u64;
     }
     file.sync_data().map_err(io_err(IoOp::Sync, path))
@@ -327,7 +392,11 @@ mod tests {
         let mut offsets = vec![];
         for i in 0..n {
             offsets.push(bytes.len());
-            let rec = Record::Outcomes(Outcomes { queue_id: QueueId(i), at_micros: 5, entries: vec![] });
+            let rec = Record::Outcomes(Outcomes {
+                queue_id: QueueId(i),
+                at_micros: 5,
+                entries: vec![],
+            });
             rec.encode_frame(&mut bytes).unwrap();
         }
         bytes.resize(bytes.len() + 4096, 0);
@@ -356,7 +425,10 @@ mod tests {
         let (seen, scan) = ids(&bytes);
         assert_eq!(seen, vec![0, 1, 2, 3]);
         assert_eq!(scan.end as usize, offsets[4]);
-        assert!(matches!(scan.garbage_after_end, Some((_, Some(DecodeError::BadCrc { .. })))));
+        assert!(matches!(
+            scan.garbage_after_end,
+            Some((_, Some(DecodeError::BadCrc { .. })))
+        ));
     }
 
     #[test]

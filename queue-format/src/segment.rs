@@ -72,11 +72,17 @@ impl SegmentHeader {
         }
         let header_len = u16::from_le_bytes([b[10], b[11]]);
         if header_len as usize != SEGMENT_HEADER_LEN || format_version == 0 {
-            return Err(DecodeError::InvalidValue { field: "header_len", value: header_len.into() });
+            return Err(DecodeError::InvalidValue {
+                field: "header_len",
+                value: header_len.into(),
+            });
         }
         let flags = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
         if flags != 0 || b[34..CRC_OFFSET].iter().any(|&x| x != 0) {
-            return Err(DecodeError::InvalidValue { field: "header flags", value: flags.into() });
+            return Err(DecodeError::InvalidValue {
+                field: "header flags",
+                value: flags.into(),
+            });
         }
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];
@@ -111,7 +117,12 @@ mod tests {
     use super::*;
 
     fn header() -> SegmentHeader {
-        SegmentHeader { format_version: 1, segment_id: 42, created_micros: 7, shard: 3 }
+        SegmentHeader {
+            format_version: 1,
+            segment_id: 42,
+            created_micros: 7,
+            shard: 3,
+        }
     }
 
     #[test]
@@ -125,7 +136,10 @@ mod tests {
         b[8..10].copy_from_slice(&2u16.to_le_bytes());
         assert_eq!(
             SegmentHeader::decode(&b),
-            Err(DecodeError::FutureFormat { version: 2, supported: 1 })
+            Err(DecodeError::FutureFormat {
+                version: 2,
+                supported: 1
+            })
         );
     }
 
@@ -133,9 +147,18 @@ mod tests {
     fn damaged_header_is_refused() {
         let mut b = header().encode();
         b[20] ^= 1;
-        assert!(matches!(SegmentHeader::decode(&b), Err(DecodeError::BadCrc { .. })));
-        assert_eq!(SegmentHeader::decode(&[0u8; 64]), Err(DecodeError::BadMagic));
-        assert!(matches!(SegmentHeader::decode(&b[..10]), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            SegmentHeader::decode(&b),
+            Err(DecodeError::BadCrc { .. })
+        ));
+        assert_eq!(
+            SegmentHeader::decode(&[0u8; 64]),
+            Err(DecodeError::BadMagic)
+        );
+        assert!(matches!(
+            SegmentHeader::decode(&b[..10]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use crate::codec::{Message, OutcomeEntry, Outcomes, QueueId, RcptState, Record};
 use crate::error::{IoOp, SpoolError, io_err};
-use crate::log::{CommitTicket, LogConfig, LogStats, SegmentLog, Location, now_micros, sync_dir};
+use crate::log::{CommitTicket, Location, LogConfig, LogStats, SegmentLog, now_micros, sync_dir};
 use crate::mmap::SegmentMap;
 use crate::recovery::{RecoveryReport, recover_dir};
 use crate::segment::segment_file_name;
@@ -52,14 +52,19 @@ pub struct SpoolConfig {
 impl SpoolConfig {
     /// Defaults for a spool in `dir`.
     pub fn new(dir: impl Into<std::path::PathBuf>) -> SpoolConfig {
-        SpoolConfig { log: LogConfig::new(dir), compact_age: COMPACT_AGE_DEFAULT }
+        SpoolConfig {
+            log: LogConfig::new(dir),
+            compact_age: COMPACT_AGE_DEFAULT,
+        }
     }
 
     /// Checks every bound; the message names the key.
     pub fn validate(&self) -> Result<(), SpoolError> {
         self.log.validate()?;
         if !(Duration::from_secs(60)..=Duration::from_secs(7 * 86400)).contains(&self.compact_age) {
-            return Err(SpoolError::Config("compact_age must be within 60 s ..= 7 days".into()));
+            return Err(SpoolError::Config(
+                "compact_age must be within 60 s ..= 7 days".into(),
+            ));
         }
         Ok(())
     }
@@ -97,7 +102,12 @@ struct SegmentEntry {
 
 impl SegmentEntry {
     fn new(created_micros: u64) -> SegmentEntry {
-        SegmentEntry { map: OnceCell::new(), live_bases: 0, live_bytes: 0, created_micros }
+        SegmentEntry {
+            map: OnceCell::new(),
+            live_bases: 0,
+            live_bytes: 0,
+            created_micros,
+        }
     }
 }
 
@@ -148,7 +158,9 @@ impl Spool {
         let mut next_id = 1;
         // The previous run's standby (newest, empty, intact) becomes the active segment again.
         let reuse = recovered.last().is_some_and(|s| {
-            s.records == 0 && s.header.is_some() && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
+            s.records == 0
+                && s.header.is_some()
+                && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
                 && report.torn_tail.as_ref().is_none_or(|t| t.segment != s.id)
                 && s.map.bytes().len() as u64 == config.log.segment_bytes
         });
@@ -197,13 +209,20 @@ impl Spool {
     /// completes; if it fails, call [`Spool::abandon`].
     pub fn accept(&mut self, message: &Message<'_>) -> Result<CommitTicket, SpoolError> {
         if self.messages.contains_key(&message.queue_id) {
-            return Err(SpoolError::Config(format!("queue id {} is already live", message.queue_id)));
+            return Err(SpoolError::Config(format!(
+                "queue id {} is already live",
+                message.queue_id
+            )));
         }
         let ticket = self.log.append(&Record::Message(message.clone()))?;
         let rcpts = message
             .recipients
             .iter()
-            .map(|_| RcptStatus { state: RcptState::Pending, attempts: 0, next_attempt_micros: 0 })
+            .map(|_| RcptStatus {
+                state: RcptState::Pending,
+                attempts: 0,
+                next_attempt_micros: 0,
+            })
             .collect();
         let live = LiveMessage {
             base: ticket.location(),
@@ -234,13 +253,29 @@ impl Spool {
         at_micros: u64,
         entries: &[OutcomeEntry<'_>],
     ) -> Result<CommitTicket, SpoolError> {
-        let live = self.messages.get(&queue_id).ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
-        if let Some(e) = entries.iter().find(|e| e.rcpt_index as usize >= live.rcpts.len()) {
-            return Err(SpoolError::NotFound(format!("{queue_id} recipient {}", e.rcpt_index)));
+        let live = self
+            .messages
+            .get(&queue_id)
+            .ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
+        if let Some(e) = entries
+            .iter()
+            .find(|e| e.rcpt_index as usize >= live.rcpts.len())
+        {
+            return Err(SpoolError::NotFound(format!(
+                "{queue_id} recipient {}",
+                e.rcpt_index
+            )));
         }
-        let record = Record::Outcomes(Outcomes { queue_id, at_micros, entries: entries.to_vec() });
+        let record = Record::Outcomes(Outcomes {
+            queue_id,
+            at_micros,
+            entries: entries.to_vec(),
+        });
         let ticket = self.log.append(&record)?;
-        let live = self.messages.get_mut(&queue_id).expect("checked above, nothing removed since");
+        let live = self
+            .messages
+            .get_mut(&queue_id)
+            .expect("checked above, nothing removed since");
         for e in entries {
             live.rcpts[e.rcpt_index as usize] = RcptStatus {
                 state: e.state,
@@ -280,7 +315,10 @@ impl Spool {
     /// recipients' states in the result are those of the base record; the index has the current
     /// ones ([`Spool::get`]).
     pub fn message(&self, queue_id: QueueId) -> Result<Message<'_>, SpoolError> {
-        let live = self.messages.get(&queue_id).ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
+        let live = self
+            .messages
+            .get(&queue_id)
+            .ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
         read_base(&self.config.log.dir, &self.segments, live.base)
     }
 
@@ -336,7 +374,9 @@ impl Spool {
         }
         report.segments_deleted = deleted.len() as u64;
 
-        let Some((&oldest, entry)) = self.segments.first_key_value() else { return Ok(report) };
+        let Some((&oldest, entry)) = self.segments.first_key_value() else {
+            return Ok(report);
+        };
         let too_many = self.segments.len() as u64 > self.segments_bound();
         let age_limit = self.config.compact_age.as_micros() as u64;
         let too_old = entry.created_micros.saturating_add(age_limit) < now_micros();
@@ -349,8 +389,12 @@ impl Spool {
 
     /// Re-appends every live message whose base is in `segment` as a `Rehomed` record.
     fn rehome_segment(&mut self, segment: u64) -> Result<u64, SpoolError> {
-        let ids: Vec<QueueId> =
-            self.messages.iter().filter(|(_, m)| m.base.segment == segment).map(|(id, _)| *id).collect();
+        let ids: Vec<QueueId> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.base.segment == segment)
+            .map(|(id, _)| *id)
+            .collect();
         for queue_id in &ids {
             let live = &self.messages[queue_id];
             let mut message = read_base(&self.config.log.dir, &self.segments, live.base)?;
@@ -361,10 +405,17 @@ impl Spool {
             }
             let ticket = self.log.append(&Record::Rehomed(message))?;
             let new = ticket.location();
-            let old = std::mem::replace(&mut self.messages.get_mut(queue_id).expect("listed above").base, new);
+            let old = std::mem::replace(
+                &mut self.messages.get_mut(queue_id).expect("listed above").base,
+                new,
+            );
             self.remove_base(old);
             self.add_base(new);
-            self.rehoming.push(Rehome { ticket, queue_id: *queue_id, old });
+            self.rehoming.push(Rehome {
+                ticket,
+                queue_id: *queue_id,
+                old,
+            });
         }
         Ok(ids.len() as u64)
     }
@@ -396,7 +447,10 @@ impl Spool {
     }
 
     fn add_base(&mut self, loc: Location) {
-        let e = self.segments.entry(loc.segment).or_insert_with(|| SegmentEntry::new(now_micros()));
+        let e = self
+            .segments
+            .entry(loc.segment)
+            .or_insert_with(|| SegmentEntry::new(now_micros()));
         e.live_bases += 1;
         e.live_bytes += u64::from(loc.len);
         self.live_bytes += u64::from(loc.len);
@@ -422,7 +476,9 @@ fn read_base<'s>(
     segments: &'s BTreeMap<u64, SegmentEntry>,
     loc: Location,
 ) -> Result<Message<'s>, SpoolError> {
-    let entry = segments.get(&loc.segment).ok_or_else(|| SpoolError::NotFound(format!("segment {}", loc.segment)))?;
+    let entry = segments
+        .get(&loc.segment)
+        .ok_or_else(|| SpoolError::NotFound(format!("segment {}", loc.segment)))?;
     let path = dir.join(segment_file_name(loc.segment));
     if entry.map.get().is_none() {
         let file = std::fs::File::open(&path).map_err(io_err(IoOp::Open, &path))?;
@@ -433,14 +489,20 @@ fn read_base<'s>(
     let frame = bytes
         .get(start..start + loc.len as usize)
         .ok_or_else(|| SpoolError::NotFound(format!("{loc:?} is past the end of the segment")))?;
-    let unreadable = |error| SpoolError::Unreadable { path: path.clone(), offset: loc.offset.into(), error };
+    let unreadable = |error| SpoolError::Unreadable {
+        path: path.clone(),
+        offset: loc.offset.into(),
+        error,
+    };
     // Pair assertion at the durability boundary: the CRC is checked again on every read.
     match crate::codec::decode_frame(frame).map_err(unreadable)? {
         crate::codec::FrameRead::Frame(f) => match f.record().map_err(unreadable)? {
             Record::Message(m) | Record::Rehomed(m) => Ok(m),
             Record::Outcomes(_) => Err(SpoolError::NotFound(format!("{loc:?} is not a message"))),
         },
-        crate::codec::FrameRead::End => Err(SpoolError::NotFound(format!("{loc:?} holds no record"))),
+        crate::codec::FrameRead::End => {
+            Err(SpoolError::NotFound(format!("{loc:?} holds no record")))
+        }
     }
 }
 
@@ -465,7 +527,11 @@ impl IndexBuilder {
                         next_attempt_micros: r.next_attempt_micros,
                     })
                     .collect();
-                let live = LiveMessage { base: loc, received_at_micros: m.received_at_micros, rcpts };
+                let live = LiveMessage {
+                    base: loc,
+                    received_at_micros: m.received_at_micros,
+                    rcpts,
+                };
                 if live.is_terminal() {
                     self.messages.remove(&m.queue_id);
                 } else {
@@ -474,7 +540,9 @@ impl IndexBuilder {
             }
             Record::Outcomes(o) => {
                 // Outcomes for an unknown queue id belong to a message whose base was reclaimed.
-                let Some(live) = self.messages.get_mut(&o.queue_id) else { return };
+                let Some(live) = self.messages.get_mut(&o.queue_id) else {
+                    return;
+                };
                 for e in &o.entries {
                     if let Some(r) = live.rcpts.get_mut(e.rcpt_index as usize) {
                         *r = RcptStatus {

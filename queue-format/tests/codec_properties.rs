@@ -4,7 +4,9 @@
 
 use proptest::prelude::*;
 use queue_format::codec::{FrameRead, decode_frame};
-use queue_format::{DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record};
+use queue_format::{
+    DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record,
+};
 
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -24,7 +26,11 @@ fn state() -> impl Strategy<Value = RcptState> {
 }
 
 fn dsn_ret() -> impl Strategy<Value = DsnRet> {
-    prop_oneof![Just(DsnRet::Unspecified), Just(DsnRet::Full), Just(DsnRet::Headers)]
+    prop_oneof![
+        Just(DsnRet::Unspecified),
+        Just(DsnRet::Full),
+        Just(DsnRet::Headers)
+    ]
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +50,15 @@ struct OwnedMessage {
 }
 
 fn owned_message() -> impl Strategy<Value = OwnedMessage> {
-    let rcpt = (text(), 0u8..16, text(), state(), any::<u32>(), any::<u64>(), text())
+    let rcpt = (
+        text(),
+        0u8..16,
+        text(),
+        state(),
+        any::<u32>(),
+        any::<u64>(),
+        text(),
+    )
         .prop_map(|(a, n, o, s, at, next, r)| OwnedRcpt(a, n, o, s, at, next, r));
     (
         any::<u128>(),
@@ -55,17 +69,19 @@ fn owned_message() -> impl Strategy<Value = OwnedMessage> {
         prop::collection::vec(rcpt, 0..8),
         prop::collection::vec(any::<u8>(), 0..3000),
     )
-        .prop_map(|(id, at, flags, ret, (tenant, sender, envid), rcpts, body)| OwnedMessage {
-            id,
-            at,
-            flags,
-            ret,
-            tenant,
-            sender,
-            envid,
-            rcpts,
-            body,
-        })
+        .prop_map(
+            |(id, at, flags, ret, (tenant, sender, envid), rcpts, body)| OwnedMessage {
+                id,
+                at,
+                flags,
+                ret,
+                tenant,
+                sender,
+                envid,
+                rcpts,
+                body,
+            },
+        )
 }
 
 impl OwnedMessage {
@@ -82,7 +98,11 @@ impl OwnedMessage {
                 .rcpts
                 .iter()
                 .map(|r| {
-                    let mut x = Recipient { notify: r.1, orcpt: &r.2, ..Recipient::new(&r.0) };
+                    let mut x = Recipient {
+                        notify: r.1,
+                        orcpt: &r.2,
+                        ..Recipient::new(&r.0)
+                    };
                     if with_state {
                         x.state = r.3;
                         x.attempts = r.4;
@@ -101,7 +121,9 @@ fn round_trip(rec: &Record<'_>) {
     let mut buf = vec![0xAA; 3]; // frames are appended after whatever the buffer holds
     let n = rec.encode_frame(&mut buf).unwrap();
     assert_eq!(n, rec.frame_len());
-    let Ok(FrameRead::Frame(f)) = decode_frame(&buf[3..]) else { panic!("no frame") };
+    let Ok(FrameRead::Frame(f)) = decode_frame(&buf[3..]) else {
+        panic!("no frame")
+    };
     assert_eq!(&f.record().unwrap(), rec);
 }
 
@@ -165,7 +187,9 @@ fn committed_fuzz_seeds_decode_and_pass_the_oracle() {
         queue_format::fuzzing::decode_round_trip(&data);
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if ["seed-message", "seed-rehomed", "seed-outcomes"].contains(&name.as_str()) {
-            let Ok(FrameRead::Frame(f)) = decode_frame(&data) else { panic!("{name} is not a frame") };
+            let Ok(FrameRead::Frame(f)) = decode_frame(&data) else {
+                panic!("{name} is not a frame")
+            };
             f.record().unwrap();
         }
         seeds += 1;

@@ -45,7 +45,9 @@ fn body_len(seed: u64) -> usize {
 /// completed.
 #[test]
 fn crash_child_entry() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let (mut spool, _) = Spool::open(small_config(Path::new(&dir))).expect("child recovery");
     let mut rng = Rng(queue_format::now_micros() | 1);
     let mut seed = rng.next() >> 16;
@@ -58,7 +60,9 @@ fn crash_child_entry() {
             seed += 1;
             let qid = spool.next_queue_id(queue_format::now_micros());
             let b = body(seed, body_len(seed));
-            let ticket = spool.accept(&message(qid, &["r@x.test", "s@y.test"], &b)).expect("append");
+            let ticket = spool
+                .accept(&message(qid, &["r@x.test", "s@y.test"], &b))
+                .expect("append");
             inflight.push_back((ticket, qid, seed, false));
         }
         if !acked.is_empty() && rng.next() % 3 == 0 {
@@ -104,7 +108,12 @@ fn acknowledged_records_survive_sigkill() {
     let mut torn_tails = 0;
     for round in 0..KILLS {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child_entry", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -158,16 +167,24 @@ fn acknowledged_records_survive_sigkill() {
 
         let (spool, report) = Spool::open(small_config(dir.path()))
             .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
-        assert!(report.is_clean(), "round {round}: damage after a plain crash: {report:?}");
+        assert!(
+            report.is_clean(),
+            "round {round}: damage after a plain crash: {report:?}"
+        );
         torn_tails += usize::from(report.torn_tail.is_some());
         for (qid, crc) in &acked {
             if done.contains(qid) {
-                assert!(spool.get(*qid).is_none(), "round {round}: delivered {qid} came back");
+                assert!(
+                    spool.get(*qid).is_none(),
+                    "round {round}: delivered {qid} came back"
+                );
             } else if delivering.contains(qid) && spool.get(*qid).is_none() {
                 // The outcome was committed but the kill came before DONE was printed.
                 done.insert(*qid);
             } else {
-                let m = spool.message(*qid).unwrap_or_else(|e| panic!("round {round}: lost {qid}: {e}"));
+                let m = spool
+                    .message(*qid)
+                    .unwrap_or_else(|e| panic!("round {round}: lost {qid}: {e}"));
                 assert_eq!(crc32c::crc32c(m.body), *crc, "round {round}: {qid} damaged");
             }
         }
@@ -178,5 +195,9 @@ fn acknowledged_records_survive_sigkill() {
         acked.len(),
         done.len()
     );
-    assert!(acked.len() > KILLS * 20, "too little load to mean anything: {}", acked.len());
+    assert!(
+        acked.len() > KILLS * 20,
+        "too little load to mean anything: {}",
+        acked.len()
+    );
 }

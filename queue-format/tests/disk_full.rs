@@ -25,7 +25,10 @@ impl Tmpfs {
             .arg(dir.path())
             .status()
             .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs failed: this test needs root");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root"
+        );
         Tmpfs(dir.path().to_path_buf(), dir)
     }
 }
@@ -45,7 +48,11 @@ fn append(spool: &mut Spool, seed: u64) -> Result<QueueId, SpoolError> {
 
 fn check_all(spool: &Spool, acked: &[(QueueId, u64)]) {
     for (qid, seed) in acked {
-        assert_eq!(spool.message(*qid).unwrap().body, &body(*seed, 50_000)[..], "{qid} damaged");
+        assert_eq!(
+            spool.message(*qid).unwrap().body,
+            &body(*seed, 50_000)[..],
+            "{qid} damaged"
+        );
     }
 }
 
@@ -82,7 +89,10 @@ fn full_disk_gives_452_damages_nothing_and_recovers_when_space_returns() {
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(spool.len(), acked.len());
     check_all(&spool, &acked);
-    assert!(matches!(append(&mut spool, 10_000), Err(SpoolError::Full(_))));
+    assert!(matches!(
+        append(&mut spool, 10_000),
+        Err(SpoolError::Full(_))
+    ));
 
     // Space returns: appends succeed again within the standby retry interval.
     std::fs::remove_file(&ballast).unwrap();

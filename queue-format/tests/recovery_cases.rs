@@ -24,7 +24,11 @@ fn fill(dir: &Path, n: u64, len: usize) -> Vec<QueueId> {
     let ids = (0..n)
         .map(|i| {
             let qid = spool.next_queue_id(1);
-            spool.accept(&message(qid, &["r@x.test"], &body(i, len))).unwrap().wait().unwrap();
+            spool
+                .accept(&message(qid, &["r@x.test"], &body(i, len)))
+                .unwrap()
+                .wait()
+                .unwrap();
             qid
         })
         .collect();
@@ -48,7 +52,11 @@ fn patch(path: &Path, offset: u64, f: impl FnOnce(&mut [u8])) {
 
 /// The newest segment holding records.
 fn data_tail(dir: &Path) -> PathBuf {
-    segments(dir).into_iter().rev().find(|p| !frame_offsets(p).is_empty()).unwrap()
+    segments(dir)
+        .into_iter()
+        .rev()
+        .find(|p| !frame_offsets(p).is_empty())
+        .unwrap()
 }
 
 #[test]
@@ -56,7 +64,10 @@ fn clean_shutdown_recovers_everything_and_reports_nothing() {
     let dir = tempfile::tempdir().unwrap();
     fill(dir.path(), 20, 3000);
     let (spool, report) = Spool::open(small_config(dir.path())).unwrap();
-    assert!(report.is_clean() && report.torn_tail.is_none(), "{report:?}");
+    assert!(
+        report.is_clean() && report.torn_tail.is_none(),
+        "{report:?}"
+    );
     assert_eq!((report.records, spool.len()), (20, 20));
 }
 
@@ -89,7 +100,10 @@ fn zero_filled_tail_is_a_normal_end() {
     let last = *frame_offsets(&tail).last().unwrap();
     patch(&tail, last, |b| b[..4096].fill(0));
     let (spool, report) = Spool::open(small_config(dir.path())).unwrap();
-    assert!(report.is_clean() && report.torn_tail.is_none(), "{report:?}");
+    assert!(
+        report.is_clean() && report.torn_tail.is_none(),
+        "{report:?}"
+    );
     assert_eq!(spool.len(), 9);
 }
 
@@ -120,7 +134,12 @@ fn truncated_older_segment_keeps_what_precedes_the_cut_and_reports_damage() {
     let first = &segs[0];
     let offs = frame_offsets(first);
     let cut = offs[10] + 777;
-    std::fs::OpenOptions::new().write(true).open(first).unwrap().set_len(cut).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(first)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
     let (spool, report) = Spool::open(small_config(dir.path())).unwrap();
     assert_eq!(report.damage_count, 1, "{report:?}");
     assert_eq!(report.damage[0].offset, offs[10]);
@@ -158,15 +177,29 @@ fn segment_from_a_future_format_is_refused_untouched() {
     let seg = &segments(dir.path())[0];
     patch(seg, 8, |b| b[..2].copy_from_slice(&2u16.to_le_bytes()));
     std::fs::write(dir.path().join("0000000000000099.seg.tmp"), b"partial").unwrap();
-    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     let seg_bytes = std::fs::read(seg).unwrap();
     match Spool::open(small_config(dir.path())) {
-        Err(SpoolError::FutureFormat { version: 2, supported: 1, .. }) => {}
+        Err(SpoolError::FutureFormat {
+            version: 2,
+            supported: 1,
+            ..
+        }) => {}
         Err(e) => panic!("wrong error {e}"),
         Ok(_) => panic!("a future segment was opened"),
     }
-    let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(before.len(), after.len(), "no file may be created or removed");
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "no file may be created or removed"
+    );
     assert_eq!(std::fs::read(seg).unwrap(), seg_bytes);
 }
 
@@ -184,7 +217,11 @@ fn unknown_record_kind_not_marked_ignorable_is_refused() {
     bytes[s..s + 4].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(seg, bytes).unwrap();
     match Spool::open(small_config(dir.path())) {
-        Err(SpoolError::Unreadable { offset, error: DecodeError::UnknownKind { kind: 200 }, .. }) => {
+        Err(SpoolError::Unreadable {
+            offset,
+            error: DecodeError::UnknownKind { kind: 200 },
+            ..
+        }) => {
             assert_eq!(offset, at)
         }
         Err(e) => panic!("wrong error {e}"),
@@ -210,7 +247,11 @@ fn crc32c_of(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

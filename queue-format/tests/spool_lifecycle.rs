@@ -7,7 +7,13 @@ use common::{body, message, small_config};
 use queue_format::{OutcomeEntry, QueueId, RcptState, Spool};
 
 fn delivered(i: u32) -> OutcomeEntry<'static> {
-    OutcomeEntry { rcpt_index: i, state: RcptState::Delivered, attempts: 1, next_attempt_micros: 0, reply: "250 2.0.0 ok" }
+    OutcomeEntry {
+        rcpt_index: i,
+        state: RcptState::Delivered,
+        attempts: 1,
+        next_attempt_micros: 0,
+        reply: "250 2.0.0 ok",
+    }
 }
 
 #[test]
@@ -20,7 +26,11 @@ fn accepted_messages_survive_reopen_with_their_bodies() {
         for i in 0..50u64 {
             let qid = spool.next_queue_id(1);
             let b = body(i, 2000 + i as usize);
-            spool.accept(&message(qid, &["a@x.test", "b@y.test"], &b)).unwrap().wait().unwrap();
+            spool
+                .accept(&message(qid, &["a@x.test", "b@y.test"], &b))
+                .unwrap()
+                .wait()
+                .unwrap();
             ids.push((qid, i));
         }
         spool.close();
@@ -44,8 +54,16 @@ fn outcomes_are_replayed_and_terminal_messages_leave_the_index() {
         let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
         a = spool.next_queue_id(1);
         b = spool.next_queue_id(1);
-        spool.accept(&message(a, &["1@x.test", "2@x.test"], b"x")).unwrap().wait().unwrap();
-        spool.accept(&message(b, &["3@x.test"], b"y")).unwrap().wait().unwrap();
+        spool
+            .accept(&message(a, &["1@x.test", "2@x.test"], b"x"))
+            .unwrap()
+            .wait()
+            .unwrap();
+        spool
+            .accept(&message(b, &["3@x.test"], b"y"))
+            .unwrap()
+            .wait()
+            .unwrap();
         let deferred = OutcomeEntry {
             rcpt_index: 1,
             state: RcptState::Deferred,
@@ -53,8 +71,16 @@ fn outcomes_are_replayed_and_terminal_messages_leave_the_index() {
             next_attempt_micros: 99,
             reply: "451 4.7.1 later",
         };
-        spool.record_outcomes(a, 5, &[delivered(0), deferred]).unwrap().wait().unwrap();
-        spool.record_outcomes(b, 5, &[delivered(0)]).unwrap().wait().unwrap();
+        spool
+            .record_outcomes(a, 5, &[delivered(0), deferred])
+            .unwrap()
+            .wait()
+            .unwrap();
+        spool
+            .record_outcomes(b, 5, &[delivered(0)])
+            .unwrap()
+            .wait()
+            .unwrap();
         assert!(spool.get(b).is_none());
         spool.close();
     }
@@ -72,9 +98,17 @@ fn outcome_for_unknown_recipient_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
     let a = spool.next_queue_id(1);
-    spool.accept(&message(a, &["1@x.test"], b"x")).unwrap().wait().unwrap();
+    spool
+        .accept(&message(a, &["1@x.test"], b"x"))
+        .unwrap()
+        .wait()
+        .unwrap();
     assert!(spool.record_outcomes(a, 1, &[delivered(3)]).is_err());
-    assert!(spool.record_outcomes(QueueId(5), 1, &[delivered(0)]).is_err());
+    assert!(
+        spool
+            .record_outcomes(QueueId(5), 1, &[delivered(0)])
+            .is_err()
+    );
 }
 
 #[test]
@@ -85,18 +119,29 @@ fn delivered_segments_are_deleted() {
     let mut ids = vec![];
     for _ in 0..300 {
         let qid = spool.next_queue_id(1);
-        spool.accept(&message(qid, &["a@x.test"], &b)).unwrap().wait().unwrap();
+        spool
+            .accept(&message(qid, &["a@x.test"], &b))
+            .unwrap()
+            .wait()
+            .unwrap();
         ids.push(qid);
     }
     assert!(spool.usage().segments >= 5, "{:?}", spool.usage());
     for qid in ids {
-        spool.record_outcomes(qid, 2, &[delivered(0)]).unwrap().wait().unwrap();
+        spool
+            .record_outcomes(qid, 2, &[delivered(0)])
+            .unwrap()
+            .wait()
+            .unwrap();
     }
     spool.reclaim().unwrap();
     let usage = spool.usage();
     assert!(usage.segments <= 1, "{usage:?}");
     let files = std::fs::read_dir(dir.path()).unwrap().count();
-    assert!(files <= 3, "active + standby (+ one just sealed) expected, found {files}");
+    assert!(
+        files <= 3,
+        "active + standby (+ one just sealed) expected, found {files}"
+    );
 }
 
 #[test]
@@ -109,11 +154,19 @@ fn compaction_keeps_dead_space_within_the_bound_and_keeps_live_mail() {
     // deferred ones would pin every segment.
     for i in 0..2000 {
         let qid = spool.next_queue_id(1);
-        spool.accept(&message(qid, &["a@x.test"], &b)).unwrap().wait().unwrap();
+        spool
+            .accept(&message(qid, &["a@x.test"], &b))
+            .unwrap()
+            .wait()
+            .unwrap();
         if i % 50 == 0 {
             keep.push(qid);
         } else {
-            spool.record_outcomes(qid, 2, &[delivered(0)]).unwrap().wait().unwrap();
+            spool
+                .record_outcomes(qid, 2, &[delivered(0)])
+                .unwrap()
+                .wait()
+                .unwrap();
         }
         if i % 100 == 0 {
             spool.reclaim().unwrap();
@@ -127,10 +180,17 @@ fn compaction_keeps_dead_space_within_the_bound_and_keeps_live_mail() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let usage = spool.usage();
-    assert!(usage.segments <= spool.segments_bound(), "{usage:?} bound {}", spool.segments_bound());
+    assert!(
+        usage.segments <= spool.segments_bound(),
+        "{usage:?} bound {}",
+        spool.segments_bound()
+    );
     // The documented bound: segments <= 2 * ceil(live / segment) + 2, i.e. at most
     // 2 * live + 4 segments of bytes, plus the one preallocated standby file.
-    assert!(usage.bytes_on_disk <= 2 * usage.live_bytes + 4 * (1 << 20), "{usage:?}");
+    assert!(
+        usage.bytes_on_disk <= 2 * usage.live_bytes + 4 * (1 << 20),
+        "{usage:?}"
+    );
     let files = std::fs::read_dir(dir.path()).unwrap().count() as u64;
     assert!(files <= spool.segments_bound() + 1, "{files} files on disk");
     spool.close();
@@ -151,13 +211,29 @@ fn rehomed_messages_keep_their_recipient_state_across_restart() {
     {
         let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
         qid = spool.next_queue_id(1);
-        spool.accept(&message(qid, &["1@x.test", "2@x.test"], &b)).unwrap().wait().unwrap();
-        spool.record_outcomes(qid, 2, &[delivered(0)]).unwrap().wait().unwrap();
+        spool
+            .accept(&message(qid, &["1@x.test", "2@x.test"], &b))
+            .unwrap()
+            .wait()
+            .unwrap();
+        spool
+            .record_outcomes(qid, 2, &[delivered(0)])
+            .unwrap()
+            .wait()
+            .unwrap();
         // Fill segments with delivered mail until compaction must move `qid`.
         for _ in 0..40 {
             let other = spool.next_queue_id(1);
-            spool.accept(&message(other, &["z@x.test"], &b)).unwrap().wait().unwrap();
-            spool.record_outcomes(other, 2, &[delivered(0)]).unwrap().wait().unwrap();
+            spool
+                .accept(&message(other, &["z@x.test"], &b))
+                .unwrap()
+                .wait()
+                .unwrap();
+            spool
+                .record_outcomes(other, 2, &[delivered(0)])
+                .unwrap()
+                .wait()
+                .unwrap();
         }
         let first_base = spool.get(qid).unwrap().base;
         let mut moved = false;

@@ -20,7 +20,11 @@ use queue_format::segment::{SegmentHeader, parse_segment_file_name};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "saida-spool", version, about = "Inspect a saida spool directory (read-only)")]
+#[command(
+    name = "saida-spool",
+    version,
+    about = "Inspect a saida spool directory (read-only)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -63,7 +67,10 @@ fn inspect(dir: &Path, list_records: bool) -> anyhow::Result<bool> {
     segments.sort();
     let mut clean = true;
     let mut totals = [0u64; 4];
-    println!("{:>16}  {:>8} {:>8} {:>8} {:>12}  notes", "segment", "messages", "outcomes", "rehomed", "bytes used");
+    println!(
+        "{:>16}  {:>8} {:>8} {:>8} {:>12}  notes",
+        "segment", "messages", "outcomes", "rehomed", "bytes used"
+    );
     for (id, path) in segments {
         // A plain read, not a map: this tool must be safe to run beside a live saida.
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -101,7 +108,9 @@ fn inspect(dir: &Path, list_records: bool) -> anyhow::Result<bool> {
             clean = false;
         }
         if let Some((end, e)) = &scan.garbage_after_end {
-            let why = e.as_ref().map_or("unsynced data after end".to_string(), |e| e.to_string());
+            let why = e
+                .as_ref()
+                .map_or("unsynced data after end".to_string(), |e| e.to_string());
             notes.push(format!("unreadable tail {}..{end}: {why}", scan.end));
         }
         println!(
@@ -117,7 +126,10 @@ fn inspect(dir: &Path, list_records: bool) -> anyhow::Result<bool> {
         }
         totals[3] += scan.end;
     }
-    println!("{:>16}  {:>8} {:>8} {:>8} {:>12}", "total", totals[0], totals[1], totals[2], totals[3]);
+    println!(
+        "{:>16}  {:>8} {:>8} {:>8} {:>12}",
+        "total", totals[0], totals[1], totals[2], totals[3]
+    );
     Ok(clean)
 }
 
@@ -125,16 +137,27 @@ fn describe(segment: u64, offset: u64, len: u32, rec: &Record<'_>) {
     match rec {
         Record::Message(m) | Record::Rehomed(m) => println!(
             "  {segment:016x}+{offset} {len}B {} {} from=<{}> rcpts={} body={}B",
-            if matches!(rec, Record::Message(_)) { "message" } else { "rehomed" },
+            if matches!(rec, Record::Message(_)) {
+                "message"
+            } else {
+                "rehomed"
+            },
             m.queue_id,
             m.sender,
             m.recipients.len(),
             m.body.len()
         ),
         Record::Outcomes(o) => {
-            let states: Vec<String> =
-                o.entries.iter().map(|e| format!("#{}={:?}", e.rcpt_index, e.state)).collect();
-            println!("  {segment:016x}+{offset} {len}B outcomes {} {}", o.queue_id, states.join(","))
+            let states: Vec<String> = o
+                .entries
+                .iter()
+                .map(|e| format!("#{}={:?}", e.rcpt_index, e.state))
+                .collect();
+            println!(
+                "  {segment:016x}+{offset} {len}B outcomes {} {}",
+                o.queue_id,
+                states.join(",")
+            )
         }
     }
 }

@@ -7,7 +7,13 @@ use queue_format::{LogConfig, Message, QueueId, Recipient, SpoolConfig};
 
 /// A spool config with 1 MiB segments, so tests roll segments quickly.
 pub fn small_config(dir: &Path) -> SpoolConfig {
-    SpoolConfig { log: LogConfig { segment_bytes: 1 << 20, ..LogConfig::new(dir) }, ..SpoolConfig::new(dir) }
+    SpoolConfig {
+        log: LogConfig {
+            segment_bytes: 1 << 20,
+            ..LogConfig::new(dir)
+        },
+        ..SpoolConfig::new(dir)
+    }
 }
 
 /// A message with the given recipients and body.
