@@ -2,16 +2,23 @@
 //! by group commit on a dedicated sync thread.
 //!
 //! [`SegmentLog::append`] encodes a record straight into the pending batch buffer (one copy),
-//! assigns its [`Location`] and returns a [`CommitTicket`] at once; it never does I/O. The sync
-//! thread takes the whole pending batch, writes it with one `pwrite` per segment touched and
-//! covers it with one `fdatasync`, then completes every ticket of the batch. While it syncs, new
-//! appends fill the next batch: that is group commit, and its batch size adapts to the load.
+//! assigns its [`Location`] and returns a [`CommitTicket`] at once; it never does I/O. The
+//! writer thread takes the whole pending batch and writes it with one `pwrite` per segment
+//! touched; one `fdatasync` then covers it and every ticket of the batch completes. While that
+//! happens, new appends fill the next batch: that is group commit, and its batch size adapts to
+//! the load.
+//!
+//! Under load the commit is a two-stage pipeline: the writer hands a written batch to the *sync
+//! stage* thread and goes on copying the next batch into the page cache while the stage waits
+//! for the device. When the stage is idle and nothing else is pending, the writer syncs the
+//! batch itself (one thread hand-off fewer at low load).
 //!
 //! # Durability
 //! With [`SyncPolicy::EveryCommit`] (the default) a ticket completes only after the `fdatasync`
-//! that covers its record has returned, so an SMTP server may answer `250` then. A batch that
-//! spans two segments is written and synced segment by segment in order, so after a crash only
-//! the newest segment holding records can have a torn tail (recovery relies on this).
+//! that covers its record has returned, so an SMTP server may answer `250` then. Before the
+//! first write into a new segment, the writer waits for the sync stage and syncs the previous
+//! segment, so after a crash only the newest segment holding records can have a torn tail
+//! (recovery relies on this).
 //! [`SyncPolicy::Interval`] and [`SyncPolicy::None`] complete tickets after the `pwrite` alone:
 //! a crash of the machine (not of the process) loses what was not yet synced. They exist for load
 //! tests and are documented as unsafe.
