@@ -6,7 +6,8 @@
 //! ceiling run then writes the same bytes, in the batch size the spool's group commit actually
 //! formed, with plain `pwrite` + `fdatasync` into the same kind of preallocated segment files.
 //! Each cell alternates spool and ceiling runs (`--rounds`, default 3) and reports medians and
-//! the ratio of medians. Both append methods (`pwrite`, `mmap-msync`) are measured so the default is chosen by numbers.
+//! the ratio of medians. Both append methods (`pwrite`, `mmap-msync`) are measured so the
+//! default is chosen by numbers.
 //!
 //! Usage: `cargo run --release -p saida-bench --bin spool-bench -- [--seconds 3] [--json]`.
 //! Results and the machine they were measured on are recorded in docs/benchmarks.md.
@@ -42,7 +43,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 256])]
     appenders: Vec<usize>,
     /// Append methods to measure: pwrite, mmap.
-    #[arg(long, value_delimiter = ',', default_values_t = ["pwrite".to_string(), "mmap".to_string()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["pwrite".into(), "mmap".into()])]
     methods: Vec<String>,
     /// Seconds per run.
     #[arg(long, default_value_t = 2.0)]
@@ -117,18 +118,18 @@ fn main() -> anyhow::Result<()> {
                 let p50 = latency.value_at_quantile(0.50);
                 let p99 = latency.value_at_quantile(0.99);
                 if args.json {
+                    let ratio = rate / raw_rate;
                     println!(
-                        "{{\"bench\":\"spool\",\"size\":{size},\"frame\":{frame},\"appenders\":{appenders},\
-                         \"method\":\"{method}\",\"appends_per_s\":{rate:.0},\"mb_per_s\":{mbps:.1},\
-                         \"batch\":{batch},\"p50_us\":{p50},\"p99_us\":{p99},\
-                         \"raw_appends_per_s\":{raw_rate:.0},\"raw_mb_per_s\":{raw_mbps:.1},\
-                         \"ratio\":{:.3}}}",
-                        rate / raw_rate
+                        "{{\"bench\":\"spool\",\"size\":{size},\"frame\":{frame},\
+                         \"appenders\":{appenders},\"method\":\"{method}\",\
+                         \"appends_per_s\":{rate:.0},\"mb_per_s\":{mbps:.1},\"batch\":{batch},\
+                         \"p50_us\":{p50},\"p99_us\":{p99},\"raw_appends_per_s\":{raw_rate:.0},\
+                         \"raw_mb_per_s\":{raw_mbps:.1},\"ratio\":{ratio:.3}}}"
                     );
                 } else {
                     println!(
-                        "{size:>7} {appenders:>5} {method:>6} | {rate:>10.0} {mbps:>8.1} {batch:>7} \
-                         {p50:>8} {p99:>8} | {raw_rate:>10.0} {raw_mbps:>8.1} | {:>5.2}",
+                        "{size:>7} {appenders:>5} {method:>6} | {rate:>10.0} {mbps:>8.1} \
+                         {batch:>7} {p50:>8} {p99:>8} | {raw_rate:>10.0} {raw_mbps:>8.1} | {:>5.2}",
                         rate / raw_rate
                     );
                 }

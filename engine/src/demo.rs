@@ -117,8 +117,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
         }
         println!(
-            "round {round}: writer killed after {:>4} ms with {this_round:>6} new acks; recovered \
-             {:>7} records in {:>6.1} ms; torn tail: {}; acknowledged {:>7}, present {:>7}, lost {lost}",
+            "round {round}: writer killed after {:>4} ms with {this_round:>6} new acks; \
+             recovered {:>7} records in {:>6.1} ms; torn tail: {}; acknowledged {:>7}, \
+             present {:>7}, lost {lost}",
             run_for.as_millis(),
             report.records,
             recovery.as_secs_f64() * 1e3,

@@ -164,7 +164,11 @@ proptest! {
     }
 
     #[test]
-    fn mutated_frames_never_panic(m in owned_message(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+    fn mutated_frames_never_panic(
+        m in owned_message(),
+        pos in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
         let mut buf = vec![];
         Record::Rehomed(m.borrow(true)).encode_frame(&mut buf).unwrap();
         let i = pos.index(buf.len());

@@ -40,9 +40,9 @@ fn body_len(seed: u64) -> usize {
     }
 }
 
-/// The child: appends forever, printing `ACK <qid> <crc32c of body>` once a message's commit completed and
-/// `DELIVERING <qid>` before journaling its delivered outcome and `DONE <qid>` once that commit
-/// completed.
+/// The child: appends forever, printing `ACK <qid> <crc32c of body>` once a message's commit
+/// completed, `DELIVERING <qid>` before journaling its delivered outcome, and `DONE <qid>` once
+/// that commit completed.
 #[test]
 fn crash_child_entry() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
@@ -191,7 +191,8 @@ fn acknowledged_records_survive_sigkill() {
         spool.close();
     }
     eprintln!(
-        "{KILLS} kills: {} acknowledged messages, {} acknowledged outcomes, {torn_tails} torn tails repaired",
+        "{KILLS} kills: {} acknowledged messages, {} acknowledged outcomes, \
+         {torn_tails} torn tails repaired",
         acked.len(),
         done.len()
     );
