@@ -11,13 +11,22 @@ use std::path::{Path, PathBuf};
 const UNSAFE_ALLOWED: &[&str] = &["queue-format/src/mmap.rs"];
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn rust_files() -> Vec<(String, String)> {
     let root = repo_root();
     let out = std::process::Command::new("git")
-        .args(["ls-files", "--cached", "--others", "--exclude-standard", "*.rs"])
+        .args([
+            "ls-files",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "*.rs",
+        ])
         .current_dir(&root)
         .output()
         .expect("git ls-files");
@@ -26,7 +35,12 @@ fn rust_files() -> Vec<(String, String)> {
         .expect("utf-8 file names")
         .lines()
         .filter(|p| root.join(p).exists())
-        .map(|p| (p.to_string(), std::fs::read_to_string(root.join(p)).expect("read source")))
+        .map(|p| {
+            (
+                p.to_string(),
+                std::fs::read_to_string(root.join(p)).expect("read source"),
+            )
+        })
         .collect()
 }
 
@@ -57,7 +71,9 @@ fn sources_follow_the_house_rules() {
             }
             let code = line.split("//").next().unwrap_or("");
             if code.contains(&unsafe_word) && !UNSAFE_ALLOWED.contains(&path.as_str()) {
-                problems.push(format!("{path}:{n}: unsafe-code outside {UNSAFE_ALLOWED:?}"));
+                problems.push(format!(
+                    "{path}:{n}: unsafe-code outside {UNSAFE_ALLOWED:?}"
+                ));
             }
         }
         let is_module = path.contains("/src/") || path.ends_with("support.rs");

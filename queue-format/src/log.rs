@@ -1053,6 +1053,20 @@ mod tests {
         })
     }
 
+    fn bare_message(body: &[u8]) -> crate::codec::Message<'_> {
+        crate::codec::Message {
+            queue_id: QueueId(1),
+            received_at_micros: 0,
+            flags: 0,
+            dsn_ret: Default::default(),
+            tenant: "",
+            sender: "",
+            envid: "",
+            recipients: vec![],
+            body,
+        }
+    }
+
     fn small_config(dir: &Path) -> LogConfig {
         LogConfig {
             segment_bytes: SEGMENT_BYTES_MIN,
@@ -1079,17 +1093,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
         let body = vec![b'x'; 300 << 10];
-        let m = crate::codec::Message {
-            queue_id: QueueId(1),
-            received_at_micros: 0,
-            flags: 0,
-            dsn_ret: Default::default(),
-            tenant: "",
-            sender: "",
-            envid: "",
-            recipients: vec![],
-            body: &body,
-        };
+        let m = bare_message(&body);
         let locs: Vec<_> = (0..8)
             .map(|_| {
                 log.append(&Record::Message(m.clone()))
@@ -1106,17 +1110,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
         let body = vec![0u8; SEGMENT_BYTES_MIN as usize];
-        let m = crate::codec::Message {
-            queue_id: QueueId(1),
-            received_at_micros: 0,
-            flags: 0,
-            dsn_ret: Default::default(),
-            tenant: "",
-            sender: "",
-            envid: "",
-            recipients: vec![],
-            body: &body,
-        };
+        let m = bare_message(&body);
         assert!(matches!(
             log.append(&Record::Message(m)),
             Err(SpoolError::RecordTooLarge { .. })

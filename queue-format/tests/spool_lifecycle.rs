@@ -16,6 +16,27 @@ fn delivered(i: u32) -> OutcomeEntry<'static> {
     }
 }
 
+/// Accepts a one-recipient message and waits for its commit.
+fn accept(spool: &mut Spool, rcpt: &str, body: &[u8]) -> QueueId {
+    let qid = spool.next_queue_id(1);
+    spool
+        .accept(&message(qid, &[rcpt], body))
+        .unwrap()
+        .wait()
+        .unwrap();
+    qid
+}
+
+/// Journals recipient 0 of `qid` as delivered and waits for the commit.
+fn deliver(spool: &mut Spool, qid: QueueId) {
+    let done = [delivered(0)];
+    spool
+        .record_outcomes(qid, 2, &done)
+        .unwrap()
+        .wait()
+        .unwrap();
+}
+
 #[test]
 fn accepted_messages_survive_reopen_with_their_bodies() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,21 +139,12 @@ fn delivered_segments_are_deleted() {
     let b = body(1, 20_000);
     let mut ids = vec![];
     for _ in 0..300 {
-        let qid = spool.next_queue_id(1);
-        spool
-            .accept(&message(qid, &["a@x.test"], &b))
-            .unwrap()
-            .wait()
-            .unwrap();
+        let qid = accept(&mut spool, "a@x.test", &b);
         ids.push(qid);
     }
     assert!(spool.usage().segments >= 5, "{:?}", spool.usage());
     for qid in ids {
-        spool
-            .record_outcomes(qid, 2, &[delivered(0)])
-            .unwrap()
-            .wait()
-            .unwrap();
+        deliver(&mut spool, qid);
     }
     spool.reclaim().unwrap();
     let usage = spool.usage();
@@ -153,20 +165,11 @@ fn compaction_keeps_dead_space_within_the_bound_and_keeps_live_mail() {
     // Every 50th message stays deferred forever; the rest are delivered. Without compaction the
     // deferred ones would pin every segment.
     for i in 0..2000 {
-        let qid = spool.next_queue_id(1);
-        spool
-            .accept(&message(qid, &["a@x.test"], &b))
-            .unwrap()
-            .wait()
-            .unwrap();
+        let qid = accept(&mut spool, "a@x.test", &b);
         if i % 50 == 0 {
             keep.push(qid);
         } else {
-            spool
-                .record_outcomes(qid, 2, &[delivered(0)])
-                .unwrap()
-                .wait()
-                .unwrap();
+            deliver(&mut spool, qid);
         }
         if i % 100 == 0 {
             spool.reclaim().unwrap();
@@ -216,24 +219,11 @@ fn rehomed_messages_keep_their_recipient_state_across_restart() {
             .unwrap()
             .wait()
             .unwrap();
-        spool
-            .record_outcomes(qid, 2, &[delivered(0)])
-            .unwrap()
-            .wait()
-            .unwrap();
+        deliver(&mut spool, qid);
         // Fill segments with delivered mail until compaction must move `qid`.
         for _ in 0..40 {
-            let other = spool.next_queue_id(1);
-            spool
-                .accept(&message(other, &["z@x.test"], &b))
-                .unwrap()
-                .wait()
-                .unwrap();
-            spool
-                .record_outcomes(other, 2, &[delivered(0)])
-                .unwrap()
-                .wait()
-                .unwrap();
+            let other = accept(&mut spool, "z@x.test", &b);
+            deliver(&mut spool, other);
         }
         let first_base = spool.get(qid).unwrap().base;
         let mut moved = false;
