@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod smtp;
 
 use clap::{Parser, Subcommand};
 
