@@ -2,6 +2,8 @@
 //! `cargo run -p queue-format --example fuzz_seeds -- queue-format/fuzz/corpus/decode`.
 //! One seed per record kind, a segment header followed by frames, and a torn frame.
 
+use queue_format::codec::FramePos;
+use queue_format::fuzzing::FUZZ_POS;
 use queue_format::segment::SegmentHeader;
 use queue_format::{
     DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, notify,
@@ -61,9 +63,14 @@ fn main() -> std::io::Result<()> {
     .to_vec();
     for (name, rec) in ["message", "rehomed", "outcomes"].iter().zip(&records) {
         let mut frame = Vec::new();
-        rec.encode_frame(&mut frame).expect("seed encodes");
+        rec.encode_frame(FUZZ_POS, &mut frame)
+            .expect("seed encodes");
         std::fs::write(format!("{dir}/seed-{name}"), &frame)?;
-        segment.extend_from_slice(&frame);
+        let at = FramePos {
+            segment: 0,
+            offset: segment.len() as u64,
+        };
+        rec.encode_frame(at, &mut segment).expect("seed encodes");
     }
     std::fs::write(format!("{dir}/seed-torn"), &segment[..segment.len() - 20])?;
     segment.resize(segment.len() + 256, 0);

@@ -11,7 +11,9 @@
 //! | 10     | 2    | flags        |
 //! | 12     | n    | payload      |
 //!
-//! then zero padding to the next multiple of 8. The CRC32C covers bytes 4 .. 12 + n.
+//! then zero padding to the next multiple of 8. The CRC32C covers the frame's position (segment
+//! id and offset, 16 bytes) and then bytes 4 .. 12 + n: a frame checks out only where it was
+//! written, so bytes that look like a frame inside a message body can never be taken for one.
 //!
 //! Decoding borrows from its input ([`Record<'a>`]), so a record read from a memory-mapped
 //! segment costs no copy: a delivery reads the body straight from the page cache.
@@ -52,6 +54,21 @@ pub mod kind {
 
 /// Newest layout version of each kind this code reads and writes.
 const KIND_VERSION: u8 = 1;
+
+/// Where a frame sits: its segment and byte offset. Part of the frame's CRC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FramePos {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// The CRC32C of a frame at `pos` whose bytes 4.. are `covered` (see the module docs).
+pub fn frame_crc(pos: FramePos, covered: &[u8]) -> u32 {
+    let mut seed = [0u8; 16];
+    seed[..8].copy_from_slice(&pos.segment.to_le_bytes());
+    seed[8..].copy_from_slice(&pos.offset.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&seed), covered)
+}
 
 /// Size of a frame holding a payload of `payload_len` bytes, padding included.
 pub const fn frame_len(payload_len: usize) -> usize {
@@ -384,7 +401,7 @@ impl Record<'_> {
     /// Validates first; on error `out` is unchanged. The CRC is computed over the bytes just
     /// written, and the frame is decoded back in debug builds (a pair assertion at the durability
     /// boundary).
-    pub fn encode_frame(&self, out: &mut Vec<u8>) -> Result<usize, EncodeError> {
+    pub fn encode_frame(&self, pos: FramePos, out: &mut Vec<u8>) -> Result<usize, EncodeError> {
         self.validate()?;
         let payload_len = self.payload_len();
         let total = frame_len(payload_len);
@@ -397,11 +414,11 @@ impl Record<'_> {
         out.extend_from_slice(&0u16.to_le_bytes());
         self.encode_payload(out);
         debug_assert_eq!(out.len() - start, FRAME_HEADER_LEN + payload_len);
-        let crc = crc32c::crc32c(&out[start + 4..]);
+        let crc = frame_crc(pos, &out[start + 4..]);
         out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
         out.resize(start + total, 0);
         debug_assert!(matches!(
-            decode_frame(&out[start..]),
+            decode_frame(&out[start..], pos),
             Ok(FrameRead::Frame(f)) if f.frame_len == total && f.record().as_ref() == Ok(self)
         ));
         Ok(total)
@@ -606,9 +623,9 @@ pub enum FrameRead<'a> {
     End,
 }
 
-/// Reads the frame at the start of `buf`. Checks length bounds and CRC; does not decode the
-/// payload. Never panics.
-pub fn decode_frame(buf: &[u8]) -> Result<FrameRead<'_>, DecodeError> {
+/// Reads the frame at the start of `buf`, which sits at `pos`. Checks length bounds and CRC;
+/// does not decode the payload. Never panics.
+pub fn decode_frame(buf: &[u8], pos: FramePos) -> Result<FrameRead<'_>, DecodeError> {
     let Some(header) = buf.get(..FRAME_HEADER_LEN) else {
         return Ok(FrameRead::End);
     };
@@ -630,7 +647,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<FrameRead<'_>, DecodeError> {
             available: buf.len(),
         });
     };
-    let computed = crc32c::crc32c(covered);
+    let computed = frame_crc(pos, covered);
     if computed != stored {
         return Err(DecodeError::BadCrc { stored, computed });
     }
@@ -717,6 +734,11 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    const POS: FramePos = FramePos {
+        segment: 3,
+        offset: 64,
+    };
+
     fn sample() -> Message<'static> {
         Message {
             queue_id: QueueId(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
@@ -742,10 +764,10 @@ mod tests {
     fn message_frame_round_trips_and_is_aligned() {
         let rec = Record::Message(sample());
         let mut buf = vec![];
-        let n = rec.encode_frame(&mut buf).unwrap();
+        let n = rec.encode_frame(POS, &mut buf).unwrap();
         assert_eq!(n, buf.len());
         assert_eq!(n % FRAME_ALIGN, 0);
-        let FrameRead::Frame(f) = decode_frame(&buf).unwrap() else {
+        let FrameRead::Frame(f) = decode_frame(&buf, POS).unwrap() else {
             panic!("no frame")
         };
         assert_eq!(f.frame_len, n);
@@ -755,33 +777,66 @@ mod tests {
     #[test]
     fn flipped_bit_is_a_crc_error() {
         let mut buf = vec![];
-        Record::Message(sample()).encode_frame(&mut buf).unwrap();
+        Record::Message(sample())
+            .encode_frame(POS, &mut buf)
+            .unwrap();
         buf[40] ^= 0x10;
         assert!(matches!(
-            decode_frame(&buf),
+            decode_frame(&buf, POS),
+            Err(DecodeError::BadCrc { .. })
+        ));
+    }
+
+    #[test]
+    fn a_frame_checks_out_only_at_its_own_position() {
+        let mut buf = vec![];
+        Record::Message(sample())
+            .encode_frame(POS, &mut buf)
+            .unwrap();
+        let elsewhere = FramePos {
+            segment: 3,
+            offset: 72,
+        };
+        assert!(matches!(
+            decode_frame(&buf, elsewhere),
+            Err(DecodeError::BadCrc { .. })
+        ));
+        let other_segment = FramePos {
+            segment: 4,
+            offset: 64,
+        };
+        assert!(matches!(
+            decode_frame(&buf, other_segment),
             Err(DecodeError::BadCrc { .. })
         ));
     }
 
     #[test]
     fn zero_header_is_end_of_data() {
-        assert_eq!(decode_frame(&[0u8; 64]).unwrap(), FrameRead::End);
-        assert_eq!(decode_frame(&[1u8; 5]).unwrap(), FrameRead::End);
+        assert_eq!(decode_frame(&[0u8; 64], POS).unwrap(), FrameRead::End);
+        assert_eq!(decode_frame(&[1u8; 5], POS).unwrap(), FrameRead::End);
     }
 
     #[test]
     fn cut_frame_is_short() {
         let mut buf = vec![];
-        Record::Message(sample()).encode_frame(&mut buf).unwrap();
+        Record::Message(sample())
+            .encode_frame(POS, &mut buf)
+            .unwrap();
         let cut = &buf[..buf.len() - 16];
-        assert!(matches!(decode_frame(cut), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode_frame(cut, POS),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]
     fn message_record_refuses_recipient_state() {
         let mut m = sample();
         m.recipients[0].state = RcptState::Deferred;
-        let err = Record::Message(m).encode_frame(&mut vec![]).unwrap_err();
+        let err = Record::Message(m)
+            .encode_frame(POS, &mut vec![])
+            .unwrap_err();
         assert_eq!(err, EncodeError::InvalidValue { field: "state" });
     }
 

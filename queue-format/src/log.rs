@@ -72,6 +72,8 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const PENDING_BYTES_MAX_DEFAULT: usize = 64 << 20;
 /// How often the sync thread retries preallocating a segment after a failure.
 const STANDBY_RETRY: Duration = Duration::from_millis(500);
+/// Failed segments remembered (older ones were rolled away from long ago and are closed).
+const FAILED_SEGMENTS_MAX: usize = 16;
 /// Spare batch buffers kept for reuse.
 const SPARE_BUFFERS_MAX: usize = 4;
 
@@ -209,6 +211,11 @@ struct State {
     spare: Vec<Vec<u8>>,
     /// The sync thread saw an I/O error in the active segment: roll before appending again.
     roll_requested: bool,
+    /// Segments where a write or sync failed (newest last, at most `FAILED_SEGMENTS_MAX`).
+    /// Nothing more is written to or acknowledged from them: after `fdatasync` reports an error
+    /// once, a later `fdatasync` of the same file can return success without the data being
+    /// durable.
+    failed_segments: Vec<u64>,
     closed: bool,
     stats: LogStats,
 }
@@ -234,6 +241,40 @@ struct Chunk {
     segment: u64,
     offset: u64,
     bytes: Vec<u8>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `segment` as failed: nothing more is written to it or acknowledged from it, and
+    /// appends move to a fresh segment.
+    fn poison(&self, segment: u64) {
+        let mut st = self.lock();
+        if !st.failed_segments.contains(&segment) {
+            if st.failed_segments.len() == FAILED_SEGMENTS_MAX {
+                st.failed_segments.remove(0);
+            }
+            st.failed_segments.push(segment);
+        }
+        if st.active == segment {
+            st.roll_requested = true;
+        }
+    }
+
+    /// The error for work on a segment that failed before, if `segment` did.
+    fn check_healthy(&self, segment: u64, op: IoOp) -> Result<(), SpoolError> {
+        if !self.lock().failed_segments.contains(&segment) {
+            return Ok(());
+        }
+        Err(SpoolError::Io(IoFailure {
+            op,
+            path: self.config.dir.join(segment_file_name(segment)),
+            kind: std::io::ErrorKind::Other,
+            message: "an earlier write or sync of this segment failed".into(),
+        }))
+    }
 }
 
 impl SegmentLog {
@@ -283,6 +324,7 @@ impl SegmentLog {
             pending_bytes: 0,
             spare: Vec::new(),
             roll_requested: false,
+            failed_segments: Vec::new(),
             closed: false,
             stats: LogStats::default(),
         };
@@ -360,7 +402,8 @@ impl SegmentLog {
             .last_mut()
             .expect("a chunk was just ensured");
         let before = chunk.bytes.len();
-        if let Err(e) = record.encode_frame(&mut chunk.bytes) {
+        let pos = crate::codec::FramePos { segment, offset };
+        if let Err(e) = record.encode_frame(pos, &mut chunk.bytes) {
             // Caller error (an oversized field): nothing was added to the buffer.
             debug_assert_eq!(chunk.bytes.len(), before);
             if chunk.bytes.is_empty() {
@@ -526,26 +569,33 @@ impl SyncStage {
                 .collect();
             files.sort_by_key(|f| f.0);
             files.dedup_by_key(|f| f.0);
-            let mut result = Ok(());
-            for (_, file, path) in &files {
-                if let Err(e) = file.sync_data() {
-                    result = Err(SpoolError::Io(IoFailure::new(IoOp::Sync, *path, &e)));
-                    break;
-                }
+            let mut results: Vec<(u64, Result<(), SpoolError>)> = Vec::with_capacity(files.len());
+            for (segment, file, path) in &files {
+                let result = shared.check_healthy(*segment, IoOp::Sync).and_then(|()| {
+                    file.sync_data().map_err(|e| {
+                        shared.poison(*segment);
+                        SpoolError::Io(IoFailure::new(IoOp::Sync, *path, &e))
+                    })
+                });
+                results.push((*segment, result));
             }
+            let result_of = |segment: u64| {
+                results
+                    .iter()
+                    .find(|r| r.0 == segment)
+                    .map_or(Ok(()), |r| r.1.clone())
+            };
             {
-                let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut st = shared.lock();
                 st.stats.syncs += files.len() as u64;
-                if result.is_ok() {
-                    st.stats.commits += batches.len() as u64;
-                    st.stats.records += batches.iter().map(|b| b.records).sum::<u64>();
-                    st.stats.bytes += batches.iter().map(|b| b.bytes).sum::<u64>();
-                } else {
-                    st.roll_requested = true;
+                for b in batches.iter().filter(|b| result_of(b.segment).is_ok()) {
+                    st.stats.commits += 1;
+                    st.stats.records += b.records;
+                    st.stats.bytes += b.bytes;
                 }
             }
             for b in &batches {
-                b.outcome.complete(result.clone());
+                b.outcome.complete(result_of(b.segment));
             }
             self.lock().busy = false;
             self.idle.notify_all();
@@ -801,6 +851,15 @@ impl SyncThread {
     }
 
     fn write_chunk(&mut self, chunk: &Chunk) -> Result<(), SpoolError> {
+        self.shared.check_healthy(chunk.segment, IoOp::Write)?;
+        let result = self.write_chunk_unchecked(chunk);
+        if result.is_err() {
+            self.shared.poison(chunk.segment);
+        }
+        result
+    }
+
+    fn write_chunk_unchecked(&mut self, chunk: &Chunk) -> Result<(), SpoolError> {
         let method = self.shared.config.append_method;
         let seg = self.segment(chunk.segment)?;
         match method {
@@ -820,12 +879,15 @@ impl SyncThread {
     }
 
     fn sync_segment(&mut self, id: u64) -> Result<(), SpoolError> {
+        self.shared.check_healthy(id, IoOp::Sync)?;
         let method = self.shared.config.append_method;
         let seg = self.segment(id)?;
         if method == AppendMethod::Pwrite {
-            seg.file
-                .sync_data()
-                .map_err(io_err(IoOp::Sync, &seg.path))?;
+            if let Err(e) = seg.file.sync_data() {
+                let failure = SpoolError::Io(IoFailure::new(IoOp::Sync, &seg.path, &e));
+                self.shared.poison(id);
+                return Err(failure);
+            }
         }
         self.lock_state().stats.syncs += 1;
         Ok(())
@@ -853,8 +915,6 @@ impl SyncThread {
                 st.stats.commits += 1;
                 st.stats.records += batch.records;
                 st.stats.bytes += bytes;
-            } else {
-                st.roll_requested = true;
             }
         }
         self.recycle(batch.chunks);

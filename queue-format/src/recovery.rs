@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::codec::{FRAME_ALIGN, FRAME_HEADER_LEN, FrameRead, Record, decode_frame};
+use crate::codec::{FRAME_ALIGN, FRAME_HEADER_LEN, FramePos, FrameRead, Record, decode_frame};
 use crate::error::{DecodeError, IoOp, SpoolError, io_err};
 use crate::log::{Location, sync_dir};
 use crate::mmap::SegmentMap;
@@ -48,20 +48,27 @@ pub struct SegmentScan {
     pub garbage_after_end: Option<(u64, Option<DecodeError>)>,
 }
 
-/// Scans the frames of a segment's bytes (header included) in order, calling `visit` with each
-/// valid record's offset, frame length and decoded record.
+/// Scans the frames of segment `segment`'s bytes (header included) in order, calling `visit`
+/// with each valid record's offset, frame length and decoded record.
 ///
 /// Returns an error only for a record that is unreadable because it is from the future (an
 /// unknown kind or kind version not marked ignorable): the caller must then refuse the spool.
 pub fn scan_segment<'a>(
     bytes: &'a [u8],
+    segment: u64,
     mut visit: impl FnMut(u64, u32, Record<'a>),
 ) -> Result<SegmentScan, (u64, DecodeError)> {
     let mut scan = SegmentScan::default();
     let mut pos = SEGMENT_HEADER_LEN.min(bytes.len());
     let mut error_at_end = None;
     loop {
-        match decode_frame(&bytes[pos..]) {
+        match decode_frame(
+            &bytes[pos..],
+            FramePos {
+                segment,
+                offset: pos as u64,
+            },
+        ) {
             Ok(FrameRead::End) => break,
             Ok(FrameRead::Frame(f)) => {
                 match f.record() {
@@ -85,7 +92,7 @@ pub fn scan_segment<'a>(
                 }
                 pos = (pos + f.frame_len).min(bytes.len());
             }
-            Err(e) => match resync(bytes, pos + FRAME_ALIGN) {
+            Err(e) => match resync(bytes, segment, pos + FRAME_ALIGN) {
                 Some(next) => {
                     scan.damage.push((pos as u64, (next - pos) as u64, e));
                     pos = next;
@@ -124,14 +131,20 @@ fn last_nonzero(bytes: &[u8]) -> Option<usize> {
 
 /// Finds the next aligned offset at or after `from` holding a frame with a valid CRC and a
 /// plausible header. Cheap header checks come before the CRC, so random garbage costs little.
-fn resync(bytes: &[u8], from: usize) -> Option<usize> {
+fn resync(bytes: &[u8], segment: u64, from: usize) -> Option<usize> {
     let mut q = (from + FRAME_ALIGN - 1) & !(FRAME_ALIGN - 1);
     while q + FRAME_HEADER_LEN <= bytes.len() {
         let h = &bytes[q..q + FRAME_HEADER_LEN];
         let plausible = h[4..8] != [0, 0, 0, 0] || h[8] != 0;
         let kind_ok = (1..=3).contains(&h[8]) && h[9] == 1 || h[10] & 1 == 1;
         if plausible && kind_ok && h[11] == 0 {
-            if let Ok(FrameRead::Frame(_)) = decode_frame(&bytes[q..]) {
+            if let Ok(FrameRead::Frame(_)) = decode_frame(
+                &bytes[q..],
+                FramePos {
+                    segment,
+                    offset: q as u64,
+                },
+            ) {
                 return Some(q);
             }
         }
@@ -287,7 +300,7 @@ pub fn recover_dir(
             None => None,
         };
         let bytes = map.bytes();
-        let scan = scan_segment(bytes, |offset, len, rec| {
+        let scan = scan_segment(bytes, id, |offset, len, rec| {
             visit(
                 Location {
                     segment: id,
@@ -397,7 +410,11 @@ mod tests {
                 at_micros: 5,
                 entries: vec![],
             });
-            rec.encode_frame(&mut bytes).unwrap();
+            let pos = FramePos {
+                segment: 1,
+                offset: bytes.len() as u64,
+            };
+            rec.encode_frame(pos, &mut bytes).unwrap();
         }
         bytes.resize(bytes.len() + 4096, 0);
         (bytes, offsets)
@@ -405,7 +422,7 @@ mod tests {
 
     fn ids(bytes: &[u8]) -> (Vec<u128>, SegmentScan) {
         let mut seen = vec![];
-        let scan = scan_segment(bytes, |_, _, r| seen.push(r.queue_id().0)).unwrap();
+        let scan = scan_segment(bytes, 1, |_, _, r| seen.push(r.queue_id().0)).unwrap();
         (seen, scan)
     }
 
@@ -458,12 +475,16 @@ mod tests {
         let (mut bytes, offsets) = segment_with(2);
         let at = offsets[1];
         bytes[at + 8] = 77;
-        let crc = crc32c::crc32c(&bytes[at + 4..at + 12 + 28]);
+        let pos = FramePos {
+            segment: 1,
+            offset: at as u64,
+        };
+        let crc = crate::codec::frame_crc(pos, &bytes[at + 4..at + 12 + 28]);
         bytes[at..at + 4].copy_from_slice(&crc.to_le_bytes());
-        let err = scan_segment(&bytes, |_, _, _| {}).unwrap_err();
+        let err = scan_segment(&bytes, 1, |_, _, _| {}).unwrap_err();
         assert_eq!(err, (at as u64, DecodeError::UnknownKind { kind: 77 }));
         bytes[at + 10] = 1; // FLAG_IGNORABLE
-        let crc = crc32c::crc32c(&bytes[at + 4..at + 12 + 28]);
+        let crc = crate::codec::frame_crc(pos, &bytes[at + 4..at + 12 + 28]);
         bytes[at..at + 4].copy_from_slice(&crc.to_le_bytes());
         let (seen, scan) = ids(&bytes);
         assert_eq!((seen, scan.ignored), (vec![0], 1));

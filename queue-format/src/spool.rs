@@ -495,7 +495,11 @@ fn read_base<'s>(
         error,
     };
     // Pair assertion at the durability boundary: the CRC is checked again on every read.
-    match crate::codec::decode_frame(frame).map_err(unreadable)? {
+    let pos = crate::codec::FramePos {
+        segment: loc.segment,
+        offset: loc.offset.into(),
+    };
+    match crate::codec::decode_frame(frame, pos).map_err(unreadable)? {
         crate::codec::FrameRead::Frame(f) => match f.record().map_err(unreadable)? {
             Record::Message(m) | Record::Rehomed(m) => Ok(m),
             Record::Outcomes(_) => Err(SpoolError::NotFound(format!("{loc:?} is not a message"))),

@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 use queue_format::codec::{FrameRead, decode_frame};
+use queue_format::fuzzing::FUZZ_POS;
 use queue_format::{
     DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record,
 };
@@ -119,9 +120,9 @@ impl OwnedMessage {
 
 fn round_trip(rec: &Record<'_>) {
     let mut buf = vec![0xAA; 3]; // frames are appended after whatever the buffer holds
-    let n = rec.encode_frame(&mut buf).unwrap();
+    let n = rec.encode_frame(FUZZ_POS, &mut buf).unwrap();
     assert_eq!(n, rec.frame_len());
-    let Ok(FrameRead::Frame(f)) = decode_frame(&buf[3..]) else {
+    let Ok(FrameRead::Frame(f)) = decode_frame(&buf[3..], FUZZ_POS) else {
         panic!("no frame")
     };
     assert_eq!(&f.record().unwrap(), rec);
@@ -170,12 +171,12 @@ proptest! {
         bit in 0u8..8,
     ) {
         let mut buf = vec![];
-        Record::Rehomed(m.borrow(true)).encode_frame(&mut buf).unwrap();
+        Record::Rehomed(m.borrow(true)).encode_frame(FUZZ_POS, &mut buf).unwrap();
         let i = pos.index(buf.len());
         buf[i] ^= 1 << bit;
         queue_format::fuzzing::decode_round_trip(&buf);
         // A single flipped bit is always caught by the CRC (or makes the frame unreadable).
-        if let Ok(FrameRead::Frame(f)) = decode_frame(&buf) {
+        if let Ok(FrameRead::Frame(f)) = decode_frame(&buf, FUZZ_POS) {
             prop_assert!(i >= 12 + f.payload.len(), "flip at {} went unnoticed", i);
         }
     }
@@ -191,7 +192,7 @@ fn committed_fuzz_seeds_decode_and_pass_the_oracle() {
         queue_format::fuzzing::decode_round_trip(&data);
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if ["seed-message", "seed-rehomed", "seed-outcomes"].contains(&name.as_str()) {
-            let Ok(FrameRead::Frame(f)) = decode_frame(&data) else {
+            let Ok(FrameRead::Frame(f)) = decode_frame(&data, FUZZ_POS) else {
                 panic!("{name} is not a frame")
             };
             f.record().unwrap();

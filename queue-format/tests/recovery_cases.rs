@@ -36,11 +36,16 @@ fn fill(dir: &Path, n: u64, len: usize) -> Vec<QueueId> {
     ids
 }
 
+fn segment_id(seg: &Path) -> u64 {
+    let name = seg.file_name().unwrap().to_str().unwrap();
+    queue_format::segment::parse_segment_file_name(name).unwrap()
+}
+
 /// Offset of the last record's frame in `seg` (found by scanning, as recovery does).
 fn frame_offsets(seg: &Path) -> Vec<u64> {
     let bytes = std::fs::read(seg).unwrap();
     let mut offs = vec![];
-    queue_format::recovery::scan_segment(&bytes, |o, _, _| offs.push(o)).unwrap();
+    queue_format::recovery::scan_segment(&bytes, segment_id(seg), |o, _, _| offs.push(o)).unwrap();
     offs
 }
 
@@ -213,7 +218,10 @@ fn unknown_record_kind_not_marked_ignorable_is_refused() {
     let s = at as usize;
     let len = u32::from_le_bytes(bytes[s + 4..s + 8].try_into().unwrap()) as usize;
     bytes[s + 8] = 200;
-    let crc = crc32c_of(&bytes[s + 4..s + 12 + len]);
+    let mut covered = segment_id(seg).to_le_bytes().to_vec();
+    covered.extend_from_slice(&at.to_le_bytes());
+    covered.extend_from_slice(&bytes[s + 4..s + 12 + len]);
+    let crc = crc32c_of(&covered);
     bytes[s..s + 4].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(seg, bytes).unwrap();
     match Spool::open(small_config(dir.path())) {

@@ -84,7 +84,7 @@ fn inspect(dir: &Path, list_records: bool) -> anyhow::Result<bool> {
             }
         }
         let mut kinds = [0u64; 3];
-        let scan = scan_segment(&bytes, |offset, len, rec| {
+        let scan = scan_segment(&bytes, id, |offset, len, rec| {
             let i = match &rec {
                 Record::Message(_) => 0,
                 Record::Outcomes(_) => 1,
