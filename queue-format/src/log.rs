@@ -1050,6 +1050,7 @@ impl BatchOutcome {
 /// Wait for it with [`CommitTicket::wait`] (blocking) or `.await` (any executor: the sync
 /// thread wakes the task). Dropping a ticket does not cancel the append.
 #[must_use = "a record is durable only when its ticket completes"]
+#[derive(Clone)]
 pub struct CommitTicket {
     outcome: Arc<BatchOutcome>,
     location: Location,

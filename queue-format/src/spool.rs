@@ -70,12 +70,34 @@ impl SpoolConfig {
     }
 }
 
-/// Delivery state of one recipient in the index (16 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Delivery state of one recipient in the index (32 bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RcptStatus {
     pub state: RcptState,
     pub attempts: u32,
     pub next_attempt_micros: u64,
+    /// The last reply, kept so that compaction can carry it into the `Rehomed` copy (bounces
+    /// and delay notices quote it).
+    pub last_reply: Option<Box<str>>,
+}
+
+impl RcptStatus {
+    /// A recipient not yet attempted.
+    pub const PENDING: RcptStatus = RcptStatus {
+        state: RcptState::Pending,
+        attempts: 0,
+        next_attempt_micros: 0,
+        last_reply: None,
+    };
+
+    fn from_outcome(e: &OutcomeEntry<'_>) -> RcptStatus {
+        RcptStatus {
+            state: e.state,
+            attempts: e.attempts,
+            next_attempt_micros: e.next_attempt_micros,
+            last_reply: (!e.reply.is_empty()).then(|| e.reply.into()),
+        }
+    }
 }
 
 /// A message with at least one non-terminal recipient.
@@ -122,6 +144,9 @@ struct Rehome {
 pub struct ReclaimReport {
     pub segments_deleted: u64,
     pub messages_rehomed: u64,
+    /// Live messages of the compacted segment that could not be moved (unreadable base, or a
+    /// copy too large for a segment); they keep that segment on disk.
+    pub messages_not_rehomed: u64,
     /// Compaction copies still waiting for commit (no segment is deleted meanwhile).
     pub rehomes_pending: u64,
 }
@@ -146,6 +171,8 @@ pub struct Spool {
     live_bytes: u64,
     counter: u64,
     rehoming: Vec<Rehome>,
+    /// Messages whose last outcome makes them terminal, until that outcome is committed.
+    finishing: Vec<(CommitTicket, QueueId)>,
 }
 
 impl Spool {
@@ -155,17 +182,26 @@ impl Spool {
         let mut builder = IndexBuilder::default();
         let (recovered, report) = recover_dir(&config.log.dir, |loc, rec| builder.apply(loc, rec))?;
         let mut segments = BTreeMap::new();
-        let mut next_id = 1;
+        let mut next_id: u64 = 1;
+        for q in &report.quarantined {
+            let name = q.file_stem().and_then(|n| n.to_str()).unwrap_or("");
+            if let Ok(id) = u64::from_str_radix(name, 16) {
+                next_id = next_id.max(id.saturating_add(1));
+            }
+        }
         // The previous run's standby (newest, empty, intact) becomes the active segment again.
-        let reuse = recovered.last().is_some_and(|s| {
-            s.records == 0
-                && s.header.is_some()
-                && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
-                && report.torn_tail.as_ref().is_none_or(|t| t.segment != s.id)
-                && s.map.bytes().len() as u64 == config.log.segment_bytes
-        });
+        let reuse = recovered
+            .last()
+            .filter(|s| {
+                s.records == 0
+                    && s.header.is_some()
+                    && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
+                    && report.torn_tail.as_ref().is_none_or(|t| t.segment != s.id)
+                    && s.map.bytes().len() as u64 == config.log.segment_bytes
+            })
+            .map(|s| s.id);
         for seg in recovered {
-            next_id = next_id.max(seg.id + 1);
+            next_id = next_id.max(seg.id.saturating_add(1));
             let created = seg.header.map_or(0, |h| h.created_micros);
             let entry = SegmentEntry::new(created);
             let _ = entry.map.set(seg.map);
@@ -179,7 +215,15 @@ impl Spool {
             }
             live_bytes += u64::from(m.base.len);
         }
-        let first = if reuse { next_id - 1 } else { next_id };
+        if next_id == u64::MAX {
+            return Err(SpoolError::Config(
+                "segment ids are exhausted (u64::MAX)".into(),
+            ));
+        }
+        let (first, reuse) = match reuse {
+            Some(id) if id.saturating_add(1) == next_id => (id, true),
+            _ => (next_id, false),
+        };
         let log = SegmentLog::open(config.log.clone(), first, reuse)?;
         let spool = Spool {
             config,
@@ -189,6 +233,7 @@ impl Spool {
             live_bytes,
             counter: random_u64() & COUNTER_MASK,
             rehoming: Vec::new(),
+            finishing: Vec::new(),
         };
         Ok((spool, report))
     }
@@ -218,11 +263,7 @@ impl Spool {
         let rcpts = message
             .recipients
             .iter()
-            .map(|_| RcptStatus {
-                state: RcptState::Pending,
-                attempts: 0,
-                next_attempt_micros: 0,
-            })
+            .map(|_| RcptStatus::PENDING)
             .collect();
         let live = LiveMessage {
             base: ticket.location(),
@@ -277,16 +318,14 @@ impl Spool {
             .get_mut(&queue_id)
             .expect("checked above, nothing removed since");
         for e in entries {
-            live.rcpts[e.rcpt_index as usize] = RcptStatus {
-                state: e.state,
-                attempts: e.attempts,
-                next_attempt_micros: e.next_attempt_micros,
-            };
+            live.rcpts[e.rcpt_index as usize] = RcptStatus::from_outcome(e);
         }
-        if live.is_terminal() {
-            let base = live.base;
-            self.messages.remove(&queue_id);
-            self.remove_base(base);
+        let terminal = live.is_terminal();
+        self.track(ticket.location());
+        if terminal {
+            // The message leaves the index only once this record is durable (see `settle`):
+            // until then its segment must not be reclaimed.
+            self.finishing.push((ticket.clone(), queue_id));
         }
         Ok(ticket)
     }
@@ -296,9 +335,13 @@ impl Spool {
         self.messages.get(&queue_id)
     }
 
-    /// Every live message, in no particular order.
+    /// Every live message, in no particular order (messages whose last outcome is still being
+    /// committed are left out: nothing remains to deliver for them).
     pub fn live(&self) -> impl Iterator<Item = (QueueId, &LiveMessage)> {
-        self.messages.iter().map(|(id, m)| (*id, m))
+        self.messages
+            .iter()
+            .filter(|(_, m)| !m.is_terminal())
+            .map(|(id, m)| (*id, m))
     }
 
     /// Number of live messages.
@@ -348,6 +391,7 @@ impl Spool {
     /// it periodically (the engine does every second).
     pub fn reclaim(&mut self) -> Result<ReclaimReport, SpoolError> {
         let mut report = ReclaimReport::default();
+        self.settle();
         if !self.settle_rehomes() {
             report.rehomes_pending = self.rehoming.len() as u64;
             return Ok(report);
@@ -361,16 +405,15 @@ impl Spool {
             self.segments.remove(&id);
             deleted.push(id);
         }
+        // One directory sync per unlink: a crash must never keep a newer segment's deletion
+        // and lose an older one's, or a surviving base could lose its later outcomes.
         for id in &deleted {
             let path = self.config.log.dir.join(segment_file_name(*id));
             match std::fs::remove_file(&path) {
-                Ok(()) => {}
+                Ok(()) => sync_dir(&self.config.log.dir)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(IoOp::Remove, &path)(e)),
             }
-        }
-        if !deleted.is_empty() {
-            sync_dir(&self.config.log.dir)?;
         }
         report.segments_deleted = deleted.len() as u64;
 
@@ -381,29 +424,47 @@ impl Spool {
         let age_limit = self.config.compact_age.as_micros() as u64;
         let too_old = entry.created_micros.saturating_add(age_limit) < now_micros();
         if oldest < active && entry.live_bases > 0 && (too_many || too_old) {
-            report.messages_rehomed = self.rehome_segment(oldest)?;
+            let (moved, stuck) = self.rehome_segment(oldest)?;
+            report.messages_rehomed = moved;
+            report.messages_not_rehomed = stuck;
             report.rehomes_pending = self.rehoming.len() as u64;
         }
         Ok(report)
     }
 
-    /// Re-appends every live message whose base is in `segment` as a `Rehomed` record.
-    fn rehome_segment(&mut self, segment: u64) -> Result<u64, SpoolError> {
+    /// Re-appends every live message whose base is in `segment` as a `Rehomed` record. Returns
+    /// (moved, not moved). A message whose base cannot be read back or whose copy does not fit
+    /// a segment stays where it is (and pins its segment); the spool as a whole does not stop.
+    /// Only a spool-wide condition (full, shut down, backpressure) ends the step early.
+    fn rehome_segment(&mut self, segment: u64) -> Result<(u64, u64), SpoolError> {
         let ids: Vec<QueueId> = self
             .messages
             .iter()
             .filter(|(_, m)| m.base.segment == segment)
             .map(|(id, _)| *id)
             .collect();
+        let (mut moved, mut stuck) = (0, 0);
         for queue_id in &ids {
             let live = &self.messages[queue_id];
-            let mut message = read_base(&self.config.log.dir, &self.segments, live.base)?;
+            let Ok(mut message) = read_base(&self.config.log.dir, &self.segments, live.base) else {
+                stuck += 1;
+                continue;
+            };
             for (r, s) in message.recipients.iter_mut().zip(live.rcpts.iter()) {
                 r.state = s.state;
                 r.attempts = s.attempts;
                 r.next_attempt_micros = s.next_attempt_micros;
+                r.last_reply = s.last_reply.as_deref().unwrap_or("");
             }
-            let ticket = self.log.append(&Record::Rehomed(message))?;
+            let ticket = match self.log.append(&Record::Rehomed(message)) {
+                Ok(t) => t,
+                Err(SpoolError::RecordTooLarge { .. } | SpoolError::Config(_)) => {
+                    stuck += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            moved += 1;
             let new = ticket.location();
             let old = std::mem::replace(
                 &mut self.messages.get_mut(queue_id).expect("listed above").base,
@@ -417,7 +478,29 @@ impl Spool {
                 old,
             });
         }
-        Ok(ids.len() as u64)
+        Ok((moved, stuck))
+    }
+
+    /// Takes messages whose final outcome has been committed out of the index, so their
+    /// segments can be reclaimed. Cheap; `reclaim` calls it, and callers may call it after
+    /// waiting on an outcome ticket.
+    pub fn settle(&mut self) {
+        let mut i = 0;
+        while i < self.finishing.len() {
+            match self.finishing[i].0.try_result() {
+                None => i += 1,
+                Some(result) => {
+                    let (_, queue_id) = self.finishing.swap_remove(i);
+                    // A failed final outcome leaves the message live (its states already say
+                    // terminal in memory; a restart would deliver it again, never lose it).
+                    if result.is_ok() {
+                        if let Some(m) = self.messages.remove(&queue_id) {
+                            self.remove_base(m.base);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Processes completed compaction copies; returns true when none is pending. A failed copy
@@ -444,6 +527,14 @@ impl Spool {
             }
         }
         self.rehoming.is_empty()
+    }
+
+    /// Makes sure the segment a record went to is known, so that it is reclaimed in turn even if
+    /// it holds only outcome records.
+    fn track(&mut self, loc: Location) {
+        self.segments
+            .entry(loc.segment)
+            .or_insert_with(|| SegmentEntry::new(now_micros()));
     }
 
     fn add_base(&mut self, loc: Location) {
@@ -529,6 +620,7 @@ impl IndexBuilder {
                         state: r.state,
                         attempts: r.attempts,
                         next_attempt_micros: r.next_attempt_micros,
+                        last_reply: (!r.last_reply.is_empty()).then(|| r.last_reply.into()),
                     })
                     .collect();
                 let live = LiveMessage {
@@ -549,11 +641,7 @@ impl IndexBuilder {
                 };
                 for e in &o.entries {
                     if let Some(r) = live.rcpts.get_mut(e.rcpt_index as usize) {
-                        *r = RcptStatus {
-                            state: e.state,
-                            attempts: e.attempts,
-                            next_attempt_micros: e.next_attempt_micros,
-                        };
+                        *r = RcptStatus::from_outcome(e);
                     }
                 }
                 if live.is_terminal() {

@@ -102,6 +102,8 @@ fn outcomes_are_replayed_and_terminal_messages_leave_the_index() {
             .unwrap()
             .wait()
             .unwrap();
+        // A terminal message leaves the index once its final outcome is durable.
+        spool.settle();
         assert!(spool.get(b).is_none());
         spool.close();
     }
@@ -219,7 +221,19 @@ fn rehomed_messages_keep_their_recipient_state_across_restart() {
             .unwrap()
             .wait()
             .unwrap();
-        deliver(&mut spool, qid);
+        let later = OutcomeEntry {
+            rcpt_index: 1,
+            state: RcptState::Deferred,
+            attempts: 1,
+            next_attempt_micros: 7,
+            reply: "451 4.7.1 try later",
+        };
+        let outcomes = [delivered(0), later];
+        spool
+            .record_outcomes(qid, 2, &outcomes)
+            .unwrap()
+            .wait()
+            .unwrap();
         // Fill segments with delivered mail until compaction must move `qid`.
         for _ in 0..40 {
             let other = accept(&mut spool, "z@x.test", &b);
@@ -240,6 +254,39 @@ fn rehomed_messages_keep_their_recipient_state_across_restart() {
     let (spool, _) = Spool::open(small_config(dir.path())).unwrap();
     let live = spool.get(qid).unwrap();
     assert_eq!(live.rcpts[0].state, RcptState::Delivered);
-    assert_eq!(live.rcpts[1].state, RcptState::Pending);
+    assert_eq!(live.rcpts[1].state, RcptState::Deferred);
+    assert_eq!(live.rcpts[1].next_attempt_micros, 7);
+    assert_eq!(
+        live.rcpts[1].last_reply.as_deref(),
+        Some("451 4.7.1 try later")
+    );
     assert_eq!(spool.message(qid).unwrap().body, &b[..]);
+}
+
+#[test]
+fn segments_holding_only_outcomes_are_reclaimed_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    let qid = accept(&mut spool, "a@x.test", b"hello");
+    // Each deferral carries a 60 KB reply, so 60 of them fill several 1 MiB segments that hold
+    // nothing but outcome records.
+    let reply = "4".repeat(60_000);
+    for attempt in 1..=60 {
+        let e = OutcomeEntry {
+            rcpt_index: 0,
+            state: RcptState::Deferred,
+            attempts: attempt,
+            next_attempt_micros: 1,
+            reply: &reply,
+        };
+        spool.record_outcomes(qid, 2, &[e]).unwrap().wait().unwrap();
+    }
+    deliver(&mut spool, qid);
+    spool.reclaim().unwrap();
+    let segs = std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(
+        segs <= 2,
+        "{segs} segment files left (active and standby expected)"
+    );
+    assert_eq!(spool.usage().segments, 1, "{:?}", spool.usage());
 }
