@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 256])]
     appenders: Vec<usize>,
     /// Append methods to measure: pwrite, mmap.
-    #[arg(long, value_delimiter = ',', default_values_t = ["pwrite".into(), "mmap".into()])]
+    #[arg(long, value_delimiter = ',', default_values = ["pwrite", "mmap"])]
     methods: Vec<String>,
     /// Seconds per run.
     #[arg(long, default_value_t = 2.0)]
