@@ -1,0 +1,572 @@
+//! Configuration: the TOML file `saida run --config FILE` reads, with embedded defaults.
+//!
+//! Every key, its default and its bound are listed in docs/configuration.md; this module is the
+//! source of truth and [`Config::validate`] enforces the bounds. A bad file is a [`ConfigError`]
+//! naming the file, the line and the key; it never panics. Without a file, [`Config::default`]
+//! is a working loopback setup: SMTP on 127.0.0.1:2525, spool under `var/spool`, relaying for
+//! loopback clients only.
+//!
+//! Relay policy is deny by default: an empty or missing `relay.networks` means no network may
+//! relay without authentication, never "everyone may".
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error, formatted as `FILE:LINE: key: problem`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}: {key}: {message}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line of the offending key (0 when unknown).
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<Listener>,
+    pub tls: Option<Tls>,
+    pub smtp: Smtp,
+    pub relay: Relay,
+    pub auth: Auth,
+    pub spool: Spool,
+    pub log: Log,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: Server::default(),
+            listeners: vec![Listener {
+                address: SocketAddr::from(([127, 0, 0, 1], 2525)),
+                tls: ListenerTls::StartTls,
+            }],
+            tls: None,
+            smtp: Smtp::default(),
+            relay: Relay::default(),
+            auth: Auth::default(),
+            spool: Spool::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Name in the greeting, EHLO reply and `Received:` headers.
+    pub hostname: String,
+    /// Shards (pinned threads); 0 = one per available core.
+    pub shards: usize,
+    pub backend: Backend,
+    /// Seconds given to sessions to finish on SIGTERM before they get `421`.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            hostname: default_hostname(),
+            shards: 0,
+            backend: Backend::Auto,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Socket I/O backend.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// io_uring where the kernel allows it, epoll otherwise (never fails).
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// `[[listener]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: SocketAddr,
+    #[serde(default = "ListenerTls::default_mode")]
+    pub tls: ListenerTls,
+}
+
+/// TLS on a listener.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerTls {
+    /// Plain text; STARTTLS offered when `[tls]` is configured.
+    StartTls,
+    /// TLS from the first byte (RFC 8314 submissions port).
+    Implicit,
+    /// Plain text only; STARTTLS never offered.
+    None,
+}
+
+impl ListenerTls {
+    fn default_mode() -> Self {
+        ListenerTls::StartTls
+    }
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    pub certificate: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// How often the files are checked for changes and reloaded (seconds).
+    #[serde(default = "Tls::default_reload")]
+    pub reload_secs: u64,
+}
+
+impl Tls {
+    fn default_reload() -> u64 {
+        60
+    }
+}
+
+/// What to do with bare CR or LF in message content.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BareLineEnds {
+    Reject,
+    Normalize,
+}
+
+/// `[smtp]`: protocol limits. Each is a bound; see docs/configuration.md.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Smtp {
+    pub command_line_bytes_max: usize,
+    pub text_line_bytes_max: usize,
+    pub message_bytes_max: usize,
+    pub rcpt_per_message_max: usize,
+    pub commands_per_session_max: u32,
+    pub errors_per_session_max: u32,
+    pub connections_max: usize,
+    pub connections_per_ip_max: usize,
+    pub command_timeout_secs: u64,
+    pub data_timeout_secs: u64,
+    pub bare_line_ends: BareLineEnds,
+    pub add_message_id: bool,
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Smtp {
+            command_line_bytes_max: 512,
+            text_line_bytes_max: 1000,
+            message_bytes_max: 25 << 20,
+            rcpt_per_message_max: 1000,
+            commands_per_session_max: 100_000,
+            errors_per_session_max: 10,
+            connections_max: 10_000,
+            connections_per_ip_max: 1000,
+            // RFC 5321 §4.5.3.2.7: at least 5 minutes waiting for the next command.
+            command_timeout_secs: 300,
+            // RFC 5321 §4.5.3.2.6: 3 minutes per data block.
+            data_timeout_secs: 180,
+            bare_line_ends: BareLineEnds::Reject,
+            add_message_id: true,
+        }
+    }
+}
+
+/// `[relay]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    /// Client networks allowed to relay without authentication (CIDR). Empty = none.
+    pub networks: Vec<Cidr>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            networks: vec![
+                Cidr { addr: IpAddr::from([127, 0, 0, 0]), prefix: 8 },
+                Cidr { addr: IpAddr::from(std::net::Ipv6Addr::LOCALHOST), prefix: 128 },
+            ],
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// `user:argon2-hash` lines, made with `saida passwd`. AUTH is offered only when set.
+    pub credentials_file: Option<PathBuf>,
+    /// Offer AUTH only after STARTTLS or on an implicit-TLS listener.
+    pub require_tls: bool,
+    /// Failed attempts per client IP before the connection is closed.
+    pub failures_max: u32,
+    /// Delay before answering a failed attempt; doubles with each failure from the same IP.
+    pub failure_delay_ms: u64,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { credentials_file: None, require_tls: true, failures_max: 5, failure_delay_ms: 250 }
+    }
+}
+
+/// `[spool]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spool {
+    /// Root directory; shard `n` uses `<dir>/shard-<n>`.
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    /// `every-commit`, `interval-<N>ms`, or `none`.
+    pub sync: String,
+    /// `pwrite` or `mmap-msync`.
+    pub append_method: String,
+    pub pending_bytes_max: usize,
+    pub compact_age_secs: u64,
+}
+
+impl Default for Spool {
+    fn default() -> Self {
+        Spool {
+            dir: PathBuf::from("var/spool"),
+            segment_bytes: queue_format::log::SEGMENT_BYTES_DEFAULT,
+            sync: "every-commit".into(),
+            append_method: "pwrite".into(),
+            pending_bytes_max: queue_format::log::PENDING_BYTES_MAX_DEFAULT,
+            compact_age_secs: 3600,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `text` or `json` (one object per line).
+    pub format: String,
+    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: "text".into(), level: "info".into() }
+    }
+}
+
+/// An IP network in CIDR notation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// True when `ip` lies in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}` is not an IP network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(format!("bad prefix in `{s}`"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && crate::smtp::command::is_domain_or_literal(h))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            key: "-".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text (`path` is used in errors only).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| line_of(text, s.start));
+            let message = e.message().to_string();
+            let key = message
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_else(|| key_at(text, line));
+            ConfigError { file: path.to_path_buf(), line, key, message }
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError {
+            file: path.to_path_buf(),
+            line: find_key_line(text, &key),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks every bound. Returns the dotted key and the problem.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn range<T: PartialOrd + std::fmt::Display>(
+            key: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), (String, String)> {
+            if v < lo || v > hi {
+                return Err((key.into(), format!("{v} is outside {lo}..={hi}")));
+            }
+            Ok(())
+        }
+        let s = &self.smtp;
+        if !crate::smtp::command::is_domain_or_literal(&self.server.hostname) {
+            return Err(("server.hostname".into(), "not a valid domain name".into()));
+        }
+        range("server.shards", self.server.shards, 0, 256)?;
+        range("server.shutdown_grace_secs", self.server.shutdown_grace_secs, 0, 3600)?;
+        if self.listeners.is_empty() {
+            return Err(("listener".into(), "at least one [[listener]] is needed".into()));
+        }
+        if self.tls.is_none() && self.listeners.iter().any(|l| l.tls == ListenerTls::Implicit) {
+            return Err(("listener.tls".into(), "`implicit` needs a [tls] section".into()));
+        }
+        if let Some(t) = &self.tls {
+            range("tls.reload_secs", t.reload_secs, 1, 86_400)?;
+        }
+        range("smtp.command_line_bytes_max", s.command_line_bytes_max, 512, 65_536)?;
+        range("smtp.text_line_bytes_max", s.text_line_bytes_max, 1000, 1 << 20)?;
+        let message_max = (self.spool.segment_bytes as usize / 2).max(1 << 20);
+        range("smtp.message_bytes_max", s.message_bytes_max, 1 << 10, message_max)?;
+        range("smtp.rcpt_per_message_max", s.rcpt_per_message_max, 100, 100_000)?;
+        range("smtp.commands_per_session_max", s.commands_per_session_max, 10, 10_000_000)?;
+        range("smtp.errors_per_session_max", s.errors_per_session_max, 1, 1000)?;
+        range("smtp.connections_max", s.connections_max, 1, 1_000_000)?;
+        range("smtp.connections_per_ip_max", s.connections_per_ip_max, 1, 1_000_000)?;
+        range("smtp.command_timeout_secs", s.command_timeout_secs, 1, 3600)?;
+        range("smtp.data_timeout_secs", s.data_timeout_secs, 1, 3600)?;
+        range("auth.failures_max", self.auth.failures_max, 1, 100)?;
+        range("auth.failure_delay_ms", self.auth.failure_delay_ms, 0, 10_000)?;
+        parse_sync(&self.spool.sync).map_err(|m| ("spool.sync".to_string(), m))?;
+        parse_method(&self.spool.append_method)
+            .map_err(|m| ("spool.append_method".to_string(), m))?;
+        range("spool.compact_age_secs", self.spool.compact_age_secs, 60, 7 * 86_400)?;
+        self.spool_config(0).map_err(|e| {
+            let message = e.to_string();
+            let key = ["segment_bytes", "pending_bytes_max", "sync"]
+                .into_iter()
+                .find(|k| message.contains(k))
+                .map_or("spool".to_string(), |k| format!("spool.{k}"));
+            (key, message)
+        })?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(("log.format".into(), "must be `text` or `json`".into()));
+        }
+        Ok(())
+    }
+
+    /// Number of shards to run.
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards > 0 {
+            self.server.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The spool configuration of shard `shard`.
+    pub fn spool_config(&self, shard: u16) -> Result<queue_format::SpoolConfig, queue_format::SpoolError> {
+        let dir = self.spool.dir.join(format!("shard-{shard}"));
+        let bad = |m: String| queue_format::SpoolError::Config(m);
+        let log = queue_format::LogConfig {
+            dir: dir.clone(),
+            shard,
+            segment_bytes: self.spool.segment_bytes,
+            sync: parse_sync(&self.spool.sync).map_err(bad)?,
+            append_method: parse_method(&self.spool.append_method).map_err(bad)?,
+            pending_bytes_max: self.spool.pending_bytes_max,
+        };
+        let config = queue_format::SpoolConfig {
+            log,
+            compact_age: Duration::from_secs(self.spool.compact_age_secs),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// True when `ip` may relay without authentication.
+    pub fn may_relay(&self, ip: IpAddr) -> bool {
+        self.relay.networks.iter().any(|n| n.contains(ip))
+    }
+}
+
+fn parse_sync(s: &str) -> Result<queue_format::SyncPolicy, String> {
+    match s {
+        "every-commit" => Ok(queue_format::SyncPolicy::EveryCommit),
+        "none" => Ok(queue_format::SyncPolicy::None),
+        other => other
+            .strip_prefix("interval-")
+            .and_then(|v| v.strip_suffix("ms"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| queue_format::SyncPolicy::Interval(Duration::from_millis(ms)))
+            .ok_or_else(|| format!("`{other}`: expected every-commit, interval-<N>ms or none")),
+    }
+}
+
+fn parse_method(s: &str) -> Result<queue_format::AppendMethod, String> {
+    match s {
+        "pwrite" => Ok(queue_format::AppendMethod::Pwrite),
+        "mmap-msync" => Ok(queue_format::AppendMethod::MmapMsync),
+        other => Err(format!("`{other}`: expected pwrite or mmap-msync")),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// The key name on `line` (for parse errors whose message does not quote it).
+fn key_at(text: &str, line: usize) -> String {
+    text.lines()
+        .nth(line.saturating_sub(1))
+        .and_then(|l| l.split('=').next())
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Line of the first `key = ...` for the last component of a dotted key (0 if absent: the
+/// value came from a default).
+fn find_key_line(text: &str, dotted: &str) -> usize {
+    let last = dotted.rsplit('.').next().unwrap_or(dotted);
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(last).is_some_and(|rest| rest.trim_start().starts_with('='))
+                || l.trim_start_matches('[').starts_with(last)
+        })
+        .map_or(0, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("saida.toml"))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_loopback_only() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
+        assert!(c.may_relay("127.0.0.1".parse().unwrap()));
+        assert!(c.may_relay("::1".parse().unwrap()));
+        assert!(!c.may_relay("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn empty_relay_networks_deny_everyone() {
+        let c = parse("[relay]\nnetworks = []\n").unwrap();
+        assert!(!c.may_relay("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = parse("[smtp]\ncommand_line_bytes_max = 512\nbogus = 1\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (3, "bogus"), "{e}");
+        assert!(e.to_string().starts_with("saida.toml:3: bogus:"), "{e}");
+    }
+
+    #[test]
+    fn out_of_bound_value_names_key_and_line() {
+        let e = parse("[server]\nshards = 1\n\n[smtp]\nmessage_bytes_max = 1\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (5, "smtp.message_bytes_max"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let e = parse("[smtp]\nrcpt_per_message_max = \"many\"\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+    }
+
+    #[test]
+    fn bad_sync_policy_is_refused() {
+        let e = parse("[spool]\nsync = \"sometimes\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (2, "spool.sync"), "{e}");
+        let c = parse("[spool]\nsync = \"interval-20ms\"\n").unwrap();
+        assert_eq!(c.spool.sync, "interval-20ms");
+    }
+
+    #[test]
+    fn implicit_tls_needs_a_certificate() {
+        let e = parse("[[listener]]\naddress = \"127.0.0.1:4650\"\ntls = \"implicit\"\n").unwrap_err();
+        assert_eq!(e.key, "listener.tls", "{e}");
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    }
+}
