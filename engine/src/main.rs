@@ -8,6 +8,7 @@
 
 mod config;
 mod demo;
+mod io;
 mod smtp;
 
 use clap::{Parser, Subcommand};

@@ -1,0 +1,29 @@
+//! The epoll backend: tokio's `TcpStream` on a current-thread runtime.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Stream;
+
+/// A TCP stream driven by epoll.
+pub struct EpollStream(pub tokio::net::TcpStream);
+
+impl Stream for EpollStream {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        let r = self.0.read_buf(&mut buf).await;
+        (r, buf)
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let r = self.0.write_all(&buf).await;
+        (r, buf)
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}

@@ -1,0 +1,113 @@
+//! Socket I/O behind one owned-buffer stream type, so that protocol code is the same on both
+//! backends: io_uring (`tokio-uring`) and epoll (tokio current-thread).
+//!
+//! The [`Stream`] shape, `read(buf) -> (result, buf)`, is the one io_uring needs (the kernel owns
+//! the buffer while the operation runs) and costs epoll nothing. [`Conn`] adds TLS on top of
+//! either backend, so a session can upgrade in place with STARTTLS.
+//!
+//! Not here: protocol, timeouts (the session wraps calls in `tokio::time::timeout`), listener
+//! setup (see `shard`).
+
+pub mod epoll;
+pub mod tls;
+pub mod uring;
+
+use std::io;
+
+/// A byte stream with owned buffers.
+#[allow(async_fn_in_trait)] // single-threaded runtimes: the futures need not be Send
+pub trait Stream {
+    /// Appends what arrives to `buf` (at most its spare capacity; reserve first). `Ok(0)` is
+    /// end of stream.
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Writes all of `buf`.
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    /// Closes the write side (after a TLS close_notify on TLS streams).
+    async fn shutdown(&mut self) -> io::Result<()>;
+}
+
+/// A connection: plain, or TLS over the same stream.
+pub enum Conn<S> {
+    Plain(S),
+    Tls(Box<tls::TlsStream<S>>),
+    /// Transitional state while a STARTTLS handshake owns the stream.
+    Closed,
+}
+
+impl<S: Stream> Conn<S> {
+    /// True once TLS is established.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+
+    /// TLS protocol version and cipher suite, for `Received:` headers and logs.
+    pub fn tls_info(&self) -> Option<(String, String)> {
+        match self {
+            Conn::Tls(t) => Some(t.info()),
+            _ => None,
+        }
+    }
+}
+
+impl<S: Stream> Stream for Conn<S> {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(t) => t.read(buf).await,
+            Conn::Closed => (Err(io::ErrorKind::NotConnected.into()), buf),
+        }
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Conn::Plain(s) => s.write_all(buf).await,
+            Conn::Tls(t) => t.write_all(buf).await,
+            Conn::Closed => (Err(io::ErrorKind::NotConnected.into()), buf),
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(t) => t.shutdown().await,
+            Conn::Closed => Ok(()),
+        }
+    }
+}
+
+/// An in-memory stream for transcript tests: reads come from a script, writes are collected.
+#[cfg(test)]
+pub mod memory {
+    use super::Stream;
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::io;
+    use std::rc::Rc;
+
+    /// One side of a scripted conversation. Each `read` returns the next scripted chunk; an
+    /// empty script is end of stream.
+    #[derive(Clone, Default)]
+    pub struct MemoryStream {
+        pub input: Rc<RefCell<VecDeque<Vec<u8>>>>,
+        pub output: Rc<RefCell<Vec<u8>>>,
+    }
+
+    impl Stream for MemoryStream {
+        async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+            // Yield so that sessions interleave as on a socket.
+            tokio::task::yield_now().await;
+            let Some(chunk) = self.input.borrow_mut().pop_front() else { return (Ok(0), buf) };
+            buf.extend_from_slice(&chunk);
+            (Ok(chunk.len()), buf)
+        }
+
+        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            self.output.borrow_mut().extend_from_slice(&buf);
+            (Ok(()), buf)
+        }
+
+        async fn shutdown(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! TLS over any [`Stream`] with rustls: the server side of STARTTLS (RFC 3207) and of implicit
+//! TLS (RFC 8314), plus loading and reloading the certificate.
+//!
+//! rustls does no I/O itself; this adapter moves ciphertext between it and the owned-buffer
+//! stream (`read_tls` / `process_new_packets` / `write_tls`). A failed handshake sends the TLS
+//! alert and returns an error; the session then closes the connection.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::ServerConnection;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::Stream;
+
+/// Largest ciphertext buffered ahead of rustls.
+const TLS_READ_CHUNK: usize = 32 << 10;
+
+/// A TLS session over `S`.
+pub struct TlsStream<S> {
+    inner: S,
+    conn: ServerConnection,
+    /// Ciphertext received and not yet handed to rustls.
+    rbuf: Vec<u8>,
+}
+
+impl<S: Stream> TlsStream<S> {
+    /// Runs the server handshake over `inner`.
+    pub async fn accept(inner: S, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+        let mut tls = TlsStream { inner, conn, rbuf: Vec::with_capacity(TLS_READ_CHUNK) };
+        while tls.conn.is_handshaking() {
+            tls.flush_tls().await?;
+            if tls.conn.is_handshaking() && tls.conn.wants_read() && tls.read_tls().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        tls.flush_tls().await?;
+        Ok(tls)
+    }
+
+    /// Negotiated protocol version and cipher suite.
+    pub fn info(&self) -> (String, String) {
+        let version = self.conn.protocol_version().map_or("?".into(), |v| format!("{v:?}"));
+        let suite = self.conn.negotiated_cipher_suite().map_or("?".into(), |s| format!("{:?}", s.suite()));
+        (version.replace('_', "v").replace("TLSvv", "TLSv"), suite)
+    }
+
+    /// Sends whatever rustls has queued.
+    async fn flush_tls(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            let mut out = Vec::new();
+            self.conn.write_tls(&mut out)?;
+            let (r, _) = self.inner.write_all(out).await;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Reads ciphertext and feeds it to rustls. Returns the bytes read (0 at end of stream).
+    async fn read_tls(&mut self) -> io::Result<usize> {
+        let mut buf = std::mem::take(&mut self.rbuf);
+        buf.reserve(TLS_READ_CHUNK);
+        let (r, buf) = self.inner.read(buf).await;
+        self.rbuf = buf;
+        let n = r?;
+        let mut fed = 0;
+        while fed < self.rbuf.len() {
+            let mut rd = &self.rbuf[fed..];
+            let used = self.conn.read_tls(&mut rd)?;
+            if used == 0 {
+                break;
+            }
+            fed += used;
+            if let Err(e) = self.conn.process_new_packets() {
+                // Send the alert rustls prepared, then fail.
+                let _ = self.flush_tls().await;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+        self.rbuf.drain(..fed);
+        Ok(n)
+    }
+}
+
+impl<S: Stream> Stream for TlsStream<S> {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            let len = buf.len();
+            buf.resize(len + TLS_READ_CHUNK, 0);
+            let r = self.conn.reader().read(&mut buf[len..]);
+            match r {
+                Ok(n) => {
+                    buf.truncate(len + n);
+                    return (Ok(n), buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    buf.truncate(len);
+                    if let Err(e) = self.flush_tls().await {
+                        return (Err(e), buf);
+                    }
+                    match self.read_tls().await {
+                        Ok(0) => return (Ok(0), buf), // peer closed without close_notify
+                        Ok(_) => continue,
+                        Err(e) => return (Err(e), buf),
+                    }
+                }
+                Err(e) => {
+                    buf.truncate(len);
+                    return (Err(e), buf);
+                }
+            }
+        }
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        if let Err(e) = self.conn.writer().write_all(&buf) {
+            return (Err(e), buf);
+        }
+        (self.flush_tls().await, buf)
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.conn.send_close_notify();
+        self.flush_tls().await?;
+        self.inner.shutdown().await
+    }
+}
+
+/// Why a certificate or key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{}: {message}", path.display())]
+    File { path: PathBuf, message: String },
+    #[error("certificate and key do not fit together: {0}")]
+    Mismatch(rustls::Error),
+}
+
+/// Builds a rustls server configuration from PEM files.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let file_err = |path: &Path, e: &dyn std::fmt::Display| TlsSetupError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| file_err(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(cert, &e))?;
+    if chain.is_empty() {
+        return Err(file_err(cert, &"no certificate in file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsSetupError::Mismatch)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(TlsSetupError::Mismatch)?;
+    Ok(Arc::new(config))
+}
+
+/// A certificate that is reloaded when its files change (checked at most every `interval`).
+/// A reload that fails keeps the previous certificate and reports the error once.
+pub struct ReloadingTls {
+    cert: PathBuf,
+    key: PathBuf,
+    interval: Duration,
+    current: Arc<rustls::ServerConfig>,
+    stamp: (Option<SystemTime>, Option<SystemTime>),
+    checked: Instant,
+}
+
+impl ReloadingTls {
+    /// Loads the files now.
+    pub fn load(cert: &Path, key: &Path, interval: Duration) -> Result<Self, TlsSetupError> {
+        let current = server_config(cert, key)?;
+        Ok(ReloadingTls {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            interval,
+            current,
+            stamp: (mtime(cert), mtime(key)),
+            checked: Instant::now(),
+        })
+    }
+
+    /// The configuration to use for a new handshake, reloading first if the files changed.
+    pub fn get(&mut self) -> Arc<rustls::ServerConfig> {
+        if self.checked.elapsed() >= self.interval {
+            self.checked = Instant::now();
+            let stamp = (mtime(&self.cert), mtime(&self.key));
+            if stamp != self.stamp {
+                self.stamp = stamp;
+                match server_config(&self.cert, &self.key) {
+                    Ok(c) => {
+                        tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                        self.current = c;
+                    }
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+                }
+            }
+        }
+        Arc::clone(&self.current)
+    }
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}

@@ -1,0 +1,31 @@
+//! The io_uring backend: `tokio-uring`'s `TcpStream`. Kept behind [`Stream`] so that another
+//! io_uring runtime (monoio, compio) could replace it without touching protocol code.
+
+use std::io;
+
+use tokio_uring::buf::BoundedBuf;
+
+use super::Stream;
+
+/// A TCP stream driven by io_uring.
+pub struct UringStream(pub tokio_uring::net::TcpStream);
+
+impl Stream for UringStream {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        // Read into the spare capacity only: a read into the whole Vec would start at 0.
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (r, slice) = self.0.read(buf.slice(len..cap)).await;
+        (r, slice.into_inner())
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        self.0.write_all(buf).await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.0.shutdown(std::net::Shutdown::Write)
+    }
+}
