@@ -198,8 +198,14 @@ impl Default for Relay {
     fn default() -> Self {
         Relay {
             networks: vec![
-                Cidr { addr: IpAddr::from([127, 0, 0, 0]), prefix: 8 },
-                Cidr { addr: IpAddr::from(std::net::Ipv6Addr::LOCALHOST), prefix: 128 },
+                Cidr {
+                    addr: IpAddr::from([127, 0, 0, 0]),
+                    prefix: 8,
+                },
+                Cidr {
+                    addr: IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                    prefix: 128,
+                },
             ],
         }
     }
@@ -221,7 +227,12 @@ pub struct Auth {
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth { credentials_file: None, require_tls: true, failures_max: 5, failure_delay_ms: 250 }
+        Auth {
+            credentials_file: None,
+            require_tls: true,
+            failures_max: 5,
+            failure_delay_ms: 250,
+        }
     }
 }
 
@@ -265,7 +276,10 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log { format: "text".into(), level: "info".into() }
+        Log {
+            format: "text".into(),
+            level: "info".into(),
+        }
     }
 }
 
@@ -285,11 +299,19 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -304,10 +326,16 @@ impl std::str::FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}` is not an IP network"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(format!("bad prefix in `{s}`"))?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or(format!("bad prefix in `{s}`"))?,
             None => max,
         };
         Ok(Cidr { addr, prefix })
@@ -351,7 +379,12 @@ impl Config {
                 .nth(1)
                 .map(str::to_string)
                 .unwrap_or_else(|| key_at(text, line));
-            ConfigError { file: path.to_path_buf(), line, key, message }
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                key,
+                message,
+            }
         })?;
         config.validate().map_err(|(key, message)| ConfigError {
             file: path.to_path_buf(),
@@ -380,33 +413,94 @@ impl Config {
             return Err(("server.hostname".into(), "not a valid domain name".into()));
         }
         range("server.shards", self.server.shards, 0, 256)?;
-        range("server.shutdown_grace_secs", self.server.shutdown_grace_secs, 0, 3600)?;
+        range(
+            "server.shutdown_grace_secs",
+            self.server.shutdown_grace_secs,
+            0,
+            3600,
+        )?;
         if self.listeners.is_empty() {
-            return Err(("listener".into(), "at least one [[listener]] is needed".into()));
+            return Err((
+                "listener".into(),
+                "at least one [[listener]] is needed".into(),
+            ));
         }
-        if self.tls.is_none() && self.listeners.iter().any(|l| l.tls == ListenerTls::Implicit) {
-            return Err(("listener.tls".into(), "`implicit` needs a [tls] section".into()));
+        if self.tls.is_none()
+            && self
+                .listeners
+                .iter()
+                .any(|l| l.tls == ListenerTls::Implicit)
+        {
+            return Err((
+                "listener.tls".into(),
+                "`implicit` needs a [tls] section".into(),
+            ));
         }
         if let Some(t) = &self.tls {
             range("tls.reload_secs", t.reload_secs, 1, 86_400)?;
         }
-        range("smtp.command_line_bytes_max", s.command_line_bytes_max, 512, 65_536)?;
-        range("smtp.text_line_bytes_max", s.text_line_bytes_max, 1000, 1 << 20)?;
+        range(
+            "smtp.command_line_bytes_max",
+            s.command_line_bytes_max,
+            512,
+            65_536,
+        )?;
+        range(
+            "smtp.text_line_bytes_max",
+            s.text_line_bytes_max,
+            1000,
+            1 << 20,
+        )?;
         let message_max = (self.spool.segment_bytes as usize / 2).max(1 << 20);
-        range("smtp.message_bytes_max", s.message_bytes_max, 1 << 10, message_max)?;
-        range("smtp.rcpt_per_message_max", s.rcpt_per_message_max, 100, 100_000)?;
-        range("smtp.commands_per_session_max", s.commands_per_session_max, 10, 10_000_000)?;
-        range("smtp.errors_per_session_max", s.errors_per_session_max, 1, 1000)?;
+        range(
+            "smtp.message_bytes_max",
+            s.message_bytes_max,
+            1 << 10,
+            message_max,
+        )?;
+        range(
+            "smtp.rcpt_per_message_max",
+            s.rcpt_per_message_max,
+            100,
+            100_000,
+        )?;
+        range(
+            "smtp.commands_per_session_max",
+            s.commands_per_session_max,
+            10,
+            10_000_000,
+        )?;
+        range(
+            "smtp.errors_per_session_max",
+            s.errors_per_session_max,
+            1,
+            1000,
+        )?;
         range("smtp.connections_max", s.connections_max, 1, 1_000_000)?;
-        range("smtp.connections_per_ip_max", s.connections_per_ip_max, 1, 1_000_000)?;
+        range(
+            "smtp.connections_per_ip_max",
+            s.connections_per_ip_max,
+            1,
+            1_000_000,
+        )?;
         range("smtp.command_timeout_secs", s.command_timeout_secs, 1, 3600)?;
         range("smtp.data_timeout_secs", s.data_timeout_secs, 1, 3600)?;
         range("auth.failures_max", self.auth.failures_max, 1, 100)?;
-        range("auth.failure_delay_ms", self.auth.failure_delay_ms, 0, 10_000)?;
+        range(
+            "auth.failure_delay_ms",
+            self.auth.failure_delay_ms,
+            0,
+            10_000,
+        )?;
         parse_sync(&self.spool.sync).map_err(|m| ("spool.sync".to_string(), m))?;
         parse_method(&self.spool.append_method)
             .map_err(|m| ("spool.append_method".to_string(), m))?;
-        range("spool.compact_age_secs", self.spool.compact_age_secs, 60, 7 * 86_400)?;
+        range(
+            "spool.compact_age_secs",
+            self.spool.compact_age_secs,
+            60,
+            7 * 86_400,
+        )?;
         self.spool_config(0).map_err(|e| {
             let message = e.to_string();
             let key = ["segment_bytes", "pending_bytes_max", "sync"]
@@ -431,7 +525,10 @@ impl Config {
     }
 
     /// The spool configuration of shard `shard`.
-    pub fn spool_config(&self, shard: u16) -> Result<queue_format::SpoolConfig, queue_format::SpoolError> {
+    pub fn spool_config(
+        &self,
+        shard: u16,
+    ) -> Result<queue_format::SpoolConfig, queue_format::SpoolError> {
         let dir = self.spool.dir.join(format!("shard-{shard}"));
         let bad = |m: String| queue_format::SpoolError::Config(m);
         let log = queue_format::LogConfig {
@@ -478,7 +575,11 @@ fn parse_method(s: &str) -> Result<queue_format::AppendMethod, String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The key name on `line` (for parse errors whose message does not quote it).
@@ -498,7 +599,8 @@ fn find_key_line(text: &str, dotted: &str) -> usize {
     text.lines()
         .position(|l| {
             let l = l.trim_start();
-            l.strip_prefix(last).is_some_and(|rest| rest.trim_start().starts_with('='))
+            l.strip_prefix(last)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
                 || l.trim_start_matches('[').starts_with(last)
         })
         .map_or(0, |i| i + 1)
@@ -538,7 +640,11 @@ mod tests {
     #[test]
     fn out_of_bound_value_names_key_and_line() {
         let e = parse("[server]\nshards = 1\n\n[smtp]\nmessage_bytes_max = 1\n").unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (5, "smtp.message_bytes_max"), "{e}");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (5, "smtp.message_bytes_max"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -557,7 +663,8 @@ mod tests {
 
     #[test]
     fn implicit_tls_needs_a_certificate() {
-        let e = parse("[[listener]]\naddress = \"127.0.0.1:4650\"\ntls = \"implicit\"\n").unwrap_err();
+        let e =
+            parse("[[listener]]\naddress = \"127.0.0.1:4650\"\ntls = \"implicit\"\n").unwrap_err();
         assert_eq!(e.key, "listener.tls", "{e}");
     }
 

@@ -1,15 +1,21 @@
 //! `saida`: the command line of the outbound mail engine.
 //!
-//! Today it carries the spool demo (`saida demo`), which shows the promise everything else builds
-//! on: a message acknowledged by the spool survives `kill -9`. The SMTP daemon (`saida run`) and
-//! the admin commands arrive with their issues.
+//! - `saida run [--config FILE]`: the daemon (embedded defaults without a file);
+//! - `saida check-config FILE`: validates a configuration and exits;
+//! - `saida passwd USER`: reads a password on standard input and prints a credentials line;
+//! - `saida demo`: the spool crash demo.
 
 #![forbid(unsafe_code)]
 
+mod auth;
 mod config;
 mod demo;
 mod io;
+mod shard;
 mod smtp;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -25,14 +31,104 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the mail server until SIGTERM or SIGINT.
+    Run {
+        /// TOML configuration; without it, embedded defaults (SMTP on 127.0.0.1:2525, spool in
+        /// var/spool, relaying for loopback clients only).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and exit (0 valid, 1 invalid).
+    CheckConfig { file: PathBuf },
+    /// Print a credentials-file line for USER; the password is read from standard input.
+    Passwd { user: String },
     /// Spool demo: a writer process appends messages with group commit and is killed with
     /// SIGKILL at random moments; after each kill the spool is recovered and every acknowledged
     /// message is checked.
     Demo(demo::DemoArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { file } => match config::Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        },
+        Command::Passwd { user } => passwd(&user),
         Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saida: {e:#}");
+            ExitCode::from(1)
+        }
     }
+}
+
+fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match &config_path {
+        Some(p) => config::Config::load(p)?,
+        None => config::Config::default(),
+    };
+    init_logging(&config.log)?;
+    let server = shard::Server::start(config.clone())?;
+    tracing::info!(
+        listeners = ?server.local_addrs,
+        shards = server.backends.len(),
+        backends = ?server.backends,
+        spool = %config.spool.dir.display(),
+        "saida running"
+    );
+    // Wait for SIGTERM or SIGINT on a small runtime of the main thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    tracing::info!("shutting down");
+    server.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_logging(log: &config::Log) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if log.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
+}
+
+fn passwd(user: &str) -> anyhow::Result<()> {
+    if user.is_empty() || user.contains(':') || user.contains(char::is_whitespace) {
+        anyhow::bail!("user names must be non-empty, without ':' or spaces");
+    }
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    println!("{user}:{}", auth::hash_password(password)?);
+    Ok(())
 }

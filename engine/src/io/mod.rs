@@ -96,7 +96,9 @@ pub mod memory {
         async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
             // Yield so that sessions interleave as on a socket.
             tokio::task::yield_now().await;
-            let Some(chunk) = self.input.borrow_mut().pop_front() else { return (Ok(0), buf) };
+            let Some(chunk) = self.input.borrow_mut().pop_front() else {
+                return (Ok(0), buf);
+            };
             buf.extend_from_slice(&chunk);
             (Ok(chunk.len()), buf)
         }

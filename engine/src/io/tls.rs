@@ -31,7 +31,11 @@ impl<S: Stream> TlsStream<S> {
     /// Runs the server handshake over `inner`.
     pub async fn accept(inner: S, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
         let conn = ServerConnection::new(config).map_err(io::Error::other)?;
-        let mut tls = TlsStream { inner, conn, rbuf: Vec::with_capacity(TLS_READ_CHUNK) };
+        let mut tls = TlsStream {
+            inner,
+            conn,
+            rbuf: Vec::with_capacity(TLS_READ_CHUNK),
+        };
         while tls.conn.is_handshaking() {
             tls.flush_tls().await?;
             if tls.conn.is_handshaking() && tls.conn.wants_read() && tls.read_tls().await? == 0 {
@@ -44,8 +48,14 @@ impl<S: Stream> TlsStream<S> {
 
     /// Negotiated protocol version and cipher suite.
     pub fn info(&self) -> (String, String) {
-        let version = self.conn.protocol_version().map_or("?".into(), |v| format!("{v:?}"));
-        let suite = self.conn.negotiated_cipher_suite().map_or("?".into(), |s| format!("{:?}", s.suite()));
+        let version = self
+            .conn
+            .protocol_version()
+            .map_or("?".into(), |v| format!("{v:?}"));
+        let suite = self
+            .conn
+            .negotiated_cipher_suite()
+            .map_or("?".into(), |s| format!("{:?}", s.suite()));
         (version.replace('_', "v").replace("TLSvv", "TLSv"), suite)
     }
 
@@ -200,7 +210,9 @@ impl ReloadingTls {
                         tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
                         self.current = c;
                     }
-                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate")
+                    }
                 }
             }
         }

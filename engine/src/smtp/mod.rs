@@ -4,3 +4,4 @@
 pub mod command;
 pub mod data;
 pub mod reply;
+pub mod server;

@@ -1,0 +1,172 @@
+//! Sender authentication: the credentials file (`user:argon2-hash` per line, made with
+//! `saida passwd`), password verification, and the SASL PLAIN and LOGIN decodings (RFC 4616,
+//! draft-murchison-sasl-login).
+//!
+//! Verification costs tens of milliseconds of CPU by design (argon2), so sessions run it on the
+//! blocking pool, never on a shard thread. Unknown users cost the same as wrong passwords, so
+//! timing does not reveal which user names exist.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+
+/// Users and their password hashes.
+pub struct Credentials {
+    users: HashMap<String, String>,
+    /// Verified against for unknown users, so that they take as long as known ones.
+    decoy: String,
+}
+
+/// Why the credentials file could not be loaded; names the line.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct CredentialsError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+impl Credentials {
+    /// Loads `user:hash` lines; blank lines and `#` comments are skipped.
+    pub fn load(path: &Path) -> Result<Credentials, CredentialsError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| CredentialsError {
+            file: file.clone(),
+            line: 0,
+            message: e.to_string(),
+        })?;
+        let mut users = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let err = |message: &str| CredentialsError {
+                file: file.clone(),
+                line: i + 1,
+                message: message.into(),
+            };
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| err("expected user:hash"))?;
+            if user.is_empty() {
+                return Err(err("empty user name"));
+            }
+            PasswordHash::new(hash)
+                .map_err(|_| err("not a PHC password hash (use `saida passwd`)"))?;
+            users.insert(user.to_string(), hash.to_string());
+        }
+        Ok(Credentials {
+            users,
+            decoy: hash_password("decoy password never matches")?,
+        })
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// True when `password` is `user`'s. Slow on purpose; call from a blocking thread.
+    pub fn verify(&self, user: &str, password: &str) -> bool {
+        let (hash, known) = match self.users.get(user) {
+            Some(h) => (h.as_str(), true),
+            None => (self.decoy.as_str(), false),
+        };
+        let ok = PasswordHash::new(hash)
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        ok && known
+    }
+}
+
+/// Hashes a password with argon2id and a random salt (PHC string format).
+pub fn hash_password(password: &str) -> Result<String, CredentialsError> {
+    let mut salt = [0u8; 16];
+    let err = |message: String| CredentialsError {
+        file: "-".into(),
+        line: 0,
+        message,
+    };
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut salt))
+        .map_err(|e| err(format!("reading /dev/urandom: {e}")))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| err(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Decodes a SASL PLAIN response (`authzid NUL authcid NUL passwd`, base64). The authorization
+/// identity must be empty or equal to the user.
+pub fn decode_plain(b64: &str) -> Option<(String, String)> {
+    let raw = B64.decode(b64.trim()).ok()?;
+    let mut parts = raw.split(|&b| b == 0);
+    let (authz, user, pass) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || user.is_empty() || (!authz.is_empty() && authz != user) {
+        return None;
+    }
+    Some((
+        String::from_utf8(user.to_vec()).ok()?,
+        String::from_utf8(pass.to_vec()).ok()?,
+    ))
+}
+
+/// Decodes one base64 line of a SASL LOGIN exchange.
+pub fn decode_b64_text(b64: &str) -> Option<String> {
+    String::from_utf8(B64.decode(b64.trim()).ok()?).ok()
+}
+
+/// Base64 of `text`, for `334` challenges.
+pub fn b64(text: &str) -> String {
+    B64.encode(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashed_passwords_verify_and_wrong_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let hash = hash_password("s3cret").unwrap();
+        std::fs::write(&path, format!("# users\nalice:{hash}\n")).unwrap();
+        let c = Credentials::load(&path).unwrap();
+        assert!(c.verify("alice", "s3cret"));
+        assert!(!c.verify("alice", "wrong"));
+        assert!(!c.verify("bob", "s3cret"));
+    }
+
+    #[test]
+    fn bad_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, "\nalice-no-hash\n").unwrap();
+        let e = Credentials::load(&path).err().unwrap();
+        assert_eq!(e.line, 2);
+    }
+
+    #[test]
+    fn sasl_plain_decoding() {
+        assert_eq!(
+            decode_plain(&B64.encode("\0alice\0pw")),
+            Some(("alice".into(), "pw".into()))
+        );
+        assert_eq!(
+            decode_plain(&B64.encode("alice\0alice\0pw")),
+            Some(("alice".into(), "pw".into()))
+        );
+        assert_eq!(decode_plain(&B64.encode("bob\0alice\0pw")), None);
+        assert_eq!(decode_plain("not base64!"), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! Headers saida adds to accepted messages: `Received:` (RFC 5321 §4.4, RFC 3848 protocol
+//! names) and `Message-ID:` when the client sent none. Pure functions.
+
+use std::net::IpAddr;
+
+/// What the `Received:` header records about the session.
+pub struct ReceivedInfo<'a> {
+    pub helo: &'a str,
+    pub client_ip: IpAddr,
+    pub hostname: &'a str,
+    pub esmtp: bool,
+    pub tls: Option<(String, String)>,
+    pub authenticated: bool,
+    pub queue_id: &'a str,
+    pub sender: &'a str,
+    /// The recipient, when there is exactly one (naming several would disclose Bcc lists).
+    pub single_rcpt: Option<&'a str>,
+    pub unix_secs: u64,
+}
+
+/// The `Received:` header, folded, CRLF-terminated.
+pub fn received(r: &ReceivedInfo<'_>) -> String {
+    // RFC 3848: SMTP, ESMTP, ESMTPS (TLS), ESMTPA (auth), ESMTPSA (both).
+    let proto = match (r.esmtp, r.tls.is_some(), r.authenticated) {
+        (false, _, _) => "SMTP",
+        (true, false, false) => "ESMTP",
+        (true, true, false) => "ESMTPS",
+        (true, false, true) => "ESMTPA",
+        (true, true, true) => "ESMTPSA",
+    };
+    let ip = match r.client_ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    };
+    let mut h = format!(
+        "Received: from {} ([{ip}])\r\n\tby {} (saida) with {proto}",
+        r.helo, r.hostname
+    );
+    if let Some((version, cipher)) = &r.tls {
+        h.push_str(&format!("\r\n\t(using {version} with cipher {cipher})"));
+    }
+    h.push_str(&format!("\r\n\tid {}", r.queue_id));
+    h.push_str(&format!("\r\n\t(envelope-from <{}>)", r.sender));
+    if let Some(rcpt) = r.single_rcpt {
+        h.push_str(&format!("\r\n\tfor <{rcpt}>"));
+    }
+    h.push_str(&format!(";\r\n\t{}\r\n", rfc5322_date(r.unix_secs)));
+    h
+}
+
+/// True when the header section of `message` has a `Message-ID:` field.
+pub fn has_message_id(message: &[u8]) -> bool {
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return false; // end of the header section
+        }
+        if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+            return true;
+        }
+    }
+    false
+}
+
+/// `Message-ID: <queue-id@hostname>` with CRLF.
+pub fn message_id(queue_id: &str, hostname: &str) -> String {
+    format!("Message-ID: <{queue_id}@{hostname}>\r\n")
+}
+
+/// `Sat, 28 Nov 2026 04:30:00 +0000` (RFC 5322 §3.3), in UTC.
+pub fn rfc5322_date(unix_secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix_secs / 86_400;
+    let secs = unix_secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {day} {} {year} {:02}:{:02}:{:02} +0000",
+        DAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc5322() {
+        assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_840_200),
+            "Sat, 28 Nov 2026 04:30:00 +0000"
+        );
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn message_id_is_found_only_in_the_header_section() {
+        assert!(has_message_id(
+            b"Subject: x\r\nMessage-Id: <a@b>\r\n\r\nbody"
+        ));
+        assert!(!has_message_id(
+            b"Subject: x\r\n\r\nMessage-ID: <in body>\r\n"
+        ));
+    }
+
+    #[test]
+    fn received_names_protocol_and_single_recipient() {
+        let h = received(&ReceivedInfo {
+            helo: "client.test",
+            client_ip: "127.0.0.1".parse().unwrap(),
+            hostname: "mx.test",
+            esmtp: true,
+            tls: Some(("TLSv1.3".into(), "TLS13_AES_256_GCM_SHA384".into())),
+            authenticated: true,
+            queue_id: "ABC",
+            sender: "a@b.test",
+            single_rcpt: Some("c@d.test"),
+            unix_secs: 0,
+        });
+        assert!(h.starts_with(
+            "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (saida) with ESMTPSA"
+        ));
+        assert!(h.contains("for <c@d.test>;"));
+        assert!(h.ends_with("+0000\r\n"));
+        assert!(!h.contains("\n\n"));
+    }
+}
