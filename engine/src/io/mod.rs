@@ -90,13 +90,20 @@ pub mod memory {
     pub struct MemoryStream {
         pub input: Rc<RefCell<VecDeque<Vec<u8>>>>,
         pub output: Rc<RefCell<Vec<u8>>>,
+        /// When the script is exhausted, wait forever instead of reporting end of stream (to
+        /// test timeouts).
+        pub hang_at_end: bool,
     }
 
     impl Stream for MemoryStream {
         async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
             // Yield so that sessions interleave as on a socket.
             tokio::task::yield_now().await;
-            let Some(chunk) = self.input.borrow_mut().pop_front() else {
+            let next = self.input.borrow_mut().pop_front();
+            let Some(chunk) = next else {
+                if self.hang_at_end {
+                    std::future::pending::<()>().await;
+                }
                 return (Ok(0), buf);
             };
             buf.extend_from_slice(&chunk);

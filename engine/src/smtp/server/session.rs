@@ -854,3 +854,441 @@ enum ReadResult {
     Timeout,
     Shutdown,
 }
+
+/// Transcript tests: an in-memory stream drives a session step by step; each test names the
+/// behaviour it proves. Real sockets, TLS and external clients are in tests/.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::memory::MemoryStream;
+    use crate::shard::Router;
+
+    struct Outcome {
+        replies: Vec<String>,
+        bodies: Vec<Vec<u8>>,
+        elapsed: Duration,
+    }
+
+    fn transcript(config: Config, chunks: &[&[u8]]) -> Outcome {
+        transcript_with(config, chunks, None, false)
+    }
+
+    fn transcript_with(
+        mut config: Config,
+        chunks: &[&[u8]],
+        credentials: Option<Credentials>,
+        hang_at_end: bool,
+    ) -> Outcome {
+        let dir = tempfile::tempdir().unwrap();
+        config.spool.dir = dir.path().to_path_buf();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let (spool, _) = Spool::open(config.spool_config(0).unwrap()).unwrap();
+            let spool = Rc::new(RefCell::new(spool));
+            let (router, _inboxes) = Router::new(1);
+            let (_tx, shutdown) = watch::channel(false);
+            let ctx = Rc::new(ShardContext {
+                config: Arc::new(config),
+                shard: 0,
+                spool: Rc::clone(&spool),
+                tls: None,
+                credentials: credentials.map(Arc::new),
+                auth_failures: RefCell::default(),
+                shutdown,
+                router,
+            });
+            let stream = MemoryStream {
+                hang_at_end,
+                ..MemoryStream::default()
+            };
+            stream
+                .input
+                .borrow_mut()
+                .extend(chunks.iter().map(|c| c.to_vec()));
+            let info = ConnInfo {
+                peer: "127.0.0.1:40000".parse().unwrap(),
+                listener_tls: ListenerTls::StartTls,
+            };
+            let start = Instant::now();
+            Session::new(ctx, info, Conn::Plain(stream.clone()))
+                .run()
+                .await;
+            let elapsed = start.elapsed();
+            let out = String::from_utf8_lossy(&stream.output.borrow()).into_owned();
+            // The final line of each reply ("250 2.1.0 Ok"), in order.
+            let replies = out
+                .split("\r\n")
+                .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
+                .map(str::to_string)
+                .collect();
+            let spool = spool.borrow();
+            let bodies = spool
+                .live()
+                .map(|(id, _)| spool.message(id).unwrap().body.to_vec())
+                .collect();
+            Outcome {
+                replies,
+                bodies,
+                elapsed,
+            }
+        })
+    }
+
+    /// Code and enhanced code (or first word) of each reply: "250 2.1.0", "354 End".
+    fn codes(o: &Outcome) -> Vec<String> {
+        o.replies
+            .iter()
+            .map(|r| r.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+
+    const ENVELOPE: &[u8] =
+        b"EHLO client.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nDATA\r\n";
+
+    #[test]
+    fn pipelined_transaction_gets_replies_in_order_and_is_stored() {
+        let o = transcript(
+            Config::default(),
+            &[ENVELOPE, b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n"],
+        );
+        assert!(o.replies[0].starts_with("220 ") && o.replies[1].starts_with("250 "));
+        assert_eq!(
+            codes(&o)[2..],
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "354 End",
+                "250 2.0.0",
+                "221 2.0.0"
+            ]
+        );
+        assert!(
+            o.replies[5].starts_with("250 2.0.0 Ok: queued as "),
+            "{:?}",
+            o.replies
+        );
+        assert_eq!(o.bodies.len(), 1);
+        let body = String::from_utf8_lossy(&o.bodies[0]).into_owned();
+        assert!(
+            body.starts_with("Received: from client.test ([127.0.0.1])"),
+            "{body}"
+        );
+        assert!(body.contains("\r\nMessage-ID: <"), "{body}");
+        assert!(body.ends_with("Subject: x\r\n\r\n.dot\r\n"), "{body}");
+    }
+
+    #[test]
+    fn ehlo_lists_extensions_without_starttls_or_auth_when_unconfigured() {
+        let o = transcript(Config::default(), &[b"EHLO c.test\r\nQUIT\r\n"]);
+        assert!(o.replies[1].starts_with("250 DSN"), "{:?}", o.replies);
+    }
+
+    #[test]
+    fn overlong_command_line_gets_500_and_session_stays_usable() {
+        let long = format!("NOOP {}\r\nNOOP\r\nQUIT\r\n", "x".repeat(600));
+        let o = transcript(Config::default(), &[long.as_bytes()]);
+        assert_eq!(codes(&o)[1..], ["500 5.5.2", "250 2.0.0", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn overlong_line_split_across_reads_is_refused_once() {
+        let part = "x".repeat(400);
+        let chunks: Vec<Vec<u8>> = vec![
+            format!("NOOP {part}").into(),
+            part.clone().into(),
+            b"\r\nQUIT\r\n".to_vec(),
+        ];
+        let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        let o = transcript(Config::default(), &refs);
+        assert_eq!(codes(&o)[1..], ["500 5.5.2", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn nul_in_command_is_refused() {
+        let o = transcript(Config::default(), &[b"NOOP \0\r\nQUIT\r\n"]);
+        assert_eq!(codes(&o)[1..], ["500 5.5.2", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn smtp_smuggling_sequence_never_ends_the_message() {
+        let data: &[u8] = b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@x.test>\r\nDATA\r\nforged\r\n.\r\nQUIT\r\n";
+        let o = transcript(Config::default(), &[ENVELOPE, data]);
+        assert_eq!(codes(&o)[4..], ["354 End", "550 5.6.0", "221 2.0.0"]);
+        assert!(
+            o.bodies.is_empty(),
+            "nothing of a refused message is stored"
+        );
+    }
+
+    #[test]
+    fn cr_dot_crlf_is_not_an_end_of_data() {
+        let data: &[u8] = b"Subject: x\r\n\r\nhi\r.\r\nstill content\r\n.\r\nQUIT\r\n";
+        let o = transcript(Config::default(), &[ENVELOPE, data]);
+        assert_eq!(codes(&o)[5..], ["550 5.6.0", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn bare_lf_is_normalised_when_configured() {
+        let mut c = Config::default();
+        c.smtp.bare_line_ends = BareLineEnds::Normalize;
+        let o = transcript(c, &[ENVELOPE, b"Subject: x\n\nhi\n.\r\n.\r\nQUIT\r\n"]);
+        assert_eq!(codes(&o)[5..], ["250 2.0.0", "221 2.0.0"]);
+        assert!(
+            o.bodies[0].ends_with(b"Subject: x\r\n\r\nhi\r\n.\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&o.bodies[0])
+        );
+    }
+
+    #[test]
+    fn nul_in_message_is_refused() {
+        let o = transcript(
+            Config::default(),
+            &[ENVELOPE, b"Subject: x\r\n\r\na\0b\r\n.\r\nQUIT\r\n"],
+        );
+        assert_eq!(codes(&o)[5..], ["550 5.6.0", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn overlong_text_line_is_refused() {
+        let line = format!("Subject: x\r\n\r\n{}\r\n.\r\nQUIT\r\n", "y".repeat(1001));
+        let o = transcript(Config::default(), &[ENVELOPE, line.as_bytes()]);
+        assert_eq!(codes(&o)[5..], ["550 5.6.0", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn declared_and_actual_size_limits_give_552() {
+        let mut c = Config::default();
+        c.smtp.message_bytes_max = 2048;
+        let declared = b"EHLO c.test\r\nMAIL FROM:<a@src.test> SIZE=4096\r\nQUIT\r\n";
+        assert_eq!(
+            codes(&transcript(c.clone(), &[declared]))[2..],
+            ["552 5.3.4", "221 2.0.0"]
+        );
+        let big = format!("{}\r\n.\r\nQUIT\r\n", "z\r\n".repeat(1000));
+        let o = transcript(c, &[ENVELOPE, big.as_bytes()]);
+        assert_eq!(codes(&o)[5..], ["552 5.3.4", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn too_many_recipients_get_452_and_the_rest_is_kept() {
+        let mut c = Config::default();
+        c.smtp.rcpt_per_message_max = 100;
+        let mut s = String::from("EHLO c.test\r\nMAIL FROM:<a@src.test>\r\n");
+        for i in 0..101 {
+            s.push_str(&format!("RCPT TO:<r{i}@dst.test>\r\n"));
+        }
+        s.push_str("DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n");
+        let o = transcript(c, &[s.as_bytes()]);
+        let c = codes(&o);
+        assert_eq!(c[102], "250 2.1.5");
+        assert_eq!(c[103], "452 4.5.3");
+        assert_eq!(c[105], "250 2.0.0", "{c:?}");
+    }
+
+    #[test]
+    fn commands_out_of_sequence_get_503() {
+        let o = transcript(
+            Config::default(),
+            &[b"MAIL FROM:<a@b.test>\r\nEHLO c.test\r\nRCPT TO:<x@y.test>\r\nDATA\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\nQUIT\r\n"],
+        );
+        assert_eq!(
+            codes(&o)[1..],
+            [
+                "503 5.5.1",
+                "250 DSN",
+                "503 5.5.1",
+                "503 5.5.1",
+                "250 2.1.0",
+                "503 5.5.1",
+                "554 5.5.1",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[test]
+    fn vrfy_discloses_nothing_and_expn_is_refused() {
+        let o = transcript(
+            Config::default(),
+            &[b"EHLO c.test\r\nVRFY root\r\nEXPN staff\r\nQUIT\r\n"],
+        );
+        assert_eq!(codes(&o)[2..], ["252 2.5.0", "502 5.5.1", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn too_many_errors_close_the_session_with_421() {
+        let mut c = Config::default();
+        c.smtp.errors_per_session_max = 3;
+        let o = transcript(c, &[b"BOGUS\r\nBOGUS\r\nBOGUS\r\nNOOP\r\n"]);
+        assert_eq!(
+            codes(&o)[1..],
+            ["500 5.5.1", "500 5.5.1", "500 5.5.1", "421 4.7.0"]
+        );
+    }
+
+    #[test]
+    fn too_many_commands_close_the_session_with_421() {
+        let mut c = Config::default();
+        c.smtp.commands_per_session_max = 10;
+        let o = transcript(c, &["NOOP\r\n".repeat(12).as_bytes()]);
+        assert_eq!(codes(&o).len(), 1 + 10 + 1);
+        assert_eq!(codes(&o).last().unwrap(), "421 4.7.0");
+    }
+
+    #[test]
+    fn idle_client_times_out_with_421() {
+        let mut c = Config::default();
+        c.smtp.command_timeout_secs = 1;
+        let o = transcript_with(c, &[b"EHLO c.test\r\n"], None, true);
+        assert_eq!(codes(&o).last().unwrap(), "421 4.4.2");
+        assert!(o.elapsed >= Duration::from_secs(1) && o.elapsed < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn relay_is_denied_when_no_network_is_allowed() {
+        let mut c = Config::default();
+        c.relay.networks.clear();
+        let o = transcript(
+            c,
+            &[b"EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nQUIT\r\n"],
+        );
+        assert_eq!(codes(&o)[3..], ["554 5.7.1", "221 2.0.0"]);
+    }
+
+    fn users() -> (tempfile::TempDir, Credentials) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(
+            &path,
+            format!("alice:{}\n", auth::hash_password("s3cret").unwrap()),
+        )
+        .unwrap();
+        let creds = Credentials::load(&path).unwrap();
+        (dir, creds)
+    }
+
+    fn plain(user: &str, pass: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"))
+    }
+
+    #[test]
+    fn relay_needs_authentication_when_auth_is_offered() {
+        let mut c = Config::default();
+        c.relay.networks.clear();
+        c.auth.require_tls = false;
+        let (_d, creds) = users();
+        let s = format!(
+            "EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nRSET\r\nAUTH PLAIN {}\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nQUIT\r\n",
+            plain("alice", "s3cret")
+        );
+        let o = transcript_with(c, &[s.as_bytes()], Some(creds), false);
+        assert_eq!(o.replies[1], "250 AUTH PLAIN LOGIN");
+        assert_eq!(
+            codes(&o)[3..],
+            [
+                "530 5.7.0",
+                "250 2.0.0",
+                "235 2.7.0",
+                "250 2.1.0",
+                "250 2.1.5",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_is_refused_without_tls_by_default() {
+        let (_d, creds) = users();
+        let s = format!(
+            "EHLO c.test\r\nAUTH PLAIN {}\r\nQUIT\r\n",
+            plain("alice", "s3cret")
+        );
+        let o = transcript_with(Config::default(), &[s.as_bytes()], Some(creds), false);
+        assert_eq!(
+            o.replies[1], "250 DSN",
+            "AUTH must not be advertised in clear text"
+        );
+        assert_eq!(codes(&o)[2..], ["538 5.7.11", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn auth_login_exchange_works() {
+        use base64::Engine;
+        let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let mut c = Config::default();
+        c.auth.require_tls = false;
+        let (_d, creds) = users();
+        let s = format!(
+            "EHLO c.test\r\nAUTH LOGIN\r\n{}\r\n{}\r\nQUIT\r\n",
+            b("alice"),
+            b("s3cret")
+        );
+        let o = transcript_with(c, &[s.as_bytes()], Some(creds), false);
+        assert_eq!(
+            codes(&o)[2..],
+            [
+                "334 VXNlcm5hbWU6",
+                "334 UGFzc3dvcmQ6",
+                "235 2.7.0",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_failures_are_delayed_more_each_time_then_disconnected() {
+        let mut c = Config::default();
+        c.auth.require_tls = false;
+        c.auth.failure_delay_ms = 100;
+        c.auth.failures_max = 3;
+        let (_d, creds) = users();
+        let bad = plain("alice", "wrong");
+        let s = format!(
+            "EHLO c.test\r\nAUTH PLAIN {bad}\r\nAUTH PLAIN {bad}\r\nAUTH PLAIN {bad}\r\nNOOP\r\n"
+        );
+        let o = transcript_with(c, &[s.as_bytes()], Some(creds), false);
+        assert_eq!(codes(&o)[2..], ["535 5.7.8", "535 5.7.8", "421 4.7.0"]);
+        // 100 + 200 + 400 ms of delay.
+        assert!(o.elapsed >= Duration::from_millis(700), "{:?}", o.elapsed);
+    }
+
+    #[test]
+    fn bdat_chunks_are_assembled() {
+        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nBDAT 14\r\nSubject: x\r\n\r\nBDAT 4 LAST\r\nhi\r\nQUIT\r\n";
+        let o = transcript(Config::default(), &[s]);
+        assert_eq!(codes(&o)[4..], ["250 2.0.0", "250 2.0.0", "221 2.0.0"]);
+        assert!(o.replies[4].contains("14 octets received"));
+        assert!(o.bodies[0].ends_with(b"Subject: x\r\n\r\nhi\r\n"));
+    }
+
+    #[test]
+    fn bdat_without_transaction_still_consumes_its_chunk() {
+        let o = transcript(
+            Config::default(),
+            &[b"EHLO c.test\r\nBDAT 6 LAST\r\nNOOP\r\nQUIT\r\n"],
+        );
+        assert_eq!(codes(&o)[2..], ["503 5.5.1", "221 2.0.0"]);
+    }
+
+    #[test]
+    fn dsn_parameters_are_accepted() {
+        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test> RET=HDRS ENVID=abc\r\nRCPT TO:<b@dst.test> NOTIFY=FAILURE ORCPT=rfc822;b@dst.test\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n";
+        let o = transcript(Config::default(), &[s]);
+        assert_eq!(
+            codes(&o)[2..],
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "354 End",
+                "250 2.0.0",
+                "221 2.0.0"
+            ]
+        );
+    }
+}
