@@ -66,7 +66,7 @@ impl Credentials {
         })
     }
 
-    /// Number of users.
+    /// Number of users (for the start-up log).
     pub fn len(&self) -> usize {
         self.users.len()
     }

@@ -100,7 +100,13 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     tracing::info!("shutting down");
+    let stats = std::sync::Arc::clone(&server.router_stats);
     server.stop();
+    tracing::info!(
+        handoffs_sent = stats.sent.load(std::sync::atomic::Ordering::Relaxed),
+        handoffs_dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        "hand-off totals"
+    );
     tracing::info!("stopped");
     Ok(())
 }
@@ -108,8 +114,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 fn init_logging(log: &config::Log) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
         .map_err(|e| anyhow::anyhow!("log.level: {e}"))?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let result = if log.format == "json" {
         builder.json().try_init()

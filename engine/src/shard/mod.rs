@@ -206,7 +206,11 @@ impl Server {
     pub fn start(config: Config) -> anyhow::Result<Server> {
         let config = Arc::new(config);
         let credentials = match &config.auth.credentials_file {
-            Some(p) => Some(Arc::new(Credentials::load(p)?)),
+            Some(p) => {
+                let c = Credentials::load(p)?;
+                tracing::info!(file = %p.display(), users = c.len(), "credentials loaded");
+                Some(Arc::new(c))
+            }
             None => None,
         };
         let shards = config.shard_count();

@@ -119,11 +119,6 @@ impl ContentReader {
         self.error
     }
 
-    /// Content bytes seen so far.
-    pub fn seen(&self) -> usize {
-        self.seen
-    }
-
     fn fail(&mut self, e: ContentError, out: &mut Vec<u8>) {
         if self.error.is_none() {
             self.error = Some(e);

@@ -35,11 +35,6 @@ impl Reply {
         }
     }
 
-    /// True for 4xx and 5xx.
-    pub fn is_error(&self) -> bool {
-        self.code >= 400
-    }
-
     /// Appends the wire form to `out`. Text never contains CR or LF (they are replaced), so a
     /// reply cannot inject lines.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -70,7 +65,8 @@ impl Reply {
         }
     }
 
-    /// The wire form as a string (for logs and tests).
+    /// The wire form as a string (for tests).
+    #[cfg(test)]
     pub fn to_wire(&self) -> String {
         let mut v = Vec::new();
         self.encode(&mut v);
