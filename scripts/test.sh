@@ -9,6 +9,17 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+# Real peers used by the end-to-end tests: swaks (with TLS support) and Python's smtplib.
+need=()
+command -v swaks >/dev/null || need+=(swaks)
+perl -MNet::SSLeay -MIO::Socket::SSL -e 1 2>/dev/null || need+=(libnet-ssleay-perl libio-socket-ssl-perl)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing test dependencies: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 # The end-to-end tests in tests/ run the built binaries, so build them first.
 cargo build --workspace --bins --locked
 

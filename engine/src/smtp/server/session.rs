@@ -1150,6 +1150,14 @@ mod tests {
     }
 
     #[test]
+    fn stalled_data_times_out_with_421() {
+        let mut c = Config::default();
+        c.smtp.data_timeout_secs = 1;
+        let o = transcript_with(c, &[ENVELOPE, b"Subject: x\r\n\r\npartial"], None, true);
+        assert_eq!(codes(&o)[4..], ["354 End", "421 4.4.2"]);
+    }
+
+    #[test]
     fn relay_is_denied_when_no_network_is_allowed() {
         let mut c = Config::default();
         c.relay.networks.clear();
