@@ -308,3 +308,43 @@ fn check_config_names_file_line_and_key() {
         "{err}"
     );
 }
+
+#[test]
+fn changed_certificate_files_are_served_without_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(tmp.path());
+    let extra = format!(
+        "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\nreload_secs = 1\n",
+        cert.display(),
+        key.display()
+    );
+    let d = Daemon::start("epoll", &extra);
+    let fingerprint = || {
+        python(
+            r#"
+import smtplib, ssl, sys, hashlib
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20); s.starttls(context=ctx)
+print(hashlib.sha256(s.sock.getpeercert(binary_form=True)).hexdigest()); s.quit()
+"#,
+            &[&d.port.to_string()],
+        )
+    };
+    let before = fingerprint();
+    // A new certificate replaces the files (the modification time changes with them).
+    std::thread::sleep(Duration::from_millis(1100));
+    self_signed(tmp.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = fingerprint();
+        if now != before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+    }
+    assert!(d.log().contains("TLS certificate reloaded"), "{}", d.log());
+}

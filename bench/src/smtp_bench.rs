@@ -62,21 +62,39 @@ fn main() -> anyhow::Result<()> {
     let root = repo_root()?;
     let saida = root.join("target/release/saida");
     if !saida.exists() {
-        bail!("{} is missing: cargo build --release -p saida", saida.display());
+        bail!(
+            "{} is missing: cargo build --release -p saida",
+            saida.display()
+        );
     }
     if !args.json {
         println!(
             "{:>7} {:>5} {:<16} | {:>9} {:>8} {:>8} {:>8} | {:>9} {:>9}",
-            "size", "conns", "target", "msgs/s", "p50 ms", "p99 ms", "p99.9 ms", "x postfix", "x sink"
+            "size",
+            "conns",
+            "target",
+            "msgs/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "x postfix",
+            "x sink"
         );
     }
     for &size in &args.sizes {
         for &conns in &args.connections {
-            let n = if size >= 100_000 { args.messages / 2 } else { args.messages }.max(conns);
+            let n = if size >= 100_000 {
+                args.messages / 2
+            } else {
+                args.messages
+            }
+            .max(conns);
             let sink = {
                 let port = free_port()?;
                 let exe = std::env::current_exe()?;
-                let child = Command::new(exe).args(["--sink", &port.to_string()]).spawn()?;
+                let child = Command::new(exe)
+                    .args(["--sink", &port.to_string()])
+                    .spawn()?;
                 let _guard = KillOnDrop(child);
                 wait_port(port)?;
                 run_load(port, conns, n, size)?
@@ -108,7 +126,10 @@ fn main() -> anyhow::Result<()> {
                     .spawn()?;
                 let _guard = KillOnDrop(child);
                 wait_port(port)?;
-                rows.push((format!("saida ({backend})"), run_load(port, conns, n, size)?));
+                rows.push((
+                    format!("saida ({backend})"),
+                    run_load(port, conns, n, size)?,
+                ));
             }
             if let Some(p) = &postfix {
                 rows.push(("postfix smtpd".into(), p.clone()));
@@ -138,7 +159,11 @@ fn main() -> anyhow::Result<()> {
                         r.p999,
                         vs_postfix.map_or("-".into(), |v| format!("{v:.1}")),
                         vs_sink,
-                        if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
+                        if r.errors > 0 {
+                            format!("  ({} errors)", r.errors)
+                        } else {
+                            String::new()
+                        }
                     );
                 }
             }
@@ -158,7 +183,9 @@ struct LoadResult {
 
 /// Sends `n` messages of `size` bytes over `conns` connections to 127.0.0.1:`port`.
 fn run_load(port: u16, conns: usize, n: usize, size: usize) -> anyhow::Result<LoadResult> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let next = Arc::new(AtomicUsize::new(0));
@@ -168,7 +195,9 @@ fn run_load(port: u16, conns: usize, n: usize, size: usize) -> anyhow::Result<Lo
         let mut tasks = Vec::new();
         for _ in 0..conns {
             let (next, body) = (Arc::clone(&next), Arc::clone(&body));
-            tasks.push(tokio::task::spawn_local(async move { connection(addr, next, n, body).await }));
+            tasks.push(tokio::task::spawn_local(async move {
+                connection(addr, next, n, body).await
+            }));
         }
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let mut errors = 0;
@@ -194,7 +223,8 @@ fn run_load(port: u16, conns: usize, n: usize, size: usize) -> anyhow::Result<Lo
 }
 
 fn message_body(size: usize) -> Vec<u8> {
-    let mut b = b"From: bench@origin.test\r\nTo: rcpt@dest.test\r\nSubject: benchmark\r\n\r\n".to_vec();
+    let mut b =
+        b"From: bench@origin.test\r\nTo: rcpt@dest.test\r\nSubject: benchmark\r\n\r\n".to_vec();
     let line = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
     while b.len() + line.len() <= size {
         b.extend_from_slice(line);
@@ -226,7 +256,10 @@ async fn connection(
         if i >= n {
             break;
         }
-        let envelope = format!("MAIL FROM:<bench@origin.test>\r\nRCPT TO:<user{i}@d{}.test>\r\nDATA\r\n", i % 1000);
+        let envelope = format!(
+            "MAIL FROM:<bench@origin.test>\r\nRCPT TO:<user{i}@d{}.test>\r\nDATA\r\n",
+            i % 1000
+        );
         w.write_all(envelope.as_bytes()).await?;
         for _ in 0..3 {
             read_reply(&mut r, &mut line).await?;
@@ -251,7 +284,10 @@ async fn connection(
 }
 
 /// Reads one reply; leaves its last line in `line`.
-async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>, line: &mut String) -> anyhow::Result<()> {
+async fn read_reply(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    line: &mut String,
+) -> anyhow::Result<()> {
     loop {
         line.clear();
         if r.read_line(line).await? == 0 {
@@ -265,7 +301,9 @@ async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>, line: &mu
 
 /// The ceiling: an SMTP responder that accepts and discards everything, as cheaply as possible.
 fn run_sink(port: u16) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         loop {
@@ -289,7 +327,10 @@ async fn sink_session(s: TcpStream) -> anyhow::Result<()> {
         if r.read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
-        let upper = line.get(..4).map(|v| v.to_ascii_uppercase()).unwrap_or_default();
+        let upper = line
+            .get(..4)
+            .map(|v| v.to_ascii_uppercase())
+            .unwrap_or_default();
         match &upper[..] {
             b"EHLO" => out.extend_from_slice(b"250-sink\r\n250 PIPELINING\r\n"),
             b"DATA" => {
@@ -331,7 +372,9 @@ impl Drop for KillOnDrop {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn wait_port(port: u16) -> anyhow::Result<()> {
