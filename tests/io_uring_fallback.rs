@@ -50,7 +50,8 @@ print(s.sendmail("a@origin.test", ["b@dest.test"], b"Subject: x\r\n\r\nhi\r\n"))
     std::fs::write(
         &path,
         format!(
-            "[server]\nbackend = \"io_uring\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n[spool]\ndir = \"{}\"\n",
+            "[server]\nbackend = \"io_uring\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+             [spool]\ndir = \"{}\"\n",
             dir.path().join("spool").display()
         ),
     )

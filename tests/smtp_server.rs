@@ -126,7 +126,8 @@ fn starttls_implicit_tls_and_auth_work_with_real_handshakes() {
             r#"
 import smtplib, ssl, sys
 ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
-s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20); s.starttls(context=ctx); s.ehlo("c.test")
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.starttls(context=ctx); s.ehlo("c.test")
 try:
     s.login("alice", "wrong"); print("ACCEPTED")
 except smtplib.SMTPAuthenticationError as e:

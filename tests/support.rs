@@ -46,8 +46,9 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = format!(
-            "[server]\nhostname = \"saida.test\"\nshards = 2\nbackend = \"{backend}\"\nshutdown_grace_secs = 2\n\n\
-             [[listener]]\naddress = \"127.0.0.1:{port}\"\n\n[spool]\ndir = \"{d}/spool\"\n\n{extra}\n",
+            "[server]\nhostname = \"saida.test\"\nshards = 2\nbackend = \"{backend}\"\n\
+             shutdown_grace_secs = 2\n\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
+             [spool]\ndir = \"{d}/spool\"\n\n{extra}\n",
             d = dir.path().display(),
             extra = extra.replace("{dir}", &dir.path().display().to_string()),
         );

@@ -113,8 +113,9 @@ fn main() -> anyhow::Result<()> {
                 let dir = tempfile::tempdir()?;
                 let port = free_port()?;
                 let config = format!(
-                    "[server]\nshards = 2\nbackend = \"{backend}\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
-                     [spool]\ndir = \"{}\"\n[smtp]\nconnections_per_ip_max = 100000\n[log]\nlevel = \"warn\"\n",
+                    "[server]\nshards = 2\nbackend = \"{backend}\"\n\
+                     [[listener]]\naddress = \"127.0.0.1:{port}\"\n[spool]\ndir = \"{}\"\n\
+                     [smtp]\nconnections_per_ip_max = 100000\n[log]\nlevel = \"warn\"\n",
                     dir.path().join("spool").display()
                 );
                 let path = dir.path().join("saida.toml");
@@ -141,8 +142,9 @@ fn main() -> anyhow::Result<()> {
                 if args.json {
                     println!(
                         "{{\"bench\":\"smtp-inject\",\"size\":{size},\"connections\":{conns},\
-                         \"target\":\"{name}\",\"msgs_per_s\":{:.0},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\
-                         \"p999_ms\":{:.3},\"errors\":{},\"x_postfix\":{},\"x_sink\":{vs_sink:.3}}}",
+                         \"target\":\"{name}\",\"msgs_per_s\":{:.0},\"p50_ms\":{:.3},\
+                         \"p99_ms\":{:.3},\"p999_ms\":{:.3},\"errors\":{},\"x_postfix\":{},\
+                         \"x_sink\":{vs_sink:.3}}}",
                         r.rate,
                         r.p50,
                         r.p99,
@@ -152,7 +154,8 @@ fn main() -> anyhow::Result<()> {
                     );
                 } else {
                     println!(
-                        "{size:>7} {conns:>5} {name:<16} | {:>9.0} {:>8.2} {:>8.2} {:>8.2} | {:>9} {:>9.2}{}",
+                        "{size:>7} {conns:>5} {name:<16} | {:>9.0} {:>8.2} {:>8.2} {:>8.2} \
+                         | {:>9} {:>9.2}{}",
                         r.rate,
                         r.p50,
                         r.p99,

@@ -211,7 +211,8 @@ impl ReloadingTls {
                         self.current = c;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate")
+                        let why = "TLS reload failed; keeping the previous certificate";
+                        tracing::error!(error = %e, "{why}")
                     }
                 }
             }

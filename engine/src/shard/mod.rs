@@ -318,7 +318,8 @@ fn run_shard(setup: ShardSetup) {
                 return;
             }
             Err(e) => {
-                tracing::warn!(shard = setup.shard, error = %e, "io_uring unavailable; falling back to epoll")
+                let why = "io_uring unavailable; falling back to epoll";
+                tracing::warn!(shard = setup.shard, error = %e, "{why}")
             }
         }
     }

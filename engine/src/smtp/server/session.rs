@@ -577,7 +577,8 @@ impl<S: Stream> Session<S> {
             }
             Err(e) => {
                 spool.borrow_mut().abandon(queue_id);
-                tracing::error!(error = %e, client = %self.info.peer.ip(), "spool refused a message");
+                let client = self.info.peer.ip();
+                tracing::error!(error = %e, %client, "spool refused a message");
                 let (code, enhanced, text) = e.reply();
                 self.reply(Reply::new(code, enhanced, text));
             }
@@ -1015,7 +1016,8 @@ mod tests {
 
     #[test]
     fn smtp_smuggling_sequence_never_ends_the_message() {
-        let data: &[u8] = b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@x.test>\r\nDATA\r\nforged\r\n.\r\nQUIT\r\n";
+        let data: &[u8] = b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x.test>\r\n\
+            RCPT TO:<v@x.test>\r\nDATA\r\nforged\r\n.\r\nQUIT\r\n";
         let o = transcript(Config::default(), &[ENVELOPE, data]);
         assert_eq!(codes(&o)[4..], ["354 End", "550 5.6.0", "221 2.0.0"]);
         assert!(
@@ -1094,7 +1096,10 @@ mod tests {
     fn commands_out_of_sequence_get_503() {
         let o = transcript(
             Config::default(),
-            &[b"MAIL FROM:<a@b.test>\r\nEHLO c.test\r\nRCPT TO:<x@y.test>\r\nDATA\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\nQUIT\r\n"],
+            &[
+                b"MAIL FROM:<a@b.test>\r\nEHLO c.test\r\nRCPT TO:<x@y.test>\r\nDATA\r\n\
+                MAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\nQUIT\r\n",
+            ],
         );
         assert_eq!(
             codes(&o)[1..],
@@ -1192,7 +1197,8 @@ mod tests {
         c.auth.require_tls = false;
         let (_d, creds) = users();
         let s = format!(
-            "EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nRSET\r\nAUTH PLAIN {}\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nQUIT\r\n",
+            "EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nRSET\r\n\
+             AUTH PLAIN {}\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nQUIT\r\n",
             plain("alice", "s3cret")
         );
         let o = transcript_with(c, &[s.as_bytes()], Some(creds), false);
@@ -1268,7 +1274,8 @@ mod tests {
 
     #[test]
     fn bdat_chunks_are_assembled() {
-        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nBDAT 14\r\nSubject: x\r\n\r\nBDAT 4 LAST\r\nhi\r\nQUIT\r\n";
+        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\n\
+            BDAT 14\r\nSubject: x\r\n\r\nBDAT 4 LAST\r\nhi\r\nQUIT\r\n";
         let o = transcript(Config::default(), &[s]);
         assert_eq!(codes(&o)[4..], ["250 2.0.0", "250 2.0.0", "221 2.0.0"]);
         assert!(o.replies[4].contains("14 octets received"));
@@ -1286,7 +1293,9 @@ mod tests {
 
     #[test]
     fn dsn_parameters_are_accepted() {
-        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test> RET=HDRS ENVID=abc\r\nRCPT TO:<b@dst.test> NOTIFY=FAILURE ORCPT=rfc822;b@dst.test\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n";
+        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test> RET=HDRS ENVID=abc\r\n\
+            RCPT TO:<b@dst.test> NOTIFY=FAILURE ORCPT=rfc822;b@dst.test\r\n\
+            DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n";
         let o = transcript(Config::default(), &[s]);
         assert_eq!(
             codes(&o)[2..],
