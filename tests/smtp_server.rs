@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use saida_e2e::{Daemon, python, queued_ids, self_signed};
+use saida_e2e::{Daemon, python, queued_ids, self_signed, tls_config};
 
 const BACKENDS: [&str; 2] = ["io_uring", "epoll"];
 
@@ -158,12 +158,7 @@ s.mail("a@b.test"); print(s.rcpt("x@y.test")[0])
 #[test]
 fn plaintext_pipelined_after_starttls_is_never_answered() {
     let tmp = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(tmp.path());
-    let extra = format!(
-        "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let extra = tls_config(tmp.path(), "");
     let d = Daemon::start("epoll", &extra);
     // CVE-2011-0411: "STARTTLS\r\nRSET\r\n" in one packet. The RSET arrived in plaintext and must
     // be discarded; the first reply after the handshake must be the EHLO's.
@@ -198,12 +193,7 @@ print(tf.readline().decode().strip())
 #[test]
 fn swaks_sends_with_starttls_and_pipelining() {
     let tmp = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(tmp.path());
-    let extra = format!(
-        "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let extra = tls_config(tmp.path(), "");
     for backend in BACKENDS {
         let d = Daemon::start(backend, &extra);
         let out = std::process::Command::new("swaks")
@@ -313,11 +303,10 @@ fn check_config_names_file_line_and_key() {
 #[test]
 fn changed_certificate_files_are_served_without_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(tmp.path());
-    let extra = format!(
-        "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\nreload_secs = 1\n",
-        cert.display(),
-        key.display()
+    let extra = tls_config(
+        tmp.path(),
+        "reload_secs = 1
+",
     );
     let d = Daemon::start("epoll", &extra);
     let fingerprint = || {
@@ -348,4 +337,34 @@ print(hashlib.sha256(s.sock.getpeercert(binary_form=True)).hexdigest()); s.quit(
         );
     }
     assert!(d.log().contains("TLS certificate reloaded"), "{}", d.log());
+}
+
+#[test]
+fn large_messages_and_pipelined_bursts_survive_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = tls_config(tmp.path(), "");
+    for backend in BACKENDS {
+        let d = Daemon::start(backend, &extra);
+        // A 1 MB body in one go (many TLS records per socket read), then 2000 pipelined NOOPs
+        // whose replies exceed rustls' 64 KiB send buffer.
+        let out = python(
+            r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.starttls(context=ctx); s.ehlo("c.test")
+body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000
+print(s.sendmail("a@origin.test", ["b@dest.test"], body))
+s.sock.sendall(b"NOOP\r\n" * 2000)
+f = s.sock.makefile("rb")
+print(sum(1 for _ in range(2000) if f.readline().startswith(b"250 2.0.0")))
+"#,
+            &[&d.port.to_string()],
+        );
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            ["{}", "2000"],
+            "{backend}: {out}"
+        );
+    }
 }

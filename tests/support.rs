@@ -142,3 +142,13 @@ pub fn queued_ids(text: &str) -> Vec<String> {
         .map(|id| id.trim().trim_end_matches('\'').to_string())
         .collect()
 }
+
+/// A `[tls]` section with a fresh self-signed certificate written into `dir`, plus `more` keys.
+pub fn tls_config(dir: &std::path::Path, more: &str) -> String {
+    let (cert, key) = self_signed(dir);
+    format!(
+        "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n{more}",
+        cert.display(),
+        key.display()
+    )
+}

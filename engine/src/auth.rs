@@ -170,3 +170,91 @@ mod tests {
         assert_eq!(decode_plain("not base64!"), None);
     }
 }
+
+/// Failed-AUTH accounting shared by all shards, and the bound on concurrent verifications.
+///
+/// Failures are counted per client address (IPv6 per /64, since one host owns a whole /64)
+/// within `FAILURE_WINDOW`; an address at `failures_max` is refused before any verification.
+/// At most `verify_max` argon2 verifications run at once (each takes ~19 MiB and tens of
+/// milliseconds), so a flood of AUTH attempts cannot exhaust memory or the blocking pool.
+pub struct AuthThrottle {
+    failures: std::sync::Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    pub verify: tokio::sync::Semaphore,
+}
+
+/// How long a failure counts against an address.
+pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(900);
+/// Addresses tracked at most (the oldest entry is forgotten first).
+pub const FAILURES_TRACKED_MAX: usize = 100_000;
+
+impl AuthThrottle {
+    pub fn new(verify_max: usize) -> AuthThrottle {
+        AuthThrottle {
+            failures: std::sync::Mutex::default(),
+            verify: tokio::sync::Semaphore::new(verify_max.max(1)),
+        }
+    }
+
+    fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
+        match ip {
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.into(),
+                None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
+            },
+            v4 => v4,
+        }
+    }
+
+    /// Recent failures from `ip`.
+    pub fn failures(&self, ip: std::net::IpAddr) -> u32 {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&Self::key(ip))
+            .filter(|(_, at)| at.elapsed() < FAILURE_WINDOW)
+            .map_or(0, |(n, _)| *n)
+    }
+
+    /// Counts a failure from `ip`; returns the recent count including it.
+    pub fn record_failure(&self, ip: std::net::IpAddr) -> u32 {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let key = Self::key(ip);
+        if map.len() >= FAILURES_TRACKED_MAX && !map.contains_key(&key) {
+            map.retain(|_, (_, at)| at.elapsed() < FAILURE_WINDOW);
+            if map.len() >= FAILURES_TRACKED_MAX {
+                let oldest = map.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    map.remove(&k);
+                }
+            }
+        }
+        let e = map.entry(key).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= FAILURE_WINDOW {
+            e.0 = 0;
+        }
+        e.0 += 1;
+        e.1 = std::time::Instant::now();
+        e.0
+    }
+
+    /// Forgets `ip`'s failures (after a success).
+    pub fn clear(&self, ip: std::net::IpAddr) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::key(ip));
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_failures_count_per_64() {
+        let t = AuthThrottle::new(1);
+        t.record_failure("2001:db8::1".parse().unwrap());
+        assert_eq!(t.record_failure("2001:db8::ffff".parse().unwrap()), 2);
+        assert_eq!(t.failures("2001:db8:0:1::1".parse().unwrap()), 0);
+        t.clear("2001:db8::42".parse().unwrap());
+        assert_eq!(t.failures("2001:db8::1".parse().unwrap()), 0);
+    }
+}

@@ -70,15 +70,24 @@ impl<S: Stream> TlsStream<S> {
         Ok(())
     }
 
-    /// Reads ciphertext and feeds it to rustls. Returns the bytes read (0 at end of stream).
+    /// Reads ciphertext from the socket and feeds it to rustls. Returns the bytes read (0 at end
+    /// of stream).
     async fn read_tls(&mut self) -> io::Result<usize> {
         let mut buf = std::mem::take(&mut self.rbuf);
         buf.reserve(TLS_READ_CHUNK);
         let (r, buf) = self.inner.read(buf).await;
         self.rbuf = buf;
         let n = r?;
+        self.feed().await?;
+        Ok(n)
+    }
+
+    /// Hands buffered ciphertext to rustls for as long as it wants more. rustls refuses input
+    /// while it holds a full buffer of unread plaintext, so what it does not take stays in
+    /// `rbuf` for the next call (after the session has read some plaintext).
+    async fn feed(&mut self) -> io::Result<()> {
         let mut fed = 0;
-        while fed < self.rbuf.len() {
+        while fed < self.rbuf.len() && self.conn.wants_read() {
             let mut rd = &self.rbuf[fed..];
             let used = self.conn.read_tls(&mut rd)?;
             if used == 0 {
@@ -92,7 +101,7 @@ impl<S: Stream> TlsStream<S> {
             }
         }
         self.rbuf.drain(..fed);
-        Ok(n)
+        Ok(())
     }
 }
 
@@ -112,6 +121,16 @@ impl<S: Stream> Stream for TlsStream<S> {
                     if let Err(e) = self.flush_tls().await {
                         return (Err(e), buf);
                     }
+                    // Ciphertext already received goes first: pipelined records may be there.
+                    if !self.rbuf.is_empty() && self.conn.wants_read() {
+                        let before = self.rbuf.len();
+                        if let Err(e) = self.feed().await {
+                            return (Err(e), buf);
+                        }
+                        if self.rbuf.len() < before {
+                            continue;
+                        }
+                    }
                     match self.read_tls().await {
                         Ok(0) => return (Ok(0), buf), // peer closed without close_notify
                         Ok(_) => continue,
@@ -127,10 +146,18 @@ impl<S: Stream> Stream for TlsStream<S> {
     }
 
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        if let Err(e) = self.conn.writer().write_all(&buf) {
-            return (Err(e), buf);
+        // rustls buffers at most 64 KiB of outgoing data: write what fits, send it, repeat.
+        let mut off = 0;
+        while off < buf.len() {
+            match self.conn.writer().write(&buf[off..]) {
+                Ok(n) => off += n,
+                Err(e) => return (Err(e), buf),
+            }
+            if let Err(e) = self.flush_tls().await {
+                return (Err(e), buf);
+            }
         }
-        (self.flush_tls().await, buf)
+        (Ok(()), buf)
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

@@ -183,6 +183,7 @@ struct ShardSetup {
     shard: u16,
     config: Arc<Config>,
     credentials: Option<Arc<Credentials>>,
+    auth_throttle: Arc<crate::auth::AuthThrottle>,
     router: Router,
     inbox: Receiver<Handoff>,
     limits: Arc<ConnLimits>,
@@ -215,6 +216,8 @@ impl Server {
         };
         let shards = config.shard_count();
         let (router, inboxes) = Router::new(shards);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auth_throttle = Arc::new(crate::auth::AuthThrottle::new(cpus));
         let limits = ConnLimits::new(
             config.smtp.connections_max,
             config.smtp.connections_per_ip_max,
@@ -242,6 +245,7 @@ impl Server {
                 shard: shard as u16,
                 config: Arc::clone(&config),
                 credentials: credentials.clone(),
+                auth_throttle: Arc::clone(&auth_throttle),
                 router: router.clone(),
                 inbox,
                 limits: Arc::clone(&limits),
@@ -383,6 +387,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         shard,
         config,
         credentials,
+        auth_throttle,
         router,
         inbox,
         limits,
@@ -440,7 +445,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         spool: Rc::clone(&spool),
         tls,
         credentials,
-        auth_failures: RefCell::default(),
+        auth_throttle,
         shutdown: shutdown.clone(),
         router,
     });
@@ -537,8 +542,11 @@ async fn accept_loop<A: Acceptor>(
                     tracing::warn!(client = %peer.ip(), why, "connection refused");
                     let mut out = Vec::new();
                     Reply::new(421, "4.7.0", why).encode(&mut out);
-                    let _ = stream.write_all(out).await;
-                    let _ = stream.shutdown().await;
+                    let bye = async {
+                        let _ = stream.write_all(out).await;
+                        let _ = stream.shutdown().await;
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
                     return;
                 }
             };

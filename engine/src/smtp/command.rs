@@ -126,7 +126,9 @@ const PATH_MAX: usize = 256;
 
 /// Parses one command line (without CRLF).
 pub fn parse_command(line: &[u8]) -> Result<Command<'_>, SyntaxError> {
-    if line.contains(&0) {
+    // NUL, CR, LF and every other control byte (TAB aside) are refused anywhere in a command:
+    // nothing from a command line may carry a line break into headers or the next hop.
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(SyntaxError::BadBytes);
     }
     let line = std::str::from_utf8(line).map_err(|_| SyntaxError::BadBytes)?;
@@ -400,12 +402,20 @@ fn check_mailbox(path: &str) -> Option<&str> {
     }
     let local_ok = if let Some(q) = local.strip_prefix('"') {
         let inner = q.strip_suffix('"')?;
+        // qtextSMTP, or quoted-pairSMTP: a backslash and one printable ASCII character.
         let mut escaped = false;
-        inner.chars().all(|c| {
-            let ok = escaped || (c != '"' && c != '\\' && !c.is_control());
-            escaped = !escaped && c == '\\';
-            ok || c == '\\'
-        })
+        let ok = inner.chars().all(|c| {
+            if escaped {
+                escaped = false;
+                return (' '..='~').contains(&c);
+            }
+            if c == '\\' {
+                escaped = true;
+                return true;
+            }
+            c != '"' && !c.is_control()
+        });
+        ok && !escaped
     } else {
         !local.starts_with('.')
             && !local.ends_with('.')

@@ -17,11 +17,10 @@
 //! error becomes its `4xx` reply and the message is forgotten (the client keeps it).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use queue_format::{DsnRet, Message, Recipient, Spool, message_flags, now_micros};
 use tokio::sync::watch;
@@ -37,8 +36,8 @@ use crate::smtp::server::headers;
 
 /// Largest read per call.
 const READ_CHUNK: usize = 64 << 10;
-/// Auth-failure entries remembered per shard (oldest forgotten first).
-const AUTH_FAILURES_TRACKED_MAX: usize = 10_000;
+/// Longest AUTH exchange line (RFC 4954 §4: at least 12288 octets must be accepted).
+const AUTH_LINE_BYTES_MAX: usize = 12_288;
 
 /// What a shard shares with all its sessions.
 pub struct ShardContext {
@@ -47,8 +46,8 @@ pub struct ShardContext {
     pub spool: Rc<RefCell<Spool>>,
     pub tls: Option<Rc<RefCell<ReloadingTls>>>,
     pub credentials: Option<Arc<Credentials>>,
-    /// Failed AUTH attempts per client IP: (count, last failure).
-    pub auth_failures: RefCell<HashMap<IpAddr, (u32, Instant)>>,
+    /// Failed AUTH attempts per client address, shared by all shards.
+    pub auth_throttle: Arc<auth::AuthThrottle>,
     /// Flips to true on SIGTERM.
     pub shutdown: watch::Receiver<bool>,
     /// Hands accepted recipients to the shards owning their domains.
@@ -135,15 +134,22 @@ impl<S: Stream> Session<S> {
         r.encode(&mut self.out);
     }
 
+    /// Sends buffered replies. Bounded by the command timeout: a client that stops reading
+    /// cannot hold its connection slot forever.
     async fn flush(&mut self) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        let (r, mut out) = self.conn.write_all(out).await;
-        out.clear();
-        self.out = out;
-        r
+        let timeout = Duration::from_secs(self.config().smtp.command_timeout_secs);
+        match tokio::time::timeout(timeout, self.conn.write_all(out)).await {
+            Ok((r, mut out)) => {
+                out.clear();
+                self.out = out;
+                r
+            }
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// Runs the session to its end. Never panics on input; I/O errors end it quietly.
@@ -154,8 +160,9 @@ impl<S: Stream> Session<S> {
         if let Stop::Quit = why {
             let _ = self.flush().await;
         }
-        let _ = self.flush().await;
-        let _ = self.conn.shutdown().await;
+        if self.flush().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.conn.shutdown()).await;
+        }
     }
 
     async fn command_loop(&mut self) -> Stop {
@@ -324,6 +331,10 @@ impl<S: Stream> Session<S> {
         {
             return self.error(Reply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
         }
+        if p.body == Some(Body::BinaryMime) {
+            // Not advertised: binary content would fail the line checks that stop smuggling.
+            return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME not supported"));
+        }
         if p.size
             .is_some_and(|s| s > self.config().smtp.message_bytes_max as u64)
         {
@@ -398,7 +409,7 @@ impl<S: Stream> Session<S> {
             Some(t) if t.rcpts.is_empty() => {
                 return self.error(Reply::new(554, "5.5.1", "No valid recipients"));
             }
-            Some(t) if t.chunks.is_some() => {
+            Some(t) if t.chunks.is_some() || t.chunks_failed => {
                 return self.error(Reply::new(503, "5.5.1", "DATA after BDAT"));
             }
             Some(t) if t.body == Some(Body::BinaryMime) => {
@@ -428,8 +439,7 @@ impl<S: Stream> Session<S> {
             self.tx = None;
             return self.error(e.reply());
         }
-        self.commit(body).await;
-        Ok(())
+        self.commit(body).await
     }
 
     async fn bdat(&mut self, size: u64, last: bool) -> Result<(), Stop> {
@@ -491,13 +501,15 @@ impl<S: Stream> Session<S> {
             ));
             return Ok(());
         }
-        self.commit(body).await;
-        Ok(())
+        self.commit(body).await
     }
 
-    /// Stores the message durably, then answers.
-    async fn commit(&mut self, content: Vec<u8>) {
-        let Some(tx) = self.tx.take() else { return };
+    /// Stores the message durably, then answers. A `421` (the spool is shutting down) ends
+    /// the session, as RFC 5321 requires.
+    async fn commit(&mut self, content: Vec<u8>) -> Result<(), Stop> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
         let received_at = now_micros();
         let spool = Rc::clone(&self.ctx.spool);
         let queue_id = spool.borrow_mut().next_queue_id(received_at);
@@ -581,8 +593,12 @@ impl<S: Stream> Session<S> {
                 tracing::error!(error = %e, %client, "spool refused a message");
                 let (code, enhanced, text) = e.reply();
                 self.reply(Reply::new(code, enhanced, text));
+                if code == 421 {
+                    return Err(Stop::Close);
+                }
             }
         }
+        Ok(())
     }
 
     async fn starttls(&mut self) -> Result<(), Stop> {
@@ -645,6 +661,12 @@ impl<S: Stream> Session<S> {
                 "AUTH not allowed during a transaction",
             ));
         }
+        let ip = self.info.peer.ip();
+        if self.ctx.auth_throttle.failures(ip) >= self.config().auth.failures_max {
+            tracing::warn!(client = %ip, "authentication refused: too many recent failures");
+            self.reply(Reply::new(421, "4.7.0", "Too many authentication failures"));
+            return Err(Stop::Close);
+        }
         let creds = match mechanism {
             "PLAIN" => {
                 let resp = match initial {
@@ -680,30 +702,22 @@ impl<S: Stream> Session<S> {
         };
         let store = Arc::clone(self.ctx.credentials.as_ref().expect("checked at the top"));
         let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || store.verify(&check_user, &pass))
-            .await
-            .unwrap_or(false);
-        let ip = self.info.peer.ip();
+        let ok = {
+            // At most `verify` verifications at once, across all shards.
+            let Ok(_permit) = self.ctx.auth_throttle.verify.acquire().await else {
+                return Err(Stop::Close);
+            };
+            let verify = tokio::task::spawn_blocking(move || store.verify(&check_user, &pass));
+            verify.await.unwrap_or(false)
+        };
         if ok {
-            self.ctx.auth_failures.borrow_mut().remove(&ip);
+            self.ctx.auth_throttle.clear(ip);
             tracing::info!(client = %ip, user = %user, "authenticated");
             self.user = Some(user);
             self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
             return Ok(());
         }
-        let failures = {
-            let mut map = self.ctx.auth_failures.borrow_mut();
-            if map.len() >= AUTH_FAILURES_TRACKED_MAX && !map.contains_key(&ip) {
-                let oldest = map.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k);
-                if let Some(k) = oldest {
-                    map.remove(&k);
-                }
-            }
-            let e = map.entry(ip).or_insert((0, Instant::now()));
-            e.0 += 1;
-            e.1 = Instant::now();
-            e.0
-        };
+        let failures = self.ctx.auth_throttle.record_failure(ip);
         tracing::warn!(client = %ip, user = %user, failures, "authentication failed");
         // A delay that doubles with each failure from this address slows guessing down.
         let base = self.config().auth.failure_delay_ms;
@@ -723,7 +737,7 @@ impl<S: Stream> Session<S> {
     /// Sends a `334` challenge and reads the response line; `None` when the client cancelled.
     async fn sasl_step(&mut self, challenge: &str) -> Result<Option<String>, Stop> {
         self.reply(Reply::owned(334, "", challenge.to_string()));
-        let range = match self.next_line().await {
+        let range = match self.next_line_max(AUTH_LINE_BYTES_MAX).await {
             LineRead::Line(r) => r,
             LineRead::TooLong => {
                 self.error(Reply::new(
@@ -745,7 +759,12 @@ impl<S: Stream> Session<S> {
 
     /// The next command line (without its line end). Flushes replies before waiting.
     async fn next_line(&mut self) -> LineRead {
-        let max = self.config().smtp.command_line_bytes_max;
+        self.next_line_max(self.config().smtp.command_line_bytes_max)
+            .await
+    }
+
+    /// The next line of at most `max` octets, CRLF included.
+    async fn next_line_max(&mut self, max: usize) -> LineRead {
         let mut discarding = false;
         loop {
             if let Some(i) = self.inbuf[self.pos..].iter().position(|&b| b == b'\n') {
@@ -863,6 +882,7 @@ mod tests {
     use super::*;
     use crate::io::memory::MemoryStream;
     use crate::shard::Router;
+    use std::time::Instant;
 
     struct Outcome {
         replies: Vec<String>,
@@ -898,7 +918,7 @@ mod tests {
                 spool: Rc::clone(&spool),
                 tls: None,
                 credentials: credentials.map(Arc::new),
-                auth_failures: RefCell::default(),
+                auth_throttle: Arc::new(auth::AuthThrottle::new(2)),
                 shutdown,
                 router,
             });
@@ -947,6 +967,15 @@ mod tests {
             .collect()
     }
 
+    /// Replies to MAIL, RCPT, DATA, end of data and QUIT of one accepted message.
+    const ACCEPTED: [&str; 5] = [
+        "250 2.1.0",
+        "250 2.1.5",
+        "354 End",
+        "250 2.0.0",
+        "221 2.0.0",
+    ];
+
     const ENVELOPE: &[u8] =
         b"EHLO client.test\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nDATA\r\n";
 
@@ -957,16 +986,7 @@ mod tests {
             &[ENVELOPE, b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n"],
         );
         assert!(o.replies[0].starts_with("220 ") && o.replies[1].starts_with("250 "));
-        assert_eq!(
-            codes(&o)[2..],
-            [
-                "250 2.1.0",
-                "250 2.1.5",
-                "354 End",
-                "250 2.0.0",
-                "221 2.0.0"
-            ]
-        );
+        assert_eq!(codes(&o)[2..], ACCEPTED);
         assert!(
             o.replies[5].starts_with("250 2.0.0 Ok: queued as "),
             "{:?}",
@@ -1292,20 +1312,38 @@ mod tests {
     }
 
     #[test]
+    fn binarymime_is_refused_and_data_after_a_failed_bdat_too() {
+        let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test> BODY=BINARYMIME\r\n\
+            MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nBDAT 3\r\na\0bDATA\r\nQUIT\r\n";
+        let o = transcript(Config::default(), &[s]);
+        assert_eq!(
+            codes(&o)[2..],
+            [
+                "555 5.5.4",
+                "250 2.1.0",
+                "250 2.1.5",
+                "550 5.6.0",
+                "503 5.5.1",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[test]
+    fn control_characters_in_addresses_are_refused() {
+        let o = transcript(
+            Config::default(),
+            &[b"EHLO c.test\r\nMAIL FROM:<\"x\\\rBcc: y\"@d.test>\r\nQUIT\r\n"],
+        );
+        assert_eq!(codes(&o)[2..], ["500 5.5.2", "221 2.0.0"]);
+    }
+
+    #[test]
     fn dsn_parameters_are_accepted() {
         let s: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@src.test> RET=HDRS ENVID=abc\r\n\
             RCPT TO:<b@dst.test> NOTIFY=FAILURE ORCPT=rfc822;b@dst.test\r\n\
             DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n";
         let o = transcript(Config::default(), &[s]);
-        assert_eq!(
-            codes(&o)[2..],
-            [
-                "250 2.1.0",
-                "250 2.1.5",
-                "354 End",
-                "250 2.0.0",
-                "221 2.0.0"
-            ]
-        );
+        assert_eq!(codes(&o)[2..], ACCEPTED);
     }
 }
