@@ -1,5 +1,6 @@
-//! TLS over any [`Stream`] with rustls: the server side of STARTTLS (RFC 3207) and of implicit
-//! TLS (RFC 8314), plus loading and reloading the certificate.
+//! TLS over any [`Stream`] with rustls: both sides of STARTTLS (RFC 3207), implicit TLS
+//! (RFC 8314), loading and reloading the server certificate, and the client configurations of
+//! the delivery TLS policies.
 //!
 //! rustls does no I/O itself; this adapter moves ciphertext between it and the owned-buffer
 //! stream (`read_tls` / `process_new_packets` / `write_tls`). A failed handshake sends the TLS
@@ -22,7 +23,7 @@ const TLS_READ_CHUNK: usize = 32 << 10;
 /// A TLS session over `S`.
 pub struct TlsStream<S> {
     inner: S,
-    conn: ServerConnection,
+    conn: rustls::Connection,
     /// Ciphertext received and not yet handed to rustls.
     rbuf: Vec<u8>,
 }
@@ -31,6 +32,21 @@ impl<S: Stream> TlsStream<S> {
     /// Runs the server handshake over `inner`.
     pub async fn accept(inner: S, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
         let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+        TlsStream::handshake(inner, rustls::Connection::Server(conn)).await
+    }
+
+    /// Runs the client handshake over `inner` for `server_name` (SNI and, when the
+    /// configuration verifies, the name checked against the certificate).
+    pub async fn connect(
+        inner: S,
+        config: Arc<rustls::ClientConfig>,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<Self> {
+        let conn = rustls::ClientConnection::new(config, server_name).map_err(io::Error::other)?;
+        TlsStream::handshake(inner, rustls::Connection::Client(conn)).await
+    }
+
+    async fn handshake(inner: S, conn: rustls::Connection) -> io::Result<Self> {
         let mut tls = TlsStream {
             inner,
             conn,
@@ -250,4 +266,85 @@ impl ReloadingTls {
 
 fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+// The client side is used by the delivery client, whose queues are not wired into the daemon
+// yet (issue 4); its tests are the callers until then.
+#[allow(dead_code)]
+/// Client configuration for policy `verified`: the certificate must chain to a root in `roots`
+/// and match the host name.
+pub fn client_config_verified(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    // The ring provider supports the safe defaults; failing here is a build defect.
+    Arc::new(config.expect("ring supports the default protocol versions"))
+}
+
+#[allow(dead_code)]
+/// Client configuration for policies `opportunistic` and `required`: encryption without
+/// authentication, as RFC 7435 opportunistic security and most MTAs do (MX certificates are
+/// often self-signed or for another name). Handshake signatures are still checked.
+pub fn client_config_unverified() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(AcceptAnyCertificate(Arc::clone(&provider)));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth()
+        });
+    Arc::new(config.expect("ring supports the default protocol versions"))
+}
+
+/// Accepts any certificate chain, but verifies that the server holds its key.
+#[allow(dead_code)]
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -87,7 +87,9 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(ServerReply, usize)>, ReplyErro
         if !digits_ok || !matches!(sep, None | Some(b' ') | Some(b'-')) {
             return Err(ReplyError::Malformed(line.into_owned()));
         }
-        let this: u16 = line[..3].parse().map_err(|_| ReplyError::Malformed(line.to_string()))?;
+        let this: u16 = line[..3]
+            .parse()
+            .map_err(|_| ReplyError::Malformed(line.to_string()))?;
         if !(200..600).contains(&this) || code.is_some_and(|c| c != this) {
             return Err(ReplyError::Malformed(line.into_owned()));
         }
@@ -107,7 +109,11 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(ServerReply, usize)>, ReplyErro
             return Err(ReplyError::TooManyLines);
         }
         if sep != Some(b'-') {
-            let reply = ServerReply { code: this, enhanced, lines };
+            let reply = ServerReply {
+                code: this,
+                enhanced,
+                lines,
+            };
             return Ok(Some((reply, pos)));
         }
     }
@@ -121,7 +127,9 @@ fn is_enhanced_code(s: &str, code: u16) -> bool {
     else {
         return false;
     };
-    let num = |p: &str, max: usize| !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit());
+    let num = |p: &str, max: usize| {
+        !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+    };
     num(class, 1)
         && num(subject, 3)
         && num(detail, 3)
@@ -148,7 +156,9 @@ impl Capabilities {
         let mut c = Capabilities::default();
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
-            let Some(keyword) = words.next() else { continue };
+            let Some(keyword) = words.next() else {
+                continue;
+            };
             match keyword.to_ascii_uppercase().as_str() {
                 "PIPELINING" => c.pipelining = true,
                 "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
@@ -205,7 +215,10 @@ pub fn transaction_commands(
 ) -> Result<Vec<u8>, EnvelopeError> {
     if let Some(limit) = caps.size.filter(|&l| l > 0) {
         if env.size as u64 > limit {
-            return Err(EnvelopeError::TooBig { size: env.size, limit });
+            return Err(EnvelopeError::TooBig {
+                size: env.size,
+                limit,
+            });
         }
     }
     let needs_utf8 = env.smtputf8
@@ -214,7 +227,10 @@ pub fn transaction_commands(
     if needs_utf8 && !caps.smtputf8 {
         return Err(EnvelopeError::NeedsSmtputf8);
     }
-    let safe = |a: &str| !a.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'<' || b == b'>');
+    let safe = |a: &str| {
+        !a.bytes()
+            .any(|b| b < 0x20 || b == 0x7f || b == b'<' || b == b'>')
+    };
     if !safe(env.sender) {
         return Err(EnvelopeError::BadAddress(env.sender.into()));
     }
@@ -277,7 +293,10 @@ pub enum EnvelopeOutcome {
     MailRefused(ServerReply),
     /// Per-recipient RCPT replies; `proceed` is true when at least one was accepted and the
     /// DATA (or BDAT) step should go on.
-    Recipients { replies: Vec<ServerReply>, proceed: bool },
+    Recipients {
+        replies: Vec<ServerReply>,
+        proceed: bool,
+    },
 }
 
 /// Matches the replies to MAIL and each RCPT (in order, as PIPELINING guarantees).
@@ -286,7 +305,10 @@ pub fn match_envelope_replies(mail: ServerReply, rcpts: Vec<ServerReply>) -> Env
         return EnvelopeOutcome::MailRefused(mail);
     }
     let proceed = rcpts.iter().any(ServerReply::is_positive);
-    EnvelopeOutcome::Recipients { replies: rcpts, proceed }
+    EnvelopeOutcome::Recipients {
+        replies: rcpts,
+        proceed,
+    }
 }
 
 /// Writes `message` (CRLF line ends, not stuffed) for DATA: a `.` at the start of a line is
@@ -331,7 +353,10 @@ mod tests {
         let r = reply("550 5.1.1 No such user here\r\n");
         assert_eq!((r.code, r.enhanced.as_deref()), (550, Some("5.1.1")));
         assert_eq!(r.lines, ["No such user here"]);
-        let (r, used) = parse_reply(b"250-mx.test hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\nNEXT").unwrap().unwrap();
+        let (r, used) =
+            parse_reply(b"250-mx.test hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\nNEXT")
+                .unwrap()
+                .unwrap();
         assert_eq!(used, 50);
         assert_eq!(r.lines, ["mx.test hello", "PIPELINING", "SIZE 1000"]);
         assert_eq!(r.enhanced, None);
@@ -347,9 +372,18 @@ mod tests {
 
     #[test]
     fn malformed_and_oversized_replies_are_errors() {
-        assert!(matches!(parse_reply(b"hello\r\n"), Err(ReplyError::Malformed(_))));
-        assert!(matches!(parse_reply(b"250-a\r\n251 b\r\n"), Err(ReplyError::Malformed(_))));
-        assert!(matches!(parse_reply(b"099 x\r\n"), Err(ReplyError::Malformed(_))));
+        assert!(matches!(
+            parse_reply(b"hello\r\n"),
+            Err(ReplyError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_reply(b"250-a\r\n251 b\r\n"),
+            Err(ReplyError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_reply(b"099 x\r\n"),
+            Err(ReplyError::Malformed(_))
+        ));
         let long = vec![b'2'; REPLY_LINE_BYTES_MAX + 10];
         assert_eq!(parse_reply(&long), Err(ReplyError::LineTooLong));
         let many = "250-x\r\n".repeat(REPLY_LINES_MAX + 1);
@@ -359,12 +393,18 @@ mod tests {
     #[test]
     fn enhanced_code_must_match_the_reply_class() {
         assert_eq!(reply("250 5.0.0 odd\r\n").enhanced, None);
-        assert_eq!(reply("451 4.7.1 later\r\n").enhanced.as_deref(), Some("4.7.1"));
+        assert_eq!(
+            reply("451 4.7.1 later\r\n").enhanced.as_deref(),
+            Some("4.7.1")
+        );
     }
 
     #[test]
     fn ehlo_capabilities() {
-        let r = reply("250-mx greets\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n250-STARTTLS\r\n250-CHUNKING\r\n250 DSN\r\n");
+        let r = reply(
+            "250-mx greets\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n\
+             250-STARTTLS\r\n250-CHUNKING\r\n250 DSN\r\n",
+        );
         let c = Capabilities::from_ehlo(&r);
         assert!(c.pipelining && c.eight_bit_mime && c.starttls && c.chunking && c.dsn);
         assert_eq!(c.size, Some(52_428_800));
@@ -375,14 +415,22 @@ mod tests {
     fn pipelined_commands_carry_only_announced_parameters() {
         let env = Envelope {
             sender: "a@src.test",
-            recipients: vec![("b@dst.test", 4 | 8, "rfc822;b@dst.test"), ("c@dst.test", 0, "")],
+            recipients: vec![
+                ("b@dst.test", 4 | 8, "rfc822;b@dst.test"),
+                ("c@dst.test", 0, ""),
+            ],
             size: 1234,
             eight_bit: true,
             smtputf8: false,
             ret: Some("HDRS"),
             envid: "QQ1",
         };
-        let full = Capabilities { size: Some(0), eight_bit_mime: true, dsn: true, ..Default::default() };
+        let full = Capabilities {
+            size: Some(0),
+            eight_bit_mime: true,
+            dsn: true,
+            ..Default::default()
+        };
         let cmds = String::from_utf8(transaction_commands(&env, &full, false).unwrap()).unwrap();
         assert_eq!(
             cmds,
@@ -390,8 +438,13 @@ mod tests {
              RCPT TO:<b@dst.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@dst.test\r\n\
              RCPT TO:<c@dst.test>\r\nDATA\r\n"
         );
-        let bare = String::from_utf8(transaction_commands(&env, &Capabilities::default(), true).unwrap()).unwrap();
-        assert_eq!(bare, "MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nRCPT TO:<c@dst.test>\r\n");
+        let bare =
+            String::from_utf8(transaction_commands(&env, &Capabilities::default(), true).unwrap())
+                .unwrap();
+        assert_eq!(
+            bare,
+            "MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nRCPT TO:<c@dst.test>\r\n"
+        );
     }
 
     #[test]
@@ -410,10 +463,19 @@ mod tests {
             Err(EnvelopeError::NeedsSmtputf8)
         );
         env.recipients = vec![("b@dst.test", 0, "")];
-        let small = Capabilities { size: Some(5), ..Default::default() };
-        assert_eq!(transaction_commands(&env, &small, false), Err(EnvelopeError::TooBig { size: 10, limit: 5 }));
+        let small = Capabilities {
+            size: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(
+            transaction_commands(&env, &small, false),
+            Err(EnvelopeError::TooBig { size: 10, limit: 5 })
+        );
         env.recipients = vec![("b@dst.test>\r\nRCPT TO:<x@y", 0, "")];
-        assert!(matches!(transaction_commands(&env, &Capabilities::default(), false), Err(EnvelopeError::BadAddress(_))));
+        assert!(matches!(
+            transaction_commands(&env, &Capabilities::default(), false),
+            Err(EnvelopeError::BadAddress(_))
+        ));
     }
 
     #[test]
@@ -452,7 +514,12 @@ mod tests {
         dot_stuff(original, &mut wire);
         let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);
         let mut back = Vec::new();
-        assert_eq!(r.feed(&wire, &mut back), Progress::Done { consumed: wire.len() });
+        assert_eq!(
+            r.feed(&wire, &mut back),
+            Progress::Done {
+                consumed: wire.len()
+            }
+        );
         assert_eq!(back, original);
     }
 }
