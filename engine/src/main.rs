@@ -10,6 +10,7 @@
 mod auth;
 mod config;
 mod demo;
+mod dns;
 mod io;
 mod shard;
 mod smtp;

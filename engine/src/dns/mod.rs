@@ -1,0 +1,433 @@
+//! MX resolution for delivery (RFC 5321 §5.1, RFC 7505) with `hickory-resolver`, and a
+//! per-shard cache of the results that honours TTLs and has a bound on entries.
+//!
+//! [`MxResolver::resolve`] turns a recipient domain into one of:
+//! - the mail hosts to try, by MX preference, equal preferences in random order, each with its
+//!   addresses (hosts without an address are skipped);
+//! - implicit MX: no MX records but A/AAAA for the domain itself → that host, preference 0;
+//! - null MX (a single MX of preference 0 pointing at `.`): the domain accepts no mail
+//!   (permanent failure);
+//! - NXDOMAIN, or neither MX nor address records: permanent failure;
+//! - SERVFAIL, timeouts, MX hosts without any address: [`DnsError`], a deferral.
+//!
+//! Not here: routes that override MX (delivery configuration), connecting (the client).
+
+#![allow(dead_code)] // wired into delivery queues in issue 4; tests call it until then
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+
+/// Default bound on cached domains per shard.
+pub const CACHE_ENTRIES_MAX_DEFAULT: usize = 100_000;
+/// How long "no such domain" and "null MX" are remembered when the answer has no TTL to go by.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(300);
+
+/// One mail host to try.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MxHost {
+    pub name: String,
+    pub preference: u16,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Where mail for a domain goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Hosts in the order to try them.
+    Hosts(Vec<MxHost>),
+    /// RFC 7505: the domain accepts no mail.
+    NullMx,
+    /// NXDOMAIN, or no MX and no address records.
+    NoSuchDomain,
+}
+
+impl Resolution {
+    /// True when retrying cannot help.
+    pub fn is_permanent_failure(&self) -> bool {
+        matches!(self, Resolution::NullMx | Resolution::NoSuchDomain)
+    }
+}
+
+/// A temporary DNS failure (SERVFAIL, timeout, unreachable server, MX without addresses).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("DNS lookup for {domain} failed temporarily: {reason}")]
+pub struct DnsError {
+    pub domain: String,
+    pub reason: String,
+}
+
+/// Resolver settings.
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    /// Name servers (`ip:port`); empty = the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub attempts: usize,
+    pub cache_entries_max: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+            attempts: 2,
+            cache_entries_max: CACHE_ENTRIES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// A shard's MX resolver and result cache.
+pub struct MxResolver {
+    resolver: TokioResolver,
+    cache: HashMap<String, (Instant, Resolution)>,
+    cache_entries_max: usize,
+    rng: u64,
+}
+
+impl MxResolver {
+    /// Builds a resolver (inside a tokio runtime).
+    pub fn new(settings: &DnsSettings) -> Result<MxResolver, String> {
+        let mut builder = if settings.nameservers.is_empty() {
+            TokioResolver::builder_tokio()
+                .map_err(|e| format!("system resolver configuration: {e}"))?
+        } else {
+            let servers = settings
+                .nameservers
+                .iter()
+                .map(|sa| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = sa.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = sa.port();
+                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let opts = builder.options_mut();
+        opts.timeout = settings.timeout;
+        opts.attempts = settings.attempts;
+        opts.ndots = 0; // recipient domains are always absolute
+        let resolver = builder.build().map_err(|e| format!("resolver: {e}"))?;
+        Ok(MxResolver {
+            resolver,
+            cache: HashMap::new(),
+            cache_entries_max: settings.cache_entries_max.max(1),
+            rng: queue_format::now_micros() | 1,
+        })
+    }
+
+    /// Number of cached domains.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Where mail for `domain` goes. Cached results are returned until their TTL runs out.
+    pub async fn resolve(&mut self, domain: &str) -> Result<Resolution, DnsError> {
+        let key = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some((expires, r)) = self.cache.get(&key) {
+            if Instant::now() < *expires {
+                return Ok(r.clone());
+            }
+        }
+        let (resolution, expires) = self.lookup(&key).await?;
+        if self.cache.len() >= self.cache_entries_max && !self.cache.contains_key(&key) {
+            let now = Instant::now();
+            self.cache.retain(|_, (e, _)| *e > now);
+            if self.cache.len() >= self.cache_entries_max {
+                // Still full of live entries: forget the one closest to expiry.
+                let victim = self
+                    .cache
+                    .iter()
+                    .min_by_key(|(_, (e, _))| *e)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = victim {
+                    self.cache.remove(&k);
+                }
+            }
+        }
+        self.cache.insert(key, (expires, resolution.clone()));
+        Ok(resolution)
+    }
+
+    async fn lookup(&mut self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
+        let fqdn = format!("{domain}.");
+        let temporary = |reason: String| DnsError {
+            domain: domain.to_string(),
+            reason,
+        };
+        match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => {
+                let expires = lookup.valid_until();
+                let mut mx: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(m) => Some((m.preference, m.exchange.to_ascii())),
+                        _ => None,
+                    })
+                    .collect();
+                if mx.len() == 1 && mx[0].0 == 0 && mx[0].1 == "." {
+                    return Ok((
+                        Resolution::NullMx,
+                        expires.max(Instant::now() + NEGATIVE_TTL),
+                    ));
+                }
+                mx.retain(|(_, host)| host != ".");
+                if mx.is_empty() {
+                    return self.implicit_mx(domain).await;
+                }
+                self.shuffle_equal_preferences(&mut mx);
+                let mut hosts = Vec::with_capacity(mx.len());
+                let mut last_error = None;
+                for (preference, name) in mx {
+                    match self.resolver.lookup_ip(name.as_str()).await {
+                        Ok(ips) => {
+                            let addrs: Vec<IpAddr> = ips.iter().collect();
+                            if !addrs.is_empty() {
+                                let name = name.trim_end_matches('.').to_string();
+                                hosts.push(MxHost {
+                                    name,
+                                    preference,
+                                    addrs,
+                                });
+                            }
+                        }
+                        Err(e) => last_error = Some(e.to_string()),
+                    }
+                }
+                if hosts.is_empty() {
+                    let why = last_error.unwrap_or_else(|| "no MX host has an address".into());
+                    return Err(temporary(format!("MX hosts without addresses: {why}")));
+                }
+                Ok((Resolution::Hosts(hosts), expires))
+            }
+            Err(e) if e.is_nx_domain() => {
+                Ok((Resolution::NoSuchDomain, Instant::now() + NEGATIVE_TTL))
+            }
+            Err(e) if e.is_no_records_found() => self.implicit_mx(domain).await,
+            Err(e) => Err(temporary(e.to_string())),
+        }
+    }
+
+    /// RFC 5321 §5.1: without MX records, the domain's own address is the mail host.
+    async fn implicit_mx(&mut self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
+        match self.resolver.lookup_ip(format!("{domain}.").as_str()).await {
+            Ok(ips) => {
+                let expires = ips.valid_until();
+                let addrs: Vec<IpAddr> = ips.iter().collect();
+                if addrs.is_empty() {
+                    return Ok((Resolution::NoSuchDomain, Instant::now() + NEGATIVE_TTL));
+                }
+                let host = MxHost {
+                    name: domain.to_string(),
+                    preference: 0,
+                    addrs,
+                };
+                Ok((Resolution::Hosts(vec![host]), expires))
+            }
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+                Ok((Resolution::NoSuchDomain, Instant::now() + NEGATIVE_TTL))
+            }
+            Err(e) => Err(DnsError {
+                domain: domain.to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Sorts by preference and shuffles hosts of equal preference (RFC 5321 §5.1).
+    fn shuffle_equal_preferences(&mut self, mx: &mut [(u16, String)]) {
+        mx.sort_by_key(|(p, _)| *p);
+        let mut start = 0;
+        while start < mx.len() {
+            let end = start
+                + mx[start..]
+                    .iter()
+                    .take_while(|(p, _)| *p == mx[start].0)
+                    .count();
+            for i in (start + 1..end).rev() {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let j = start + (self.rng % (i - start + 1) as u64) as usize;
+                mx.swap(i, j);
+            }
+            start = end;
+        }
+    }
+}
+
+/// Against a real DNS server on loopback: `dnsmasq`, started by the test on a free port
+/// (scripts/test.sh installs the `dnsmasq-base` package).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dnsmasq(std::process::Child, u16);
+
+    impl Drop for Dnsmasq {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn dnsmasq() -> Dnsmasq {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+            ])
+            .args([
+                "--no-hosts",
+                "--pid-file=",
+                "--local=/test/",
+                "--local-ttl=300",
+            ])
+            .arg(format!("--port={port}"))
+            .args([
+                "--mx-host=multi.test,mx1.multi.test,10",
+                "--mx-host=multi.test,mx2.multi.test,10",
+            ])
+            .args(["--mx-host=multi.test,mx3.multi.test,20"])
+            .args([
+                "--host-record=mx1.multi.test,127.0.0.2",
+                "--host-record=mx2.multi.test,127.0.0.3",
+            ])
+            .args([
+                "--host-record=mx3.multi.test,127.0.0.4",
+                "--host-record=implicit.test,127.0.0.5",
+            ])
+            .args([
+                "--dns-rr=nullmx.test,15,000000",
+                "--mx-host=noaddr.test,ghost.noaddr.test,10",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq is needed for the DNS tests (scripts/test.sh installs dnsmasq-base)");
+        // Wait until it answers on TCP too.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Dnsmasq(child, port)
+    }
+
+    fn resolver(port: u16) -> MxResolver {
+        let settings = DnsSettings {
+            nameservers: vec![SocketAddr::from(([127, 0, 0, 1], port))],
+            timeout: Duration::from_millis(500),
+            attempts: 1,
+            cache_entries_max: 3,
+        };
+        MxResolver::new(&settings).unwrap()
+    }
+
+    fn run<F: std::future::Future<Output = ()>>(f: F) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f);
+    }
+
+    #[test]
+    fn mx_hosts_by_preference_with_equal_ones_shuffled() {
+        let dns = dnsmasq();
+        run(async {
+            let mut r = resolver(dns.1);
+            let mut firsts = std::collections::HashSet::new();
+            for _ in 0..40 {
+                r.cache.clear();
+                let Resolution::Hosts(hosts) = r.resolve("multi.test").await.unwrap() else {
+                    panic!("no hosts")
+                };
+                let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                assert_eq!(names.len(), 3);
+                assert_eq!(names[2], "mx3.multi.test", "{names:?}");
+                assert_eq!(hosts[2].addrs, vec![IpAddr::from([127, 0, 0, 4])]);
+                firsts.insert(names[0].to_string());
+            }
+            assert_eq!(
+                firsts.len(),
+                2,
+                "equal preferences must be tried in random order"
+            );
+        });
+    }
+
+    #[test]
+    fn implicit_null_and_missing_domains() {
+        let dns = dnsmasq();
+        run(async {
+            let mut r = resolver(dns.1);
+            let Resolution::Hosts(h) = r.resolve("implicit.test").await.unwrap() else {
+                panic!()
+            };
+            assert_eq!(
+                (h[0].name.as_str(), h[0].addrs[0]),
+                ("implicit.test", IpAddr::from([127, 0, 0, 5]))
+            );
+            assert_eq!(r.resolve("nullmx.test").await.unwrap(), Resolution::NullMx);
+            assert_eq!(
+                r.resolve("missing.test").await.unwrap(),
+                Resolution::NoSuchDomain
+            );
+            assert!(
+                r.resolve("noaddr.test").await.is_err(),
+                "an MX without address is temporary"
+            );
+        });
+    }
+
+    #[test]
+    fn unreachable_server_is_a_temporary_failure() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        run(async {
+            let mut r = resolver(port);
+            let e = r.resolve("multi.test").await.unwrap_err();
+            assert_eq!(e.domain, "multi.test");
+        });
+    }
+
+    #[test]
+    fn cache_answers_without_asking_and_stays_bounded() {
+        let dns = dnsmasq();
+        run(async {
+            let mut r = resolver(dns.1);
+            // Five answers (negative ones are cached too) into a cache of three.
+            for d in ["x1.test", "x2.test", "x3.test", "x4.test", "x5.test"] {
+                assert_eq!(r.resolve(d).await.unwrap(), Resolution::NoSuchDomain);
+                assert!(r.cached() <= 3, "{}", r.cached());
+            }
+            let first = r.resolve("implicit.test").await.unwrap();
+            // The server is gone: the cached answer is still served until its TTL runs out.
+            drop(dns);
+            assert_eq!(r.resolve("IMPLICIT.test.").await.unwrap(), first);
+        });
+    }
+}
