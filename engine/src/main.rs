@@ -9,6 +9,7 @@
 
 mod auth;
 mod config;
+mod delivery;
 mod demo;
 mod dns;
 mod io;
