@@ -67,12 +67,14 @@ impl Daemon {
             .spawn()
             .expect("start saida");
         let daemon = Daemon { child, port, dir };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // Ready means every shard has recovered its spool and serves ("saida running" is logged
+        // after that), not merely that the kernel accepts connections on the port.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !daemon.log().contains("saida running") {
+            let log = daemon.log();
             assert!(
                 std::time::Instant::now() < deadline,
-                "saida did not listen:\n{}",
-                daemon.log()
+                "saida did not start:\n{log}"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }

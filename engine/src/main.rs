@@ -81,6 +81,18 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         None => config::Config::default(),
     };
     init_logging(&config.log)?;
+    // Signal handlers are installed before anything listens, so that a SIGTERM arriving during
+    // start-up is a clean shutdown, not the default "terminate now".
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        anyhow::Ok((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
     let server = shard::Server::start(config.clone())?;
     tracing::info!(
         listeners = ?server.local_addrs,
@@ -89,18 +101,12 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         spool = %config.spool.dir.display(),
         "saida running"
     );
-    // Wait for SIGTERM or SIGINT on a small runtime of the main thread.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
-        anyhow::Ok(())
-    })?;
+    });
     tracing::info!("shutting down");
     let stats = std::sync::Arc::clone(&server.router_stats);
     server.stop();

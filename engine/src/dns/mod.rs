@@ -323,11 +323,13 @@ mod tests {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("dnsmasq is needed for the DNS tests (scripts/test.sh installs dnsmasq-base)");
-        // Wait until it answers on TCP too.
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
+        // Wait until it answers on TCP too (it binds UDP and TCP together).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Dnsmasq(child, port)
