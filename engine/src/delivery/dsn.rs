@@ -12,6 +12,8 @@ use crate::smtp::server::headers::rfc5322_date;
 
 /// The most of the original message a bounce carries; beyond it only the headers are returned.
 pub const RETURNED_MESSAGE_BYTES_MAX: usize = 256 << 10;
+/// Longest diagnostic quoted in a bounce line (lines must stay under 998 octets).
+const DIAGNOSTIC_CHARS_MAX: usize = 900;
 
 /// A recipient that failed.
 #[derive(Clone, Debug)]
@@ -34,15 +36,22 @@ pub struct FailedRecipient<'a> {
 pub struct Bounce {
     pub recipient: String,
     pub body: Vec<u8>,
+    /// The returned content has 8-bit bytes: send with `BODY=8BITMIME`.
+    pub eight_bit: bool,
+    /// The recipient address is UTF-8: send with `SMTPUTF8`. (RFC 6533's `message/global`
+    /// types are not used yet; the report parts stay `message/delivery-status`.)
+    pub smtputf8: bool,
 }
 
 /// Builds the bounce for `failed` recipients of `original`, or `None` when none is due.
-/// `id` makes the MIME boundary and Message-ID unique (the caller passes the new queue id).
+/// `id` makes the Message-ID unique (the caller passes the new queue id); `random` makes the
+/// MIME boundary unguessable, so content of the returned message cannot end a MIME part.
 pub fn build_bounce(
     original: &Message<'_>,
     failed: &[FailedRecipient<'_>],
     reporting_mta: &str,
     id: &str,
+    random: u64,
     now_secs: u64,
 ) -> Option<Bounce> {
     if original.sender.is_empty() {
@@ -57,7 +66,8 @@ pub fn build_bounce(
     if wanted.is_empty() {
         return None;
     }
-    let boundary = format!("{id}/{reporting_mta}");
+    // At most 70 characters (RFC 2046 §5.1.1): 32 + 1 + 16.
+    let boundary = format!("{}={random:016x}", &id[..id.len().min(32)]);
     let date = rfc5322_date(now_secs);
     let mut b = String::new();
     let line = |b: &mut String, s: &str| {
@@ -158,18 +168,27 @@ pub fn build_bounce(
         body.extend_from_slice(&original.body[..headers_end]);
     }
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let eight_bit = body.iter().any(|&b| b >= 0x80);
+    let smtputf8 = !original.sender.is_ascii();
     Some(Bounce {
         recipient: original.sender.to_string(),
         body,
+        eight_bit,
+        smtputf8,
     })
 }
 
 /// Replies can be multi-line; a DSN field is one line.
 fn one_line(s: &str) -> String {
-    s.split(['\r', '\n'])
+    let joined = s
+        .split(['\r', '\n'])
         .filter(|p| !p.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    match joined.char_indices().nth(DIAGNOSTIC_CHARS_MAX) {
+        Some((cut, _)) => format!("{}...", &joined[..cut]),
+        None => joined,
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +224,7 @@ mod tests {
     #[test]
     fn bounce_is_a_multipart_report_with_the_status_of_each_recipient() {
         let o = original("s@origin.test", DsnRet::Unspecified);
-        let b = build_bounce(&o, &[failed(0)], "mta.saida.test", "Q1", 1_795_840_300).unwrap();
+        let b = build_bounce(&o, &[failed(0)], "mta.saida.test", "Q1", 7, 1_795_840_300).unwrap();
         assert_eq!(b.recipient, "s@origin.test");
         let text = String::from_utf8(b.body).unwrap();
         assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
@@ -220,7 +239,7 @@ mod tests {
         // Without RET=FULL only the headers come back.
         assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\n"));
         assert!(!text.contains("secret body"));
-        assert!(text.ends_with("\r\n--Q1/mta.saida.test--\r\n"));
+        assert!(text.ends_with("\r\n--Q1=0000000000000007--\r\n"));
         assert!(
             !text.replace("\r\n", "").contains('\n'),
             "only CRLF line ends"
@@ -228,10 +247,24 @@ mod tests {
     }
 
     #[test]
+    fn long_diagnostics_are_cut_to_one_short_line() {
+        let o = original("s@origin.test", DsnRet::Unspecified);
+        let long = "x".repeat(5000);
+        let mut f = failed(0);
+        f.diagnostic = &long;
+        let b = build_bounce(&o, &[f], "m.test", "Q", 7, 0).unwrap();
+        let text = String::from_utf8(b.body).unwrap();
+        assert!(
+            text.split("\r\n").all(|l| l.len() < 998),
+            "a line is too long"
+        );
+    }
+
+    #[test]
     fn ret_full_returns_the_whole_message() {
         let o = original("s@origin.test", DsnRet::Full);
         let text = String::from_utf8(
-            build_bounce(&o, &[failed(0)], "m.test", "Q", 0)
+            build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0)
                 .unwrap()
                 .body,
         )
@@ -243,21 +276,30 @@ mod tests {
     #[test]
     fn no_bounce_to_the_null_sender_or_against_notify() {
         assert!(
-            build_bounce(&original("", DsnRet::Full), &[failed(0)], "m.test", "Q", 0).is_none()
+            build_bounce(
+                &original("", DsnRet::Full),
+                &[failed(0)],
+                "m.test",
+                "Q",
+                7,
+                0
+            )
+            .is_none()
         );
         let o = original("s@origin.test", DsnRet::Full);
-        assert!(build_bounce(&o, &[failed(notify::NEVER)], "m.test", "Q", 0).is_none());
+        assert!(build_bounce(&o, &[failed(notify::NEVER)], "m.test", "Q", 7, 0).is_none());
         assert!(
             build_bounce(
                 &o,
                 &[failed(notify::DELAY | notify::SUCCESS)],
                 "m.test",
                 "Q",
+                7,
                 0
             )
             .is_none()
         );
-        assert!(build_bounce(&o, &[failed(notify::FAILURE)], "m.test", "Q", 0).is_some());
+        assert!(build_bounce(&o, &[failed(notify::FAILURE)], "m.test", "Q", 7, 0).is_some());
     }
 
     #[test]
@@ -265,7 +307,7 @@ mod tests {
         use crate::smtp::client::protocol::dot_stuff;
         use crate::smtp::data::{BareLineEnd, ContentReader, Progress};
         let o = original("s@origin.test", DsnRet::Full);
-        let b = build_bounce(&o, &[failed(0)], "m.test", "Q", 0).unwrap();
+        let b = build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0).unwrap();
         let mut wire = Vec::new();
         dot_stuff(&b.body, &mut wire);
         let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);

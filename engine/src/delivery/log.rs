@@ -84,13 +84,23 @@ impl DeliveryLog {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{name}.jsonl"));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let bytes = file.metadata()?.len();
+        let meta = file.metadata()?;
+        // The file's age counts from its creation, not from this process's start, so frequent
+        // restarts do not postpone age-based rotation forever.
+        let age = meta
+            .created()
+            .or_else(|_| meta.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        let opened = age
+            .and_then(|a| Instant::now().checked_sub(a))
+            .unwrap_or_else(Instant::now);
         Ok(DeliveryLog {
             dir: dir.to_path_buf(),
             name: name.to_string(),
             out: BufWriter::with_capacity(64 << 10, file),
-            bytes,
-            opened: Instant::now(),
+            bytes: meta.len(),
+            opened,
             rotation,
             line: Vec::with_capacity(512),
         })
@@ -128,7 +138,12 @@ impl DeliveryLog {
             }
             n += 1;
         };
-        std::fs::rename(&current, &rotated)?;
+        match std::fs::rename(&current, &rotated) {
+            Ok(()) => {}
+            // Deleted by an operator: just start a new file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,14 +152,23 @@ impl DeliveryLog {
         self.bytes = 0;
         self.opened = Instant::now();
         let prefix = format!("{}-", self.name);
+        // Only this log's rotated files: `<name>-<digits>-<digits>.jsonl`, never a sibling log
+        // whose name merely starts the same way.
+        let digits = |p: Option<&str>| {
+            p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let ours = |n: &str| {
+            n.strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".jsonl"))
+                .is_some_and(|r| {
+                    let mut parts = r.split('-');
+                    digits(parts.next()) && digits(parts.next()) && parts.next().is_none()
+                })
+        };
         let mut old: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".jsonl"))
-            })
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(ours))
             .collect();
         // Names sort by time (fixed-width seconds for the next ~250 years), then by counter.
         old.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
@@ -230,5 +254,21 @@ mod tests {
         assert_eq!(files, 4, "the current file and 3 rotated ones");
         let current = std::fs::metadata(dir.path().join("d.jsonl")).unwrap().len();
         assert!(current <= 1000 + 600, "{current}");
+    }
+
+    #[test]
+    fn rotation_never_deletes_a_sibling_log() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d-shard1.jsonl"), "keep me\n").unwrap();
+        let rotation = LogRotation {
+            bytes_max: 300,
+            age_max: Duration::from_secs(3600),
+            files_max: 1,
+        };
+        let mut log = DeliveryLog::open(dir.path(), "d", rotation).unwrap();
+        for _ in 0..20 {
+            log.write(&record("250 ok")).unwrap();
+        }
+        assert!(dir.path().join("d-shard1.jsonl").exists());
     }
 }

@@ -33,16 +33,34 @@ pub enum Next {
 }
 
 impl RetrySchedule {
+    /// Checks the schedule: at least one delay, none zero (a zero delay would spin).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.delays.is_empty() || self.delays.iter().any(Duration::is_zero) {
+            return Err("retry delays must be a non-empty list of non-zero durations".into());
+        }
+        Ok(())
+    }
+
     /// The next step after failed attempt number `attempts` (1-based) at `now_micros`, for a
-    /// message received at `received_micros`. A retry that would fall after the expiry is
-    /// moved to the expiry time itself, so the last attempt happens at the deadline.
-    pub fn after_failure(&self, attempts: u32, received_micros: u64, now_micros: u64) -> Next {
-        let deadline = received_micros.saturating_add(self.max_age.as_micros() as u64);
+    /// message received at `received_micros`. Up to 10 % of jitter (from `random`) spreads
+    /// retries of everything deferred in the same outage. A retry that would fall after the
+    /// expiry is moved to the expiry time itself, so the last attempt happens at the deadline.
+    pub fn after_failure(
+        &self,
+        attempts: u32,
+        received_micros: u64,
+        now_micros: u64,
+        random: u64,
+    ) -> Next {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let deadline = received_micros.saturating_add(micros(self.max_age));
         if now_micros >= deadline || self.delays.is_empty() {
             return Next::Expire;
         }
         let i = (attempts.max(1) as usize - 1).min(self.delays.len() - 1);
-        let at = now_micros.saturating_add(self.delays[i].as_micros() as u64);
+        let delay = micros(self.delays[i]).max(1);
+        let jitter = random % (delay / 10).max(1);
+        let at = now_micros.saturating_add(delay).saturating_add(jitter);
         Next::RetryAt(at.min(deadline))
     }
 }
@@ -57,10 +75,28 @@ mod tests {
     fn delays_grow_then_repeat_the_last() {
         let s = RetrySchedule::default();
         let t0 = 1_000 * MIN;
-        assert_eq!(s.after_failure(1, t0, t0), Next::RetryAt(t0 + MIN));
-        assert_eq!(s.after_failure(2, t0, t0), Next::RetryAt(t0 + 5 * MIN));
-        assert_eq!(s.after_failure(7, t0, t0), Next::RetryAt(t0 + 240 * MIN));
-        assert_eq!(s.after_failure(50, t0, t0), Next::RetryAt(t0 + 240 * MIN));
+        assert_eq!(s.after_failure(1, t0, t0, 0), Next::RetryAt(t0 + MIN));
+        assert_eq!(s.after_failure(2, t0, t0, 0), Next::RetryAt(t0 + 5 * MIN));
+        assert_eq!(s.after_failure(7, t0, t0, 0), Next::RetryAt(t0 + 240 * MIN));
+        assert_eq!(
+            s.after_failure(50, t0, t0, 0),
+            Next::RetryAt(t0 + 240 * MIN)
+        );
+        // Jitter adds at most a tenth of the delay.
+        let Next::RetryAt(at) = s.after_failure(1, t0, t0, u64::MAX) else {
+            panic!()
+        };
+        assert!(at > t0 + MIN && at < t0 + MIN + MIN / 10);
+        let zero = RetrySchedule {
+            delays: vec![Duration::ZERO],
+            ..RetrySchedule::default()
+        };
+        assert!(zero.validate().is_err());
+        let forever = RetrySchedule {
+            max_age: Duration::MAX,
+            ..RetrySchedule::default()
+        };
+        assert_eq!(forever.after_failure(1, t0, t0, 0), Next::RetryAt(t0 + MIN));
     }
 
     #[test]
@@ -68,10 +104,10 @@ mod tests {
         let s = RetrySchedule::default();
         let t0 = 1_000 * MIN;
         let five_days = 5 * 24 * 60 * MIN;
-        assert_eq!(s.after_failure(9, t0, t0 + five_days), Next::Expire);
+        assert_eq!(s.after_failure(9, t0, t0 + five_days, 0), Next::Expire);
         // One minute before the deadline, a 4-hour delay is cut to the deadline.
         assert_eq!(
-            s.after_failure(9, t0, t0 + five_days - MIN),
+            s.after_failure(9, t0, t0 + five_days - MIN, 0),
             Next::RetryAt(t0 + five_days)
         );
     }

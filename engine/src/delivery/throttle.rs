@@ -24,9 +24,14 @@ impl Bucket {
     }
 
     fn refill(&mut self, now: u64) {
-        let elapsed = now.saturating_sub(self.last_micros) as f64;
+        if now < self.last_micros {
+            // The clock went back: restart the reference instead of waiting for it to return.
+            self.last_micros = now;
+            return;
+        }
+        let elapsed = (now - self.last_micros) as f64;
         self.tokens = (self.tokens + elapsed * self.per_micro).min(self.capacity);
-        self.last_micros = now.max(self.last_micros);
+        self.last_micros = now;
     }
 
     /// Microseconds until one token is available (0 if one is).
@@ -46,7 +51,8 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Limits in messages per second, minute and hour (`None` = no limit at that scale).
+    /// Limits in messages per second, minute and hour (`None` = no limit at that scale; a limit
+    /// of 0 is taken as 1: suspending a destination is a separate switch).
     pub fn new(
         per_second: Option<u32>,
         per_minute: Option<u32>,
@@ -84,6 +90,14 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000;
+
+    #[test]
+    fn a_clock_going_back_does_not_stall() {
+        let mut r = RateLimit::new(Some(1), None, None, 100 * S);
+        assert_eq!(r.try_take(100 * S), Ok(()));
+        assert!(r.try_take(50 * S).is_err());
+        assert_eq!(r.try_take(51 * S), Ok(()), "refills from the new reference");
+    }
 
     #[test]
     fn unlimited_always_allows() {

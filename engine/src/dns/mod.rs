@@ -27,6 +27,10 @@ use hickory_resolver::proto::rr::RData;
 pub const CACHE_ENTRIES_MAX_DEFAULT: usize = 100_000;
 /// How long "no such domain" and "null MX" are remembered when the answer has no TTL to go by.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(300);
+/// How long an answer is kept when some MX host's address lookup failed (so it is retried soon).
+pub const PARTIAL_TTL: Duration = Duration::from_secs(60);
+/// MX hosts looked up per domain (the best-preference ones).
+pub const MX_HOSTS_MAX: usize = 10;
 
 /// One mail host to try.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,7 +141,9 @@ impl MxResolver {
         let key = domain.trim_end_matches('.').to_ascii_lowercase();
         if let Some((expires, r)) = self.cache.get(&key) {
             if Instant::now() < *expires {
-                return Ok(r.clone());
+                let mut r = r.clone();
+                self.shuffle(&mut r);
+                return Ok(r);
             }
         }
         let (resolution, expires) = self.lookup(&key).await?;
@@ -157,7 +163,32 @@ impl MxResolver {
             }
         }
         self.cache.insert(key, (expires, resolution.clone()));
+        let mut resolution = resolution;
+        self.shuffle(&mut resolution);
         Ok(resolution)
+    }
+
+    /// Hosts of equal preference in a fresh random order, on every answer (cached or not), so
+    /// that load spreads over them for the whole TTL.
+    fn shuffle(&mut self, r: &mut Resolution) {
+        let Resolution::Hosts(hosts) = r else { return };
+        let mut start = 0;
+        while start < hosts.len() {
+            let pref = hosts[start].preference;
+            let end = start
+                + hosts[start..]
+                    .iter()
+                    .take_while(|h| h.preference == pref)
+                    .count();
+            for i in (start + 1..end).rev() {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let j = start + (self.rng % (i - start + 1) as u64) as usize;
+                hosts.swap(i, j);
+            }
+            start = end;
+        }
     }
 
     async fn lookup(&mut self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
@@ -168,7 +199,7 @@ impl MxResolver {
         };
         match self.resolver.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
-                let expires = lookup.valid_until();
+                let mut expires = lookup.valid_until();
                 let mut mx: Vec<(u16, String)> = lookup
                     .answers()
                     .iter()
@@ -177,22 +208,27 @@ impl MxResolver {
                         _ => None,
                     })
                     .collect();
-                if mx.len() == 1 && mx[0].0 == 0 && mx[0].1 == "." {
+                let null = |h: &str| h == "." || h.is_empty();
+                if !mx.is_empty() && mx.iter().all(|(_, h)| null(h)) {
+                    // RFC 7505 (and, for a non-zero preference, RFC 5321 §5.1: MX records
+                    // exist, so the domain's own address must not be used).
                     return Ok((
                         Resolution::NullMx,
                         expires.max(Instant::now() + NEGATIVE_TTL),
                     ));
                 }
-                mx.retain(|(_, host)| host != ".");
+                mx.retain(|(_, h)| !null(h));
                 if mx.is_empty() {
                     return self.implicit_mx(domain).await;
                 }
-                self.shuffle_equal_preferences(&mut mx);
+                mx.sort_by_key(|(p, _)| *p);
+                mx.truncate(MX_HOSTS_MAX);
                 let mut hosts = Vec::with_capacity(mx.len());
                 let mut last_error = None;
                 for (preference, name) in mx {
                     match self.resolver.lookup_ip(name.as_str()).await {
                         Ok(ips) => {
+                            expires = expires.min(ips.valid_until());
                             let addrs: Vec<IpAddr> = ips.iter().collect();
                             if !addrs.is_empty() {
                                 let name = name.trim_end_matches('.').to_string();
@@ -210,6 +246,10 @@ impl MxResolver {
                     let why = last_error.unwrap_or_else(|| "no MX host has an address".into());
                     return Err(temporary(format!("MX hosts without addresses: {why}")));
                 }
+                if last_error.is_some() {
+                    // Some host's address is missing for now: ask again soon.
+                    expires = expires.min(Instant::now() + PARTIAL_TTL);
+                }
                 Ok((Resolution::Hosts(hosts), expires))
             }
             Err(e) if e.is_nx_domain() => {
@@ -220,51 +260,51 @@ impl MxResolver {
         }
     }
 
-    /// RFC 5321 §5.1: without MX records, the domain's own address is the mail host.
+    /// RFC 5321 §5.1: without MX records, the domain's own address is the mail host. A and
+    /// AAAA are asked separately: the domain has no mail host only if the name does not exist or
+    /// both answer "no records"; any other failure of either is temporary.
     async fn implicit_mx(&mut self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
-        match self.resolver.lookup_ip(format!("{domain}.").as_str()).await {
-            Ok(ips) => {
-                let expires = ips.valid_until();
-                let addrs: Vec<IpAddr> = ips.iter().collect();
-                if addrs.is_empty() {
-                    return Ok((Resolution::NoSuchDomain, Instant::now() + NEGATIVE_TTL));
+        let fqdn = format!("{domain}.");
+        let temporary = |e: String| DnsError {
+            domain: domain.to_string(),
+            reason: e,
+        };
+        let v4 = self.resolver.ipv4_lookup(fqdn.as_str()).await;
+        let v6 = self.resolver.ipv6_lookup(fqdn.as_str()).await;
+        let mut addrs = Vec::new();
+        let mut expires = Instant::now() + NEGATIVE_TTL;
+        let (mut absent, mut nx, mut failure) = (0, false, None);
+        for result in [v4, v6] {
+            match result {
+                Ok(lookup) => {
+                    expires = expires.min(lookup.valid_until());
+                    addrs.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    }));
                 }
-                let host = MxHost {
-                    name: domain.to_string(),
-                    preference: 0,
-                    addrs,
-                };
-                Ok((Resolution::Hosts(vec![host]), expires))
+                Err(e) if e.is_nx_domain() => nx = true,
+                Err(e) if e.is_no_records_found() => absent += 1,
+                Err(e) => failure = Some(e.to_string()),
             }
-            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
-                Ok((Resolution::NoSuchDomain, Instant::now() + NEGATIVE_TTL))
-            }
-            Err(e) => Err(DnsError {
-                domain: domain.to_string(),
-                reason: e.to_string(),
-            }),
         }
-    }
-
-    /// Sorts by preference and shuffles hosts of equal preference (RFC 5321 §5.1).
-    fn shuffle_equal_preferences(&mut self, mx: &mut [(u16, String)]) {
-        mx.sort_by_key(|(p, _)| *p);
-        let mut start = 0;
-        while start < mx.len() {
-            let end = start
-                + mx[start..]
-                    .iter()
-                    .take_while(|(p, _)| *p == mx[start].0)
-                    .count();
-            for i in (start + 1..end).rev() {
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                let j = start + (self.rng % (i - start + 1) as u64) as usize;
-                mx.swap(i, j);
-            }
-            start = end;
+        if !addrs.is_empty() {
+            // One family answering is enough, whatever happened to the other.
+            let host = MxHost {
+                name: domain.to_string(),
+                preference: 0,
+                addrs,
+            };
+            return Ok((Resolution::Hosts(vec![host]), expires));
         }
+        if nx || absent == 2 {
+            return Ok((Resolution::NoSuchDomain, Instant::now() + NEGATIVE_TTL));
+        }
+        if let Some(why) = failure {
+            return Err(temporary(why));
+        }
+        Err(temporary("no address answer".into()))
     }
 }
 

@@ -107,7 +107,15 @@ pub struct ClientSession<S: Stream> {
     timeouts: Timeouts,
     /// Transactions sent on this connection.
     pub transactions: u64,
+    /// An error left the conversation in an unknown state: the connection must not be reused.
+    broken: bool,
 }
+
+/// RCPT commands sent in one pipelined write: RFC 2920 §3.1 warns that a server may stop
+/// reading while its replies pile up unread, so long envelopes go in groups.
+const RCPTS_PER_WRITE_MAX: usize = 100;
+/// Content is written in pieces of this size, each under its own data-block timeout.
+const DATA_WRITE_BYTES: usize = 64 << 10;
 
 impl<S: Stream> ClientSession<S> {
     /// Reads the banner, says EHLO (HELO if EHLO is refused) and applies the TLS policy.
@@ -118,6 +126,7 @@ impl<S: Stream> ClientSession<S> {
             caps: Capabilities::default(),
             timeouts: setup.timeouts,
             transactions: 0,
+            broken: false,
         };
         let banner = s.reply("the banner", setup.timeouts.command).await?;
         if banner.code != 220 {
@@ -185,8 +194,29 @@ impl<S: Stream> ClientSession<S> {
         Ok(())
     }
 
-    /// Sends one message to the envelope's recipients and returns a reply per recipient.
+    /// True when the connection may carry another transaction.
+    pub fn is_reusable(&self) -> bool {
+        !self.broken
+    }
+
+    /// Sends one message to the envelope's recipients and returns a reply per recipient. After
+    /// any error but an envelope refusal, the connection is marked broken and refuses reuse.
     pub async fn send(
+        &mut self,
+        env: &Envelope<'_>,
+        message: &[u8],
+    ) -> Result<Delivery, ClientError> {
+        if self.broken {
+            return Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into());
+        }
+        let result = self.send_inner(env, message).await;
+        if matches!(&result, Err(e) if e.is_connection_failure()) {
+            self.broken = true;
+        }
+        result
+    }
+
+    async fn send_inner(
         &mut self,
         env: &Envelope<'_>,
         message: &[u8],
@@ -200,32 +230,39 @@ impl<S: Stream> ClientSession<S> {
         }
         self.transactions += 1;
         let chunking = self.caps.chunking;
-        let commands = transaction_commands(env, &self.caps, chunking)?;
+        let pipelining = self.caps.pipelining;
+        // DATA is pipelined with the envelope only when PIPELINING is offered.
+        let commands = transaction_commands(env, &self.caps, chunking || !pipelining)?;
         let n = env.recipients.len();
-        let (mail, rcpts) = if self.caps.pipelining {
-            self.write(commands).await?;
-            let mail = self.reply("the MAIL reply", self.timeouts.command).await?;
-            let mut rcpts = Vec::with_capacity(n);
-            for _ in 0..n {
-                rcpts.push(self.reply("an RCPT reply", self.timeouts.command).await?);
+        let text = String::from_utf8_lossy(&commands).into_owned();
+        let lines: Vec<&str> = text.split_inclusive("\r\n").collect();
+        let group = if pipelining { RCPTS_PER_WRITE_MAX } else { 1 };
+        let mut replies: Vec<ServerReply> = Vec::with_capacity(n + 1);
+        let mut i = 0;
+        while i < lines.len() {
+            let end = (i + group).min(lines.len());
+            self.write(lines[i..end].concat().into_bytes()).await?;
+            // Replies to MAIL and RCPT are read here; DATA's, if pipelined, further down.
+            for _ in i..end.min(1 + n) {
+                replies.push(
+                    self.reply("an envelope reply", self.timeouts.command)
+                        .await?,
+                );
             }
-            (mail, rcpts)
-        } else {
-            // One command at a time: split the batch at its line ends.
-            let text = String::from_utf8_lossy(&commands).into_owned();
-            let mut lines = text.split_inclusive("\r\n");
-            let mail_line = lines.next().unwrap_or_default().as_bytes().to_vec();
-            self.write(mail_line).await?;
-            let mail = self.reply("the MAIL reply", self.timeouts.command).await?;
-            let mut rcpts = Vec::with_capacity(n);
-            if mail.is_positive() {
-                for line in lines.take(n) {
-                    self.write(line.as_bytes().to_vec()).await?;
-                    rcpts.push(self.reply("an RCPT reply", self.timeouts.command).await?);
-                }
+            if !pipelining && !replies[0].is_positive() {
+                break; // MAIL refused: no RCPT is sent
             }
-            (mail, rcpts)
+            i = end;
+        }
+        let mut replies = replies.into_iter();
+        let Some(mail) = replies.next() else {
+            return Err(ClientError::Refused(ServerReply {
+                code: 554,
+                enhanced: None,
+                lines: vec!["no reply to MAIL".into()],
+            }));
         };
+        let rcpts: Vec<ServerReply> = replies.collect();
         let (rcpt_replies, proceed) = match match_envelope_replies(mail, rcpts) {
             EnvelopeOutcome::MailRefused(r) => {
                 if self.caps.pipelining && !chunking {
@@ -246,9 +283,9 @@ impl<S: Stream> ClientSession<S> {
                     replies: rcpt_replies,
                 });
             }
-            let mut out = format!("BDAT {} LAST\r\n", message.len()).into_bytes();
-            out.extend_from_slice(message);
-            self.write_timed(out, self.timeouts.data_block).await?;
+            let head = format!("BDAT {} LAST\r\n", message.len()).into_bytes();
+            self.write(head).await?;
+            self.write_content(message).await?;
             self.reply("the BDAT reply", self.timeouts.data_end).await?
         } else {
             if !self.caps.pipelining && proceed {
@@ -282,7 +319,7 @@ impl<S: Stream> ClientSession<S> {
             }
             let mut out = Vec::new();
             dot_stuff(message, &mut out);
-            self.write_timed(out, self.timeouts.data_block).await?;
+            self.write_content(&out).await?;
             self.reply("the end-of-data reply", self.timeouts.data_end)
                 .await?
         };
@@ -307,6 +344,25 @@ impl<S: Stream> ClientSession<S> {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.conn.shutdown()).await;
     }
 
+    /// Writes content in `DATA_WRITE_BYTES` pieces, each bounded by the data-block timeout, so a
+    /// slow but moving link finishes a large message.
+    async fn write_content(&mut self, content: &[u8]) -> Result<(), ClientError> {
+        let mut buf = Vec::with_capacity(DATA_WRITE_BYTES);
+        for piece in content.chunks(DATA_WRITE_BYTES) {
+            buf.clear();
+            buf.extend_from_slice(piece);
+            let out = std::mem::take(&mut buf);
+            match tokio::time::timeout(self.timeouts.data_block, self.conn.write_all(out)).await {
+                Ok((r, back)) => {
+                    r?;
+                    buf = back;
+                }
+                Err(_) => return Err(ClientError::Timeout("a data block write")),
+            }
+        }
+        Ok(())
+    }
+
     async fn write(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
         self.write_timed(bytes, self.timeouts.command).await
     }
@@ -323,14 +379,22 @@ impl<S: Stream> ClientSession<S> {
         what: &'static str,
         timeout: Duration,
     ) -> Result<ServerReply, ClientError> {
+        // One deadline for the whole reply: a server dribbling bytes cannot stretch it.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut parse = true;
         loop {
-            if let Some((reply, used)) = parse_reply(&self.inbuf)? {
-                self.inbuf.drain(..used);
-                return Ok(reply);
+            // Parse only when a new line end arrived: re-scanning on every small read would
+            // cost the square of the reply's size.
+            if parse {
+                if let Some((reply, used)) = parse_reply(&self.inbuf)? {
+                    self.inbuf.drain(..used);
+                    return Ok(reply);
+                }
             }
+            let before = self.inbuf.len();
             let mut buf = std::mem::take(&mut self.inbuf);
             buf.reserve(4096);
-            match tokio::time::timeout(timeout, self.conn.read(buf)).await {
+            match tokio::time::timeout_at(deadline, self.conn.read(buf)).await {
                 Ok((Ok(0), _)) => {
                     return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                 }
@@ -338,6 +402,7 @@ impl<S: Stream> ClientSession<S> {
                 Ok((Err(e), _)) => return Err(e.into()),
                 Err(_) => return Err(ClientError::Timeout(what)),
             }
+            parse = self.inbuf[before..].contains(&b'\n');
         }
     }
 }
@@ -471,6 +536,24 @@ mod tests {
             for (id, _) in spool.live() {
                 assert!(spool.message(id).unwrap().body.ends_with(body));
             }
+        });
+    }
+
+    #[test]
+    fn long_envelopes_are_pipelined_in_groups_and_every_recipient_gets_a_reply() {
+        run(async {
+            let srv = server(false).await;
+            let s = setup(TlsPolicy::Opportunistic, client_config_unverified());
+            let mut c = ClientSession::start(connect(srv.port).await, &s)
+                .await
+                .unwrap();
+            let addrs: Vec<String> = (0..250).map(|i| format!("r{i}@dest.test")).collect();
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let body = b"Subject: t\r\n\r\nhi\r\n";
+            let d = c.send(&envelope(&refs, body.len()), body).await.unwrap();
+            assert_eq!(d.replies.len(), 250);
+            assert!(d.replies.iter().all(|r| r.code == 250));
+            assert!(c.is_reusable());
         });
     }
 
