@@ -34,4 +34,6 @@ pub use log::{
     AppendMethod, CommitTicket, Location, LogConfig, LogStats, SegmentLog, SyncPolicy, now_micros,
 };
 pub use recovery::{Damage, RecoveryReport, TornTail};
-pub use spool::{LiveMessage, RcptStatus, ReclaimReport, Spool, SpoolConfig, SpoolUsage};
+pub use spool::{
+    LiveMessage, MessageRef, RcptStatus, ReclaimReport, Spool, SpoolConfig, SpoolReader, SpoolUsage,
+};

@@ -29,6 +29,7 @@
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::codec::{Message, OutcomeEntry, Outcomes, QueueId, RcptState, Record};
@@ -116,7 +117,9 @@ impl LiveMessage {
 }
 
 struct SegmentEntry {
-    map: OnceCell<SegmentMap>,
+    /// This shard's handle on the segment's map, shared with other shards through the
+    /// [`SpoolReader`] registry.
+    map: OnceCell<Arc<SegmentMap>>,
     live_bases: u32,
     live_bytes: u64,
     created_micros: u64,
@@ -173,6 +176,8 @@ pub struct Spool {
     rehoming: Vec<Rehome>,
     /// Messages whose last outcome makes them terminal, until that outcome is committed.
     finishing: Vec<(CommitTicket, QueueId)>,
+    /// Segment maps shared with other shards ([`SpoolReader`]).
+    registry: MapRegistry,
 }
 
 impl Spool {
@@ -182,6 +187,7 @@ impl Spool {
         let mut builder = IndexBuilder::default();
         let (recovered, report) = recover_dir(&config.log.dir, |loc, rec| builder.apply(loc, rec))?;
         let mut segments = BTreeMap::new();
+        let registry: MapRegistry = Arc::default();
         let mut next_id: u64 = 1;
         for q in &report.quarantined {
             let name = q.file_stem().and_then(|n| n.to_str()).unwrap_or("");
@@ -204,7 +210,12 @@ impl Spool {
             next_id = next_id.max(seg.id.saturating_add(1));
             let created = seg.header.map_or(0, |h| h.created_micros);
             let entry = SegmentEntry::new(created);
-            let _ = entry.map.set(seg.map);
+            let map = Arc::new(seg.map);
+            registry
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(seg.id, Arc::clone(&map));
+            let _ = entry.map.set(map);
             segments.insert(seg.id, entry);
         }
         let mut live_bytes = 0;
@@ -234,6 +245,7 @@ impl Spool {
             counter: random_u64() & COUNTER_MASK,
             rehoming: Vec::new(),
             finishing: Vec::new(),
+            registry,
         };
         Ok((spool, report))
     }
@@ -362,7 +374,12 @@ impl Spool {
             .messages
             .get(&queue_id)
             .ok_or_else(|| SpoolError::NotFound(queue_id.to_string()))?;
-        read_base(&self.config.log.dir, &self.segments, live.base)
+        read_base(
+            &self.config.log.dir,
+            &self.segments,
+            &self.registry,
+            live.base,
+        )
     }
 
     /// Log counters (commits, records, bytes, syncs).
@@ -403,6 +420,11 @@ impl Spool {
                 break;
             }
             self.segments.remove(&id);
+            // Readers holding the map keep it valid; new reads of this segment fail.
+            self.registry
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             deleted.push(id);
         }
         // One directory sync per unlink: a crash must never keep a newer segment's deletion
@@ -446,7 +468,12 @@ impl Spool {
         let (mut moved, mut stuck) = (0, 0);
         for queue_id in &ids {
             let live = &self.messages[queue_id];
-            let Ok(mut message) = read_base(&self.config.log.dir, &self.segments, live.base) else {
+            let Ok(mut message) = read_base(
+                &self.config.log.dir,
+                &self.segments,
+                &self.registry,
+                live.base,
+            ) else {
                 stuck += 1;
                 continue;
             };
@@ -531,13 +558,38 @@ impl Spool {
 
     /// Makes sure the segment a record went to is known, so that it is reclaimed in turn even if
     /// it holds only outcome records.
+    /// A thread-safe, read-only view of this spool's segments, for the shards that deliver its
+    /// messages.
+    pub fn reader(&self) -> SpoolReader {
+        SpoolReader {
+            dir: self.config.log.dir.clone(),
+            maps: Arc::clone(&self.registry),
+        }
+    }
+
     fn track(&mut self, loc: Location) {
-        self.segments
-            .entry(loc.segment)
-            .or_insert_with(|| SegmentEntry::new(now_micros()));
+        if self.segments.contains_key(&loc.segment) {
+            return;
+        }
+        let entry = SegmentEntry::new(now_micros());
+        // Map it now, so that other shards' readers find it in the registry. On failure they
+        // (and this spool) map it on first read instead.
+        let path = self.config.log.dir.join(segment_file_name(loc.segment));
+        if let Ok(map) = std::fs::File::open(&path).and_then(|f| {
+            SegmentMap::open(&f, &path).map_err(|e| std::io::Error::other(e.to_string()))
+        }) {
+            let map = Arc::new(map);
+            self.registry
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(loc.segment, Arc::clone(&map));
+            let _ = entry.map.set(map);
+        }
+        self.segments.insert(loc.segment, entry);
     }
 
     fn add_base(&mut self, loc: Location) {
+        self.track(loc);
         let e = self
             .segments
             .entry(loc.segment)
@@ -565,6 +617,7 @@ impl Spool {
 fn read_base<'s>(
     dir: &Path,
     segments: &'s BTreeMap<u64, SegmentEntry>,
+    registry: &MapRegistry,
     loc: Location,
 ) -> Result<Message<'s>, SpoolError> {
     let entry = segments
@@ -573,15 +626,26 @@ fn read_base<'s>(
     let path = dir.join(segment_file_name(loc.segment));
     if entry.map.get().is_none() {
         let file = std::fs::File::open(&path).map_err(io_err(IoOp::Open, &path))?;
-        let _ = entry.map.set(SegmentMap::open(&file, &path)?);
+        let map = Arc::new(SegmentMap::open(&file, &path)?);
+        registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(loc.segment, Arc::clone(&map));
+        let _ = entry.map.set(map);
     }
     let bytes = entry.map.get().expect("set just above").bytes();
+    decode_base(bytes, &path, loc)
+}
+
+/// Decodes the `Message` or `Rehomed` frame at `loc` in a segment's bytes, checking its CRC
+/// again (a pair assertion at the durability boundary).
+fn decode_base<'b>(bytes: &'b [u8], path: &Path, loc: Location) -> Result<Message<'b>, SpoolError> {
     let start = loc.offset as usize;
     let frame = bytes
         .get(start..start + loc.len as usize)
         .ok_or_else(|| SpoolError::NotFound(format!("{loc:?} is past the end of the segment")))?;
     let unreadable = |error| SpoolError::Unreadable {
-        path: path.clone(),
+        path: path.to_path_buf(),
         offset: loc.offset.into(),
         error,
     };
@@ -598,6 +662,59 @@ fn read_base<'s>(
         crate::codec::FrameRead::End => {
             Err(SpoolError::NotFound(format!("{loc:?} holds no record")))
         }
+    }
+}
+
+/// Segment maps by id, shared by a spool and its readers.
+type MapRegistry = Arc<RwLock<HashMap<u64, Arc<SegmentMap>>>>;
+
+/// A read-only view of another shard's spool: `Clone`, `Send` and `Sync`. Reads are zero-copy
+/// from the segment maps; a [`MessageRef`] keeps its map alive, so a message stays readable even
+/// if compaction moves it and its old segment is deleted meanwhile.
+#[derive(Clone)]
+pub struct SpoolReader {
+    dir: std::path::PathBuf,
+    maps: MapRegistry,
+}
+
+impl SpoolReader {
+    /// A handle on the message whose base record is at `loc`. Fails with `NotFound` when the
+    /// segment has been reclaimed (the caller asks the spool's shard for the current location).
+    pub fn read(&self, loc: Location) -> Result<MessageRef, SpoolError> {
+        let shared = self
+            .maps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&loc.segment)
+            .cloned();
+        let map = match shared {
+            Some(m) => m,
+            None => {
+                // Not mapped by its spool yet: map privately (never registered, so a reader
+                // cannot resurrect a deleted segment in the registry).
+                let path = self.dir.join(segment_file_name(loc.segment));
+                let file = std::fs::File::open(&path)
+                    .map_err(|_| SpoolError::NotFound(format!("segment {}", loc.segment)))?;
+                Arc::new(SegmentMap::open(&file, &path)?)
+            }
+        };
+        let path = self.dir.join(segment_file_name(loc.segment));
+        decode_base(map.bytes(), &path, loc)?; // checked once here, so `message` cannot fail
+        Ok(MessageRef { map, loc, path })
+    }
+}
+
+/// A message read through a [`SpoolReader`]; borrowing from it costs no copy.
+pub struct MessageRef {
+    map: Arc<SegmentMap>,
+    loc: Location,
+    path: std::path::PathBuf,
+}
+
+impl MessageRef {
+    /// The decoded message, borrowing envelope strings and body from the map.
+    pub fn message(&self) -> Result<Message<'_>, SpoolError> {
+        decode_base(self.map.bytes(), &self.path, self.loc)
     }
 }
 
