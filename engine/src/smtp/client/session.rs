@@ -59,6 +59,10 @@ pub struct ClientSetup {
     /// The MX host name, for SNI and certificate checks.
     pub server_name: String,
     pub timeouts: Timeouts,
+    /// Whether to use STARTTLS when offered. Only `Opportunistic` may turn it off: the caller
+    /// does so to retry a host whose TLS handshake failed ([`ClientError::is_tls_failure`]),
+    /// since plain text beats no delivery under that policy (RFC 7435).
+    pub use_starttls: bool,
 }
 
 /// Why a connection or a transaction failed.
@@ -89,6 +93,11 @@ impl ClientError {
     /// the message's (another server would say the same).
     pub fn is_connection_failure(&self) -> bool {
         !matches!(self, ClientError::Envelope(_))
+    }
+
+    /// True when TLS failed; under `Opportunistic` the caller retries without STARTTLS.
+    pub fn is_tls_failure(&self) -> bool {
+        matches!(self, ClientError::Tls(_))
     }
 }
 
@@ -133,7 +142,8 @@ impl<S: Stream> ClientSession<S> {
             return Err(ClientError::Refused(banner));
         }
         s.hello(&setup.helo_name).await?;
-        let want_tls = s.caps.starttls || setup.policy != TlsPolicy::Opportunistic;
+        let plain_allowed = setup.policy == TlsPolicy::Opportunistic;
+        let want_tls = !plain_allowed || (s.caps.starttls && setup.use_starttls);
         if want_tls {
             if !s.caps.starttls {
                 return Err(ClientError::Tls("STARTTLS not offered".into()));
@@ -480,6 +490,7 @@ mod tests {
             tls,
             server_name: "mx.test".into(),
             timeouts: Timeouts::default(),
+            use_starttls: true,
         }
     }
 
@@ -587,6 +598,54 @@ mod tests {
                 Err(e) => panic!("wrong error: {e}"),
                 Ok(_) => panic!("verified policy accepted a self-signed certificate"),
             }
+        });
+    }
+
+    /// A server that offers STARTTLS and then breaks the handshake.
+    async fn broken_tls_server() -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::task::spawn_local(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::task::spawn_local(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let _ = w.write_all(b"220 broken ESMTP\r\n").await;
+                    let mut line = String::new();
+                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let reply: &[u8] = if line.starts_with("EHLO") {
+                            b"250-broken\r\n250 STARTTLS\r\n"
+                        } else if line.starts_with("STARTTLS") {
+                            b"220 go ahead\r\nthis is not TLS\r\n"
+                        } else {
+                            b"250 ok\r\n"
+                        };
+                        let _ = w.write_all(reply).await;
+                        line.clear();
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn opportunistic_tls_failure_is_retried_in_plain_text_and_required_is_not() {
+        run(async {
+            let port = broken_tls_server().await;
+            let mut s = setup(TlsPolicy::Opportunistic, client_config_unverified());
+            let err = ClientSession::start(connect(port).await, &s)
+                .await
+                .err()
+                .unwrap();
+            assert!(err.is_tls_failure(), "{err}");
+            s.use_starttls = false;
+            let c = ClientSession::start(connect(port).await, &s).await.unwrap();
+            assert!(c.tls_info().is_none());
+            let mut s = setup(TlsPolicy::Required, client_config_unverified());
+            s.use_starttls = false; // ignored: Required never goes plain
+            assert!(ClientSession::start(connect(port).await, &s).await.is_err());
         });
     }
 
