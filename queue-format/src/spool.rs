@@ -292,10 +292,31 @@ impl Spool {
         Ok(ticket)
     }
 
-    /// Forgets a message whose commit failed (the client was not told `250`).
+    /// Forgets a message whose commit failed (the client was not told `250` and will send it
+    /// again). A failed commit may still have reached the disk, so every recipient is also
+    /// journaled as cancelled (best effort, not awaited): after a restart the stored copy is
+    /// then terminal and never delivered next to the client's retry.
     pub fn abandon(&mut self, queue_id: QueueId) {
-        if let Some(m) = self.messages.remove(&queue_id) {
-            self.remove_base(m.base);
+        let Some(m) = self.messages.remove(&queue_id) else {
+            return;
+        };
+        self.remove_base(m.base);
+        let entries: Vec<OutcomeEntry<'_>> = (0..m.rcpts.len() as u32)
+            .map(|rcpt_index| OutcomeEntry {
+                rcpt_index,
+                state: RcptState::Cancelled,
+                attempts: 0,
+                next_attempt_micros: 0,
+                reply: "commit failed; the client was not acknowledged",
+            })
+            .collect();
+        let record = Record::Outcomes(Outcomes {
+            queue_id,
+            at_micros: now_micros(),
+            entries,
+        });
+        if let Ok(ticket) = self.log.append(&record) {
+            self.track(ticket.location());
         }
     }
 

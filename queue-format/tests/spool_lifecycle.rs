@@ -329,3 +329,22 @@ fn another_thread_reads_bodies_zero_copy_and_a_held_message_outlives_its_segment
     assert_eq!(held[0].message().unwrap().body, &b[..]);
     assert!(reader.read(first).is_err());
 }
+
+#[test]
+fn an_abandoned_message_stays_undelivered_after_a_restart_even_if_it_reached_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let qid;
+    {
+        let (mut spool, _) = Spool::open(small_config(dir.path())).unwrap();
+        // The commit "failed" as far as the client knows, but the record is on disk.
+        qid = accept(&mut spool, "r@dest.test", b"Subject: x\r\n\r\nhi\r\n");
+        spool.abandon(qid);
+        assert!(spool.get(qid).is_none());
+        spool.close();
+    }
+    let (spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    assert!(
+        spool.get(qid).is_none(),
+        "the stored copy would be delivered next to the retry"
+    );
+}
