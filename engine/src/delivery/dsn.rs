@@ -304,21 +304,9 @@ mod tests {
 
     #[test]
     fn the_bounce_passes_saidas_own_content_rules() {
-        use crate::smtp::client::protocol::dot_stuff;
-        use crate::smtp::data::{BareLineEnd, ContentReader, Progress};
         let o = original("s@origin.test", DsnRet::Full);
         let b = build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0).unwrap();
-        let mut wire = Vec::new();
-        dot_stuff(&b.body, &mut wire);
-        let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);
-        let mut back = Vec::new();
-        assert_eq!(
-            r.feed(&wire, &mut back),
-            Progress::Done {
-                consumed: wire.len()
-            }
-        );
-        assert_eq!(r.error(), None);
-        assert_eq!(back, b.body);
+        let back = crate::smtp::client::protocol::stuff_and_read_back(&b.body);
+        assert_eq!(back, Ok(b.body));
     }
 }

@@ -514,6 +514,16 @@ mod tests {
         }
     }
 
+    /// saida's server without TLS and an opportunistic client session connected to it.
+    async fn plain_session() -> (Server, ClientSession<EpollStream>) {
+        let srv = server(false).await;
+        let s = setup(TlsPolicy::Opportunistic, client_config_unverified());
+        let c = ClientSession::start(connect(srv.port).await, &s)
+            .await
+            .unwrap();
+        (srv, c)
+    }
+
     fn run<F: std::future::Future<Output = ()>>(f: F) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -525,11 +535,7 @@ mod tests {
     #[test]
     fn delivers_several_messages_on_one_connection_with_pipelining_and_chunking() {
         run(async {
-            let srv = server(false).await;
-            let s = setup(TlsPolicy::Opportunistic, client_config_unverified());
-            let mut c = ClientSession::start(connect(srv.port).await, &s)
-                .await
-                .unwrap();
+            let (srv, mut c) = plain_session().await;
             assert!(c.caps.pipelining && c.caps.chunking && c.tls_info().is_none());
             let body = b"Subject: t\r\n\r\n.dot line\r\nbody\r\n";
             for _ in 0..3 {
@@ -553,11 +559,7 @@ mod tests {
     #[test]
     fn long_envelopes_are_pipelined_in_groups_and_every_recipient_gets_a_reply() {
         run(async {
-            let srv = server(false).await;
-            let s = setup(TlsPolicy::Opportunistic, client_config_unverified());
-            let mut c = ClientSession::start(connect(srv.port).await, &s)
-                .await
-                .unwrap();
+            let (_srv, mut c) = plain_session().await;
             let addrs: Vec<String> = (0..250).map(|i| format!("r{i}@dest.test")).collect();
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
             let body = b"Subject: t\r\n\r\nhi\r\n";
@@ -664,11 +666,7 @@ mod tests {
     #[test]
     fn refused_recipients_get_their_own_reply() {
         run(async {
-            let srv = server(false).await;
-            let s = setup(TlsPolicy::Opportunistic, client_config_unverified());
-            let mut c = ClientSession::start(connect(srv.port).await, &s)
-                .await
-                .unwrap();
+            let (_srv, mut c) = plain_session().await;
             // saida refuses a non-ASCII address without SMTPUTF8 at RCPT... but the client
             // refuses to send it in the first place; use a syntactically bad one instead.
             let body = b"Subject: t\r\n\r\nhi\r\n";
