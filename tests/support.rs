@@ -48,7 +48,13 @@ impl Daemon {
         let config = format!(
             "[server]\nhostname = \"saida.test\"\nshards = 2\nbackend = \"{backend}\"\n\
              shutdown_grace_secs = 2\n\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
-             [spool]\ndir = \"{d}/spool\"\n\n{extra}\n",
+             [spool]\ndir = \"{d}/spool\"\n\n{delivery}{extra}\n",
+            // Tests that do not test delivery never deliver (no traffic off loopback).
+            delivery = if extra.contains("[delivery]") {
+                ""
+            } else {
+                "[delivery]\nenabled = false\n\n"
+            },
             d = dir.path().display(),
             extra = extra.replace("{dir}", &dir.path().display().to_string()),
         );
@@ -153,4 +159,162 @@ pub fn tls_config(dir: &std::path::Path, more: &str) -> String {
         cert.display(),
         key.display()
     )
+}
+
+/// A running `saida-sink` recording every accepted recipient; killed on drop.
+pub struct Sink {
+    pub child: std::process::Child,
+    pub record: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sink {
+    /// Starts the sink on `addrs` with extra arguments, waiting until it listens.
+    pub fn start(addrs: &[String], args: &[&str]) -> Sink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = dir.path().join("record.jsonl");
+        let mut cmd = std::process::Command::new(binary("saida-sink"));
+        for a in addrs {
+            cmd.args(["--listen", a]);
+        }
+        let mut child = cmd
+            .args(["--threads", "2", "--record"])
+            .arg(&record)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start saida-sink");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("sink stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+            .expect("sink output");
+        assert!(line.contains("listening"), "sink did not start: {line}");
+        Sink {
+            child,
+            record,
+            _dir: dir,
+        }
+    }
+
+    /// Every recorded recipient so far (one JSON object each).
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until `pred` holds for the records (panics after `secs`).
+    pub fn wait_until(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let r = self.records();
+            if pred(&r) {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; {} records",
+                r.len()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `dnsmasq` answering for `*.test` on a free loopback port; killed on drop.
+pub struct Dnsmasq {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with extra record arguments (`--mx-host=...`, `--host-record=...`).
+    pub fn start(records: &[String]) -> Dnsmasq {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free UDP port")
+            .port();
+        let child = std::process::Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+            ])
+            .args(["--no-resolv", "--no-hosts", "--pid-file=", "--local=/test/"])
+            .arg("--local-ttl=300")
+            .arg(format!("--port={port}"))
+            .args(records)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq is needed (scripts/test.sh installs dnsmasq-base)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dnsmasq did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Dnsmasq { child, port }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends messages with Python's smtplib over one connection. Each message is
+/// `(sender, [recipients])`; the body names its index. Returns the number accepted.
+pub fn send_messages(port: u16, messages: &[(&str, Vec<String>)]) -> usize {
+    let spec: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|(f, r)| serde_json::json!({"from": f, "to": r}))
+        .collect();
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), serde_json::Value::from(spec).to_string()).expect("write spec");
+    let out = python(
+        r#"
+import json, smtplib, sys
+port = int(sys.argv[1]); spec = json.load(open(sys.argv[2]))
+s = smtplib.SMTP("127.0.0.1", port, timeout=60)
+ok = 0
+for i, m in enumerate(spec):
+    body = "Subject: test %d\r\nMessage-ID: <m%d@client.test>\r\n\r\nmessage %d\r\n" % (i, i, i)
+    s.sendmail(m["from"], m["to"], body)
+    ok += 1
+s.quit()
+print(ok)
+"#,
+        &[&port.to_string(), &file.path().display().to_string()],
+    );
+    out.trim().parse().expect("count")
+}
+
+/// Lines of the daemon's delivery logs (all shards), parsed.
+pub fn delivery_log(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+    }
+    out
 }

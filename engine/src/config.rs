@@ -39,6 +39,10 @@ pub struct Config {
     pub auth: Auth,
     pub spool: Spool,
     pub log: Log,
+    pub delivery: crate::delivery::policy::DeliveryConfig,
+    #[serde(rename = "route")]
+    pub routes: Vec<crate::delivery::policy::Route>,
+    pub dns: crate::delivery::policy::DnsConfig,
 }
 
 impl Default for Config {
@@ -55,6 +59,9 @@ impl Default for Config {
             auth: Auth::default(),
             spool: Spool::default(),
             log: Log::default(),
+            delivery: Default::default(),
+            routes: Vec::new(),
+            dns: Default::default(),
         }
     }
 }
@@ -524,6 +531,15 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(("log.format".into(), "must be `text` or `json`".into()));
         }
+        if !self.delivery.helo_name.is_empty()
+            && !crate::smtp::command::is_domain_or_literal(&self.delivery.helo_name)
+        {
+            return Err((
+                "delivery.helo_name".into(),
+                "not a valid domain name".into(),
+            ));
+        }
+        crate::delivery::policy::validate(&self.delivery, &self.routes, &self.dns)?;
         Ok(())
     }
 

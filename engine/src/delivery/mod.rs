@@ -1,10 +1,12 @@
-//! Delivery (issue 4, in progress): the pure policies the per-destination queues apply. Built so
-//! far: the retry schedule (`schedule`), message rate limits (`throttle`), bounces (`dsn`) and
-//! the delivery log (`log`).
-
-#![allow(dead_code)] // the queues that use these are not wired into the daemon yet
+//! Delivery: the per-destination queues of the domains a shard owns and the workers that drain
+//! them over reused, pipelined SMTP connections (`engine`, `queue`), and the policies they
+//! apply: configuration and routes (`policy`), the retry schedule (`schedule`), message rate
+//! limits (`throttle`), bounces (`dsn`) and the delivery log (`log`).
 
 pub mod dsn;
+pub mod engine;
 pub mod log;
+pub mod policy;
+pub mod queue;
 pub mod schedule;
 pub mod throttle;

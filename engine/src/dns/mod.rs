@@ -12,8 +12,7 @@
 //!
 //! Not here: routes that override MX (delivery configuration), connecting (the client).
 
-#![allow(dead_code)] // wired into delivery queues in issue 4; tests call it until then
-
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -51,13 +50,6 @@ pub enum Resolution {
     NoSuchDomain,
 }
 
-impl Resolution {
-    /// True when retrying cannot help.
-    pub fn is_permanent_failure(&self) -> bool {
-        matches!(self, Resolution::NullMx | Resolution::NoSuchDomain)
-    }
-}
-
 /// A temporary DNS failure (SERVFAIL, timeout, unreachable server, MX without addresses).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("DNS lookup for {domain} failed temporarily: {reason}")]
@@ -90,9 +82,10 @@ impl Default for DnsSettings {
 /// A shard's MX resolver and result cache.
 pub struct MxResolver {
     resolver: TokioResolver,
-    cache: HashMap<String, (Instant, Resolution)>,
+    /// Shard-local; never borrowed across an await, so concurrent lookups on one shard are fine.
+    cache: RefCell<HashMap<String, (Instant, Resolution)>>,
     cache_entries_max: usize,
-    rng: u64,
+    rng: Cell<u64>,
 }
 
 impl MxResolver {
@@ -125,44 +118,46 @@ impl MxResolver {
         let resolver = builder.build().map_err(|e| format!("resolver: {e}"))?;
         Ok(MxResolver {
             resolver,
-            cache: HashMap::new(),
+            cache: RefCell::new(HashMap::new()),
             cache_entries_max: settings.cache_entries_max.max(1),
-            rng: queue_format::now_micros() | 1,
+            rng: Cell::new(queue_format::now_micros() | 1),
         })
     }
 
     /// Number of cached domains.
+    #[cfg(test)]
     pub fn cached(&self) -> usize {
-        self.cache.len()
+        self.cache.borrow().len()
     }
 
     /// Where mail for `domain` goes. Cached results are returned until their TTL runs out.
-    pub async fn resolve(&mut self, domain: &str) -> Result<Resolution, DnsError> {
+    pub async fn resolve(&self, domain: &str) -> Result<Resolution, DnsError> {
         let key = domain.trim_end_matches('.').to_ascii_lowercase();
-        if let Some((expires, r)) = self.cache.get(&key) {
-            if Instant::now() < *expires {
-                let mut r = r.clone();
+        let cached = self.cache.borrow().get(&key).cloned();
+        if let Some((expires, mut r)) = cached {
+            if Instant::now() < expires {
                 self.shuffle(&mut r);
                 return Ok(r);
             }
         }
         let (resolution, expires) = self.lookup(&key).await?;
-        if self.cache.len() >= self.cache_entries_max && !self.cache.contains_key(&key) {
+        let mut cache = self.cache.borrow_mut();
+        if cache.len() >= self.cache_entries_max && !cache.contains_key(&key) {
             let now = Instant::now();
-            self.cache.retain(|_, (e, _)| *e > now);
-            if self.cache.len() >= self.cache_entries_max {
+            cache.retain(|_, (e, _)| *e > now);
+            if cache.len() >= self.cache_entries_max {
                 // Still full of live entries: forget the one closest to expiry.
-                let victim = self
-                    .cache
+                let victim = cache
                     .iter()
                     .min_by_key(|(_, (e, _))| *e)
                     .map(|(k, _)| k.clone());
                 if let Some(k) = victim {
-                    self.cache.remove(&k);
+                    cache.remove(&k);
                 }
             }
         }
-        self.cache.insert(key, (expires, resolution.clone()));
+        cache.insert(key, (expires, resolution.clone()));
+        drop(cache);
         let mut resolution = resolution;
         self.shuffle(&mut resolution);
         Ok(resolution)
@@ -170,7 +165,7 @@ impl MxResolver {
 
     /// Hosts of equal preference in a fresh random order, on every answer (cached or not), so
     /// that load spreads over them for the whole TTL.
-    fn shuffle(&mut self, r: &mut Resolution) {
+    fn shuffle(&self, r: &mut Resolution) {
         let Resolution::Hosts(hosts) = r else { return };
         let mut start = 0;
         while start < hosts.len() {
@@ -181,17 +176,19 @@ impl MxResolver {
                     .take_while(|h| h.preference == pref)
                     .count();
             for i in (start + 1..end).rev() {
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                let j = start + (self.rng % (i - start + 1) as u64) as usize;
+                let mut x = self.rng.get();
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.rng.set(x);
+                let j = start + (x % (i - start + 1) as u64) as usize;
                 hosts.swap(i, j);
             }
             start = end;
         }
     }
 
-    async fn lookup(&mut self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
+    async fn lookup(&self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
         let fqdn = format!("{domain}.");
         let temporary = |reason: String| DnsError {
             domain: domain.to_string(),
@@ -263,7 +260,7 @@ impl MxResolver {
     /// RFC 5321 §5.1: without MX records, the domain's own address is the mail host. A and
     /// AAAA are asked separately: the domain has no mail host only if the name does not exist or
     /// both answer "no records"; any other failure of either is temporary.
-    async fn implicit_mx(&mut self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
+    async fn implicit_mx(&self, domain: &str) -> Result<(Resolution, Instant), DnsError> {
         let fqdn = format!("{domain}.");
         let temporary = |e: String| DnsError {
             domain: domain.to_string(),
@@ -397,10 +394,10 @@ mod tests {
     fn mx_hosts_by_preference_with_equal_ones_shuffled() {
         let dns = dnsmasq();
         run(async {
-            let mut r = resolver(dns.1);
+            let r = resolver(dns.1);
             let mut firsts = std::collections::HashSet::new();
             for _ in 0..40 {
-                r.cache.clear();
+                r.cache.borrow_mut().clear();
                 let Resolution::Hosts(hosts) = r.resolve("multi.test").await.unwrap() else {
                     panic!("no hosts")
                 };
@@ -422,7 +419,7 @@ mod tests {
     fn implicit_null_and_missing_domains() {
         let dns = dnsmasq();
         run(async {
-            let mut r = resolver(dns.1);
+            let r = resolver(dns.1);
             let Resolution::Hosts(h) = r.resolve("implicit.test").await.unwrap() else {
                 panic!()
             };
@@ -450,7 +447,7 @@ mod tests {
             .unwrap()
             .port();
         run(async {
-            let mut r = resolver(port);
+            let r = resolver(port);
             let e = r.resolve("multi.test").await.unwrap_err();
             assert_eq!(e.domain, "multi.test");
         });
@@ -460,7 +457,7 @@ mod tests {
     fn cache_answers_without_asking_and_stays_bounded() {
         let dns = dnsmasq();
         run(async {
-            let mut r = resolver(dns.1);
+            let r = resolver(dns.1);
             // Five answers (negative ones are cached too) into a cache of three.
             for d in ["x1.test", "x2.test", "x3.test", "x4.test", "x5.test"] {
                 assert_eq!(r.resolve(d).await.unwrap(), Resolution::NoSuchDomain);

@@ -4,7 +4,7 @@ use std::io;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::Stream;
+use super::{Dial, Stream};
 
 /// A TCP stream driven by epoll.
 pub struct EpollStream(pub tokio::net::TcpStream);
@@ -25,5 +25,13 @@ impl Stream for EpollStream {
 
     async fn shutdown(&mut self) -> io::Result<()> {
         self.0.shutdown().await
+    }
+}
+
+impl Dial for EpollStream {
+    async fn connect(addr: std::net::SocketAddr) -> io::Result<Self> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(EpollStream(s))
     }
 }

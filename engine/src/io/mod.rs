@@ -26,6 +26,12 @@ pub trait Stream {
     async fn shutdown(&mut self) -> io::Result<()>;
 }
 
+/// A stream that can open an outbound TCP connection (`TCP_NODELAY` set), for delivery.
+#[allow(async_fn_in_trait)]
+pub trait Dial: Stream + Sized {
+    async fn connect(addr: std::net::SocketAddr) -> io::Result<Self>;
+}
+
 /// A connection: plain, or TLS over the same stream.
 pub enum Conn<S> {
     Plain(S),

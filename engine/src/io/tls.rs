@@ -268,9 +268,22 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-// The client side is used by the delivery client, whose queues are not wired into the daemon
-// yet (issue 4); its tests are the callers until then.
-#[allow(dead_code)]
+/// Trusted roots from a PEM bundle (`/etc/ssl/certs/ca-certificates.crt` on Debian). Returns
+/// how many certificates were skipped as unparsable, beside the store.
+pub fn roots_from_pem_file(path: &Path) -> Result<(rustls::RootCertStore, usize), TlsSetupError> {
+    let err = |e: &dyn std::fmt::Display| TlsSetupError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(&e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, skipped) = roots.add_parsable_certificates(certs);
+    Ok((roots, skipped))
+}
+
 /// Client configuration for policy `verified`: the certificate must chain to a root in `roots`
 /// and match the host name.
 pub fn client_config_verified(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
@@ -282,7 +295,6 @@ pub fn client_config_verified(roots: rustls::RootCertStore) -> Arc<rustls::Clien
     Arc::new(config.expect("ring supports the default protocol versions"))
 }
 
-#[allow(dead_code)]
 /// Client configuration for policies `opportunistic` and `required`: encryption without
 /// authentication, as RFC 7435 opportunistic security and most MTAs do (MX certificates are
 /// often self-signed or for another name). Handshake signatures are still checked.

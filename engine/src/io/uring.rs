@@ -5,7 +5,7 @@ use std::io;
 
 use tokio_uring::buf::BoundedBuf;
 
-use super::Stream;
+use super::{Dial, Stream};
 
 /// A TCP stream driven by io_uring.
 pub struct UringStream(pub tokio_uring::net::TcpStream);
@@ -27,5 +27,13 @@ impl Stream for UringStream {
 
     async fn shutdown(&mut self) -> io::Result<()> {
         self.0.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl Dial for UringStream {
+    async fn connect(addr: std::net::SocketAddr) -> io::Result<Self> {
+        let s = tokio_uring::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(UringStream(s))
     }
 }

@@ -462,7 +462,7 @@ mod tests {
             credentials: None,
             auth_throttle: Arc::new(crate::auth::AuthThrottle::new(1)),
             shutdown,
-            router: Router::new(1).0,
+            router: Router::new(1, 1_000_000).0,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -50,16 +50,22 @@ pub fn received(r: &ReceivedInfo<'_>) -> String {
 
 /// True when the header section of `message` has a `Message-ID:` field.
 pub fn has_message_id(message: &[u8]) -> bool {
+    find_message_id(message).is_some()
+}
+
+/// The value of the `Message-ID:` header (trimmed, unfolded lines only), if the header section
+/// has one.
+pub fn find_message_id(message: &[u8]) -> Option<&str> {
     for line in message.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            return false; // end of the header section
+            return None; // end of the header section
         }
         if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
-            return true;
+            return std::str::from_utf8(&line[11..]).ok().map(str::trim);
         }
     }
-    false
+    None
 }
 
 /// `Message-ID: <queue-id@hostname>` with CRLF.

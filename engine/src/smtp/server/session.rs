@@ -29,6 +29,7 @@ use crate::auth::{self, Credentials};
 use crate::config::{BareLineEnds, Config, ListenerTls};
 use crate::io::tls::{ReloadingTls, TlsStream};
 use crate::io::{Conn, Stream};
+use crate::shard::HandoffRcpt;
 use crate::smtp::command::{Body, Command, Ret, parse_command};
 use crate::smtp::data::{BareLineEnd, ContentReader, Progress};
 use crate::smtp::reply::Reply;
@@ -510,6 +511,15 @@ impl<S: Stream> Session<S> {
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };
+        if self.ctx.router.queues_full() {
+            tracing::warn!(client = %self.info.peer.ip(), "delivery queues full; message refused");
+            self.reply(Reply::new(
+                452,
+                "4.3.1",
+                "Too much mail queued; try again later",
+            ));
+            return Ok(());
+        }
         let received_at = now_micros();
         let spool = Rc::clone(&self.ctx.spool);
         let queue_id = spool.borrow_mut().next_queue_id(received_at);
@@ -574,9 +584,22 @@ impl<S: Stream> Session<S> {
             Err(e) => Err(e),
         };
         match result {
-            Ok(_) => {
-                let rcpts: Vec<&str> = tx.rcpts.iter().map(|r| r.0.as_str()).collect();
-                self.ctx.router.hand_off(self.ctx.shard, queue_id, &rcpts);
+            Ok(base) => {
+                let rcpts: Vec<(&str, HandoffRcpt)> = (0u32..)
+                    .zip(&tx.rcpts)
+                    .map(|(index, r)| {
+                        let state = HandoffRcpt {
+                            index,
+                            attempts: 0,
+                            next_attempt_micros: 0,
+                        };
+                        (r.0.as_str(), state)
+                    })
+                    .collect();
+                self.ctx
+                    .router
+                    .hand_off(self.ctx.shard, queue_id, base, received_at, &rcpts)
+                    .await;
                 tracing::info!(
                     queue_id = %qid,
                     client = %self.info.peer.ip(),
@@ -910,7 +933,7 @@ mod tests {
         local.block_on(&rt, async move {
             let (spool, _) = Spool::open(config.spool_config(0).unwrap()).unwrap();
             let spool = Rc::new(RefCell::new(spool));
-            let (router, _inboxes) = Router::new(1);
+            let (router, _inboxes) = Router::new(1, 1_000_000);
             let (_tx, shutdown) = watch::channel(false);
             let ctx = Rc::new(ShardContext {
                 config: Arc::new(config),

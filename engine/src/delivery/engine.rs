@@ -1,0 +1,1166 @@
+//! The delivery engine of one shard: the destination domains it owns, their queues
+//! (`delivery::queue`), and the connection workers that drain them.
+//!
+//! Flow: a [`Handoff`] arrives (from the accepting shard, from recovery, or from a bounce) →
+//! [`Deliverer::enqueue`] reads the message zero-copy from its spool to learn the recipients'
+//! domains and queues one job per domain → [`Deliverer::kick`] starts connection workers up to
+//! the domain's `connections_max` → a worker resolves the destination (route or MX), connects
+//! (next host on failure, plain text after a failed opportunistic handshake), and sends jobs
+//! one after another on the same connection until `msgs_per_connection_max`, then reconnects; an
+//! idle connection waits `idle_secs` for more work → each job's replies become outcomes
+//! (delivered, deferred by the retry schedule, failed; bounces queued first), written to the
+//! delivery log and sent to the spool's shard, which journals them.
+//!
+//! Everything here runs on the shard's single thread: `RefCell` borrows never cross an await.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use queue_format::{
+    DsnRet, Message, MessageRef, QueueId, RcptState, Recipient, Spool, SpoolError, message_flags,
+    now_micros,
+};
+use tokio::sync::watch;
+
+use crate::admin::{DomainSummary, Request, Selector, ShardReply};
+use crate::config::Config;
+use crate::delivery::dsn::{FailedRecipient, build_bounce};
+use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog, LogRotation, rfc3339};
+use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
+use crate::delivery::queue::{DomainQueue, Job, JobRcpt};
+use crate::delivery::schedule::Next;
+use crate::dns::{MxResolver, Resolution};
+use crate::io::Dial;
+use crate::shard::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
+use crate::smtp::client::protocol::{Envelope, EnvelopeError};
+use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
+use crate::smtp::server::headers::find_message_id;
+
+/// Addresses tried per connection attempt (over all MX hosts).
+const ADDRESSES_PER_ATTEMPT_MAX: usize = 20;
+/// How often due retries are promoted and idle domains forgotten.
+const SCHEDULER_TICK: Duration = Duration::from_millis(200);
+
+/// A reply, from the destination or made up locally, that decides a recipient's outcome.
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    pub code: u16,
+    pub enhanced: Option<String>,
+    /// The whole reply on one line (`550 5.1.1 no such user`).
+    pub text: String,
+}
+
+impl Verdict {
+    fn local(code: u16, enhanced: &str, why: impl std::fmt::Display) -> Verdict {
+        Verdict {
+            code,
+            enhanced: Some(enhanced.into()),
+            text: format!("{code} {enhanced} {why}"),
+        }
+    }
+
+    fn from_reply(r: &crate::smtp::client::protocol::ServerReply) -> Verdict {
+        Verdict {
+            code: r.code,
+            enhanced: r.enhanced.clone(),
+            text: r.summary(),
+        }
+    }
+}
+
+/// Where an attempt went, for the delivery log and bounces.
+#[derive(Default)]
+struct AttemptInfo {
+    host: Option<String>,
+    ip: Option<IpAddr>,
+    tls: Option<(String, String)>,
+    started: Option<Instant>,
+}
+
+/// One address to connect to.
+#[derive(Clone, Debug)]
+struct Host {
+    name: String,
+    addr: SocketAddr,
+}
+
+/// Why a destination has no host to try.
+struct NoHosts {
+    permanent: bool,
+    verdict: Verdict,
+}
+
+/// How a connection ended.
+enum ConnEnd {
+    /// No more work within `idle_secs`, or shutting down.
+    Done,
+    /// Open a new connection; `next_host` after a 421.
+    Reconnect { next_host: bool },
+}
+
+/// The delivery side of one shard.
+pub struct Deliverer<S: Dial> {
+    shard: u16,
+    config: Arc<Config>,
+    policies: DeliveryPolicies,
+    helo: String,
+    resolver: Option<MxResolver>,
+    readers: SpoolReaders,
+    router: Router,
+    spool: Rc<RefCell<Spool>>,
+    domains: RefCell<HashMap<Rc<str>, DomainQueue>>,
+    log: RefCell<Option<DeliveryLog>>,
+    tls_any: Arc<rustls::ClientConfig>,
+    tls_verified: Arc<rustls::ClientConfig>,
+    shutdown: watch::Receiver<bool>,
+    /// Connection workers running (the shard waits for them at shutdown).
+    pub workers: Cell<usize>,
+    rng: Cell<u64>,
+    _stream: PhantomData<S>,
+}
+
+impl<S: Dial + 'static> Deliverer<S> {
+    /// Builds the shard's deliverer (inside its runtime: the resolver needs one).
+    pub fn new(
+        shard: u16,
+        config: Arc<Config>,
+        readers: SpoolReaders,
+        router: Router,
+        spool: Rc<RefCell<Spool>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Rc<Self>, String> {
+        let policies = DeliveryPolicies::new(&config.delivery, &config.routes)
+            .map_err(|(k, m)| format!("{k}: {m}"))?;
+        let resolver = match MxResolver::new(&config.dns.settings()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // Routes with fixed hosts still work; MX destinations are deferred.
+                tracing::error!(shard, error = %e, "no DNS resolver; MX lookups will defer");
+                None
+            }
+        };
+        let log = if config.delivery.log_dir.is_empty() || !config.delivery.enabled {
+            None
+        } else {
+            let rotation = LogRotation {
+                bytes_max: config.delivery.log_bytes_max,
+                age_max: Duration::from_secs(config.delivery.log_age_secs),
+                files_max: config.delivery.log_files_max,
+            };
+            let dir = std::path::Path::new(&config.delivery.log_dir);
+            Some(
+                DeliveryLog::open(dir, &format!("delivery-{shard}"), rotation)
+                    .map_err(|e| format!("delivery log in {}: {e}", dir.display()))?,
+            )
+        };
+        let roots = match crate::io::tls::roots_from_pem_file(&config.delivery.tls_ca_file) {
+            Ok((roots, _)) => roots,
+            Err(e) => {
+                tracing::warn!(error = %e, "no trusted roots: `verified` destinations will fail");
+                rustls::RootCertStore::empty()
+            }
+        };
+        let helo = if config.delivery.helo_name.is_empty() {
+            config.server.hostname.clone()
+        } else {
+            config.delivery.helo_name.clone()
+        };
+        Ok(Rc::new(Deliverer {
+            shard,
+            policies,
+            helo,
+            resolver,
+            readers,
+            router,
+            spool,
+            domains: RefCell::default(),
+            log: RefCell::new(log),
+            tls_any: crate::io::tls::client_config_unverified(),
+            tls_verified: crate::io::tls::client_config_verified(roots),
+            shutdown,
+            workers: Cell::new(0),
+            rng: Cell::new(now_micros() | 1),
+            config,
+            _stream: PhantomData,
+        }))
+    }
+
+    /// Whether this daemon delivers at all (`delivery.enabled`).
+    pub fn enabled(&self) -> bool {
+        self.config.delivery.enabled
+    }
+
+    fn worker_started(&self) {
+        self.workers.set(self.workers.get() + 1);
+        self.router.stats.workers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn worker_ended(&self) {
+        self.workers.set(self.workers.get() - 1);
+        self.router.stats.workers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Queues the recipients of a hand-off, one job per domain, and starts workers.
+    pub fn enqueue(self: &Rc<Self>, h: Handoff) {
+        let Some(mref) = self.read(h.queue_id, h.spool_shard, h.base) else {
+            return;
+        };
+        let Ok(msg) = mref.message() else { return };
+        let now = now_micros();
+        // (domain, due, recipients): recipients of one domain due at the same time share a job.
+        let mut groups: Vec<(String, u64, Vec<JobRcpt>)> = Vec::new();
+        for r in &h.rcpts {
+            let Some(rcpt) = msg.recipients.get(r.index as usize) else {
+                continue;
+            };
+            let domain = crate::shard::route::domain_of(rcpt.address).to_ascii_lowercase();
+            let jr = JobRcpt {
+                index: r.index,
+                attempts: r.attempts,
+            };
+            match groups
+                .iter_mut()
+                .find(|(d, due, _)| *d == domain && *due == r.next_attempt_micros)
+            {
+                Some(g) => g.2.push(jr),
+                None => groups.push((domain, r.next_attempt_micros, vec![jr])),
+            }
+        }
+        for (domain, due, rcpts) in groups {
+            let job = Job {
+                queue_id: h.queue_id,
+                spool_shard: h.spool_shard,
+                base: h.base,
+                received_at_micros: h.received_at_micros,
+                rcpts,
+                failed_over: false,
+            };
+            let key = self.push_job(&domain, job, due, now);
+            self.kick(&key);
+        }
+    }
+
+    /// Reads a message through its spool's reader; a stale location (compaction moved it) asks
+    /// the spool's shard to hand the recipients over again.
+    fn read(
+        self: &Rc<Self>,
+        queue_id: QueueId,
+        spool_shard: u16,
+        base: queue_format::Location,
+    ) -> Option<MessageRef> {
+        let reader = self
+            .readers
+            .get(spool_shard as usize)
+            .and_then(|r| r.get())?;
+        match reader.read(base) {
+            Ok(m) => Some(m),
+            Err(SpoolError::NotFound(_)) => {
+                let (router, owner) = (self.router.clone(), self.shard);
+                tokio::task::spawn_local(async move {
+                    let msg = ShardMsg::Reoffer { queue_id, owner };
+                    let _ = router.send(spool_shard as usize, msg).await;
+                });
+                None
+            }
+            Err(e) => {
+                tracing::error!(%queue_id, error = %e, "cannot read a queued message");
+                None
+            }
+        }
+    }
+
+    fn push_job(&self, domain: &str, job: Job, due: u64, now: u64) -> Rc<str> {
+        let n = job.rcpts.len();
+        let mut domains = self.domains.borrow_mut();
+        let key: Rc<str> = match domains.get_key_value(domain) {
+            Some((k, _)) => Rc::clone(k),
+            None => {
+                let k: Rc<str> = domain.into();
+                let q = DomainQueue::new(self.policies.for_domain(domain), now);
+                domains.insert(Rc::clone(&k), q);
+                k
+            }
+        };
+        if let Some(q) = domains.get_mut(&key) {
+            q.push(job, due, now);
+        }
+        self.router
+            .stats
+            .queued_rcpts
+            .fetch_add(n, Ordering::Relaxed);
+        key
+    }
+
+    fn pop_job(&self, domain: &str) -> Option<Job> {
+        let job = self.domains.borrow_mut().get_mut(domain)?.pop()?;
+        self.unqueued(job.rcpts.len());
+        Some(job)
+    }
+
+    fn unqueued(&self, n: usize) {
+        self.router
+            .stats
+            .queued_rcpts
+            .fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Starts workers the domain's backlog calls for, or wakes an idle one.
+    pub fn kick(self: &Rc<Self>, domain: &Rc<str>) {
+        if self.stopping() {
+            return;
+        }
+        let start = {
+            let mut domains = self.domains.borrow_mut();
+            let Some(q) = domains.get_mut(domain) else {
+                return;
+            };
+            if q.ready_jobs() > 0 && q.idle_workers > 0 && !q.suspended {
+                q.wake.notify_one();
+            }
+            let n = q.workers_wanted();
+            q.workers += n;
+            n
+        };
+        for _ in 0..start {
+            self.worker_started();
+            tokio::task::spawn_local(Rc::clone(self).worker(Rc::clone(domain)));
+        }
+    }
+
+    /// Promotes due retries and starts workers; forgets empty, idle, unsuspended domains.
+    pub async fn run_scheduler(self: Rc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SCHEDULER_TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = now_micros();
+            let due: Vec<Rc<str>> = {
+                let mut domains = self.domains.borrow_mut();
+                domains.retain(|_, q| !q.is_empty() || q.workers > 0 || q.suspended);
+                domains
+                    .iter_mut()
+                    .filter_map(|(k, q)| {
+                        if q.suspended {
+                            return None;
+                        }
+                        q.promote_due(now);
+                        (q.ready_jobs() > 0).then(|| Rc::clone(k))
+                    })
+                    .collect()
+            };
+            for d in due {
+                self.kick(&d);
+            }
+            if let Some(log) = self.log.borrow_mut().as_mut() {
+                let _ = log.flush();
+            }
+        }
+    }
+
+    async fn worker(self: Rc<Self>, domain: Rc<str>) {
+        let policy = match self.domains.borrow().get(&domain) {
+            Some(q) => Arc::clone(&q.policy),
+            None => {
+                self.worker_ended();
+                return;
+            }
+        };
+        self.run_worker(&domain, &policy).await;
+        let again = {
+            let mut domains = self.domains.borrow_mut();
+            match domains.get_mut(&domain) {
+                Some(q) => {
+                    q.workers -= 1;
+                    q.ready_jobs() > 0
+                }
+                None => false,
+            }
+        };
+        self.worker_ended();
+        if again {
+            self.kick(&domain);
+        }
+    }
+
+    async fn run_worker(self: &Rc<Self>, domain: &Rc<str>, policy: &Arc<DomainPolicy>) {
+        if !self.has_ready(domain) {
+            return;
+        }
+        let hosts = match self.destination_hosts(domain, policy).await {
+            Ok(h) => h,
+            Err(no) => {
+                self.give_up_ready(domain, no.permanent, &no.verdict, AttemptInfo::default())
+                    .await;
+                return;
+            }
+        };
+        let mut start_host = 0;
+        loop {
+            if self.stopping() || !self.has_ready(domain) {
+                return;
+            }
+            let (session, host) = match self.connect_any(&hosts, start_host, policy).await {
+                Ok(x) => x,
+                Err(verdict) => {
+                    let info = AttemptInfo::default();
+                    // Another worker still delivering to this domain keeps its queue moving.
+                    let alone = self
+                        .domains
+                        .borrow()
+                        .get(domain)
+                        .is_none_or(|q| q.workers <= 1);
+                    if alone {
+                        self.give_up_ready(domain, false, &verdict, info).await;
+                    }
+                    return;
+                }
+            };
+            match self
+                .use_connection(domain, policy, session, &hosts[host])
+                .await
+            {
+                ConnEnd::Done => return,
+                ConnEnd::Reconnect { next_host } => {
+                    if next_host {
+                        start_host = (host + 1) % hosts.len();
+                    }
+                }
+            }
+        }
+    }
+
+    fn has_ready(&self, domain: &str) -> bool {
+        self.domains
+            .borrow()
+            .get(domain)
+            .is_some_and(|q| q.ready_jobs() > 0 && !q.suspended)
+    }
+
+    async fn destination_hosts(
+        &self,
+        domain: &str,
+        policy: &DomainPolicy,
+    ) -> Result<Vec<Host>, NoHosts> {
+        let temp = |why: String| NoHosts {
+            permanent: false,
+            verdict: Verdict::local(451, "4.4.3", why),
+        };
+        let mut out = Vec::new();
+        match &policy.target {
+            Target::Hosts(list) => {
+                for (name, port) in list {
+                    match name.parse::<IpAddr>() {
+                        Ok(ip) => out.push(Host {
+                            name: name.clone(),
+                            addr: SocketAddr::new(ip, *port),
+                        }),
+                        Err(_) => {
+                            if let Ok(addrs) = tokio::net::lookup_host((name.as_str(), *port)).await
+                            {
+                                out.extend(addrs.map(|addr| Host {
+                                    name: name.clone(),
+                                    addr,
+                                }));
+                            }
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    return Err(temp(format!(
+                        "no address for the route's hosts of {domain}"
+                    )));
+                }
+            }
+            Target::Mx => {
+                let Some(resolver) = &self.resolver else {
+                    return Err(temp("no DNS resolver is available".into()));
+                };
+                match resolver.resolve(domain).await {
+                    Ok(Resolution::Hosts(hosts)) => {
+                        let port = self.config.delivery.mx_port;
+                        for h in hosts {
+                            out.extend(h.addrs.iter().map(|ip| Host {
+                                name: h.name.clone(),
+                                addr: SocketAddr::new(*ip, port),
+                            }));
+                        }
+                    }
+                    Ok(Resolution::NullMx) => {
+                        return Err(NoHosts {
+                            permanent: true,
+                            verdict: Verdict::local(
+                                556,
+                                "5.1.10",
+                                format!("{domain} accepts no mail (null MX)"),
+                            ),
+                        });
+                    }
+                    Ok(Resolution::NoSuchDomain) => {
+                        return Err(NoHosts {
+                            permanent: true,
+                            verdict: Verdict::local(
+                                550,
+                                "5.1.2",
+                                format!("{domain} does not exist (no MX, A or AAAA)"),
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(temp(e.to_string())),
+                }
+            }
+        }
+        out.truncate(ADDRESSES_PER_ATTEMPT_MAX);
+        if out.is_empty() {
+            return Err(temp(format!("no MX address for {domain}")));
+        }
+        Ok(out)
+    }
+
+    /// Connects to the first host that completes the SMTP greeting and the TLS policy,
+    /// starting at `start`. Under `opportunistic`, a host whose TLS handshake fails is tried
+    /// again in plain text.
+    async fn connect_any(
+        &self,
+        hosts: &[Host],
+        start: usize,
+        policy: &DomainPolicy,
+    ) -> Result<(ClientSession<S>, usize), Verdict> {
+        let mut last = Verdict::local(451, "4.4.1", "no host to connect to");
+        for k in 0..hosts.len() {
+            let i = (start + k) % hosts.len();
+            let host = &hosts[i];
+            let mut use_starttls = true;
+            loop {
+                match self.connect_one(host, policy, use_starttls).await {
+                    Ok(s) => return Ok((s, i)),
+                    Err(e) => {
+                        tracing::debug!(host = %host.name, addr = %host.addr, error = %e,
+                            "connection attempt failed");
+                        let retry_plain = e.is_tls_failure()
+                            && use_starttls
+                            && policy.tls == TlsPolicy::Opportunistic;
+                        last = match &e {
+                            ClientError::Refused(r) => Verdict {
+                                code: 451,
+                                enhanced: Some("4.4.0".into()),
+                                text: format!(
+                                    "451 4.4.0 {} ({}) refused the session: {}",
+                                    host.name,
+                                    host.addr,
+                                    r.summary()
+                                ),
+                            },
+                            ClientError::Tls(_) => Verdict::local(
+                                451,
+                                "4.7.5",
+                                format!("{} ({}): {e}", host.name, host.addr),
+                            ),
+                            _ => Verdict::local(
+                                451,
+                                "4.4.1",
+                                format!("{} ({}): {e}", host.name, host.addr),
+                            ),
+                        };
+                        if retry_plain {
+                            use_starttls = false;
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_one(
+        &self,
+        host: &Host,
+        policy: &DomainPolicy,
+        use_starttls: bool,
+    ) -> Result<ClientSession<S>, ClientError> {
+        let stream = match tokio::time::timeout(policy.connect_timeout, S::connect(host.addr)).await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(ClientError::Timeout("connect")),
+        };
+        let setup = ClientSetup {
+            helo_name: self.helo.clone(),
+            policy: policy.tls,
+            tls: if policy.tls == TlsPolicy::Verified {
+                Arc::clone(&self.tls_verified)
+            } else {
+                Arc::clone(&self.tls_any)
+            },
+            server_name: host.name.clone(),
+            timeouts: policy.timeouts,
+            use_starttls,
+        };
+        ClientSession::start(stream, &setup).await
+    }
+
+    /// Sends jobs on one connection until it is used up, idle, broken or shutdown comes.
+    async fn use_connection(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        policy: &DomainPolicy,
+        mut session: ClientSession<S>,
+        host: &Host,
+    ) -> ConnEnd {
+        let tls = session.tls_info();
+        let mut sent = 0u32;
+        loop {
+            if sent >= policy.msgs_per_connection_max {
+                session.quit().await;
+                return ConnEnd::Reconnect { next_host: false };
+            }
+            if self.stopping() {
+                session.quit().await;
+                return ConnEnd::Done;
+            }
+            let Some(mut job) = self.pop_job(domain) else {
+                if self.wait_for_work(domain, policy.idle).await {
+                    continue;
+                }
+                session.quit().await;
+                return ConnEnd::Done;
+            };
+            if let Some(wait) = self.rate_wait(domain) {
+                self.requeue_front(domain, job);
+                tokio::time::sleep(Duration::from_micros(wait)).await;
+                continue;
+            }
+            let info = AttemptInfo {
+                host: Some(host.name.clone()),
+                ip: Some(host.addr.ip()),
+                tls: tls.clone(),
+                started: Some(Instant::now()),
+            };
+            let Some(mref) = self.read(job.queue_id, job.spool_shard, job.base) else {
+                continue;
+            };
+            let Ok(msg) = mref.message() else { continue };
+            let env = envelope(&msg, &job);
+            let result = session.send(&env, msg.body).await;
+            drop(env);
+            sent += 1;
+            match result {
+                Ok(delivery) => {
+                    let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
+                    if saw_421 && !job.failed_over {
+                        // The host is going away: try this job on the next host first.
+                        job.failed_over = true;
+                        self.requeue_front(domain, job);
+                        return ConnEnd::Reconnect { next_host: true };
+                    }
+                    let verdicts = delivery.replies.iter().map(Verdict::from_reply).collect();
+                    self.settle(domain, &job, &msg, verdicts, &info).await;
+                    if saw_421 || !session.is_reusable() {
+                        return ConnEnd::Reconnect { next_host: saw_421 };
+                    }
+                }
+                Err(ClientError::Envelope(e)) => {
+                    let v = match e {
+                        EnvelopeError::TooBig { .. } => Verdict::local(552, "5.3.4", &e),
+                        EnvelopeError::NeedsSmtputf8 => Verdict::local(553, "5.6.7", &e),
+                        _ => Verdict::local(553, "5.1.3", &e),
+                    };
+                    let n = job.rcpts.len();
+                    self.settle(domain, &job, &msg, vec![v; n], &info).await;
+                    if !session.is_reusable() {
+                        return ConnEnd::Reconnect { next_host: false };
+                    }
+                }
+                Err(e) => {
+                    let v = Verdict::local(451, "4.4.2", format!("{}: {e}", host.name));
+                    let n = job.rcpts.len();
+                    self.settle(domain, &job, &msg, vec![v; n], &info).await;
+                    return ConnEnd::Reconnect { next_host: false };
+                }
+            }
+        }
+    }
+
+    fn requeue_front(&self, domain: &str, job: Job) {
+        let n = job.rcpts.len();
+        if let Some(q) = self.domains.borrow_mut().get_mut(domain) {
+            q.push_front(job);
+            self.router
+                .stats
+                .queued_rcpts
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Microseconds to wait when the domain's rate limit has no token now.
+    fn rate_wait(&self, domain: &str) -> Option<u64> {
+        let mut domains = self.domains.borrow_mut();
+        let q = domains.get_mut(domain)?;
+        q.rate.try_take(now_micros()).err()
+    }
+
+    /// Waits up to `idle` for ready work; false when none came (or shutdown).
+    async fn wait_for_work(&self, domain: &str, idle: Duration) -> bool {
+        let wake = {
+            let mut domains = self.domains.borrow_mut();
+            let Some(q) = domains.get_mut(domain) else {
+                return false;
+            };
+            q.idle_workers += 1;
+            Rc::clone(&q.wake)
+        };
+        let mut shutdown = self.shutdown.clone();
+        let deadline = tokio::time::Instant::now() + idle;
+        let got = loop {
+            if self.has_ready(domain) {
+                break true;
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break self.has_ready(domain),
+                _ = shutdown.changed() => break false,
+            }
+        };
+        if let Some(q) = self.domains.borrow_mut().get_mut(domain) {
+            q.idle_workers -= 1;
+        }
+        got && !self.stopping()
+    }
+
+    /// Defers (or fails, when `permanent`) every ready job of a destination that cannot be
+    /// reached.
+    async fn give_up_ready(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        permanent: bool,
+        verdict: &Verdict,
+        info: AttemptInfo,
+    ) {
+        let jobs = match self.domains.borrow_mut().get_mut(domain) {
+            Some(q) => q.take_ready(),
+            None => Vec::new(),
+        };
+        self.unqueued(jobs.iter().map(|j| j.rcpts.len()).sum());
+        let mut v = verdict.clone();
+        if permanent && v.code < 500 {
+            v.code = 550;
+        }
+        tracing::info!(%domain, jobs = jobs.len(), reply = %v.text, "destination unavailable");
+        for job in jobs {
+            let Some(mref) = self.read(job.queue_id, job.spool_shard, job.base) else {
+                continue;
+            };
+            let Ok(msg) = mref.message() else { continue };
+            let n = job.rcpts.len();
+            let info = AttemptInfo {
+                started: Some(Instant::now()),
+                ..AttemptInfo {
+                    host: info.host.clone(),
+                    ip: info.ip,
+                    tls: info.tls.clone(),
+                    started: None,
+                }
+            };
+            self.settle(domain, &job, &msg, vec![v.clone(); n], &info)
+                .await;
+        }
+    }
+
+    /// Turns one attempt's verdicts into outcomes: logs them, queues bounces for failures
+    /// (committed before the failure is journaled), sends the outcomes to the spool's shard and
+    /// requeues deferred recipients.
+    async fn settle(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        job: &Job,
+        msg: &Message<'_>,
+        verdicts: Vec<Verdict>,
+        info: &AttemptInfo,
+    ) {
+        let now = now_micros();
+        let policy = match self.domains.borrow().get(domain) {
+            Some(q) => Arc::clone(&q.policy),
+            None => self.policies.for_domain(domain),
+        };
+        let mut outcomes = Vec::with_capacity(job.rcpts.len());
+        let mut failed: Vec<(usize, String, String)> = Vec::new(); // (index, status, text)
+        let mut deferred: Vec<JobRcpt> = Vec::new();
+        let attempts_max = job.rcpts.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
+        let retry =
+            policy
+                .schedule
+                .after_failure(attempts_max, job.received_at_micros, now, self.random());
+        let message_id = find_message_id(msg.body);
+        let qid = job.queue_id.to_string();
+        let latency_ms = info
+            .started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
+        for (r, v) in job.rcpts.iter().zip(verdicts.iter()) {
+            let attempts = r.attempts + 1;
+            let (state, next, log_outcome, text) = if (200..300).contains(&v.code) {
+                (
+                    RcptState::Delivered,
+                    0,
+                    AttemptOutcome::Delivered,
+                    v.text.clone(),
+                )
+            } else if v.code >= 500 {
+                (RcptState::Failed, 0, AttemptOutcome::Failed, v.text.clone())
+            } else {
+                match retry {
+                    Next::RetryAt(at) => (
+                        RcptState::Deferred,
+                        at,
+                        AttemptOutcome::Deferred,
+                        v.text.clone(),
+                    ),
+                    Next::Expire => (
+                        RcptState::Failed,
+                        0,
+                        AttemptOutcome::Expired,
+                        format!(
+                            "message expired after {attempts} attempts; last: {}",
+                            v.text
+                        ),
+                    ),
+                }
+            };
+            if state == RcptState::Failed {
+                let status = match (log_outcome, &v.enhanced) {
+                    (AttemptOutcome::Expired, _) => "4.4.7".to_string(),
+                    (_, Some(e)) => e.clone(),
+                    _ => format!("{}.0.0", v.code / 100),
+                };
+                failed.push((r.index as usize, status, text.clone()));
+            }
+            if state == RcptState::Deferred {
+                deferred.push(JobRcpt {
+                    index: r.index,
+                    attempts,
+                });
+            }
+            let address = msg
+                .recipients
+                .get(r.index as usize)
+                .map_or("", |x| x.address);
+            if let Some(log) = self.log.borrow_mut().as_mut() {
+                let tls = info.tls.as_ref();
+                let record = AttemptRecord {
+                    time: rfc3339(now),
+                    queue_id: &qid,
+                    message_id,
+                    sender: msg.sender,
+                    recipient: address,
+                    domain,
+                    mx_host: info.host.as_deref(),
+                    mx_ip: info.ip.map(|i| i.to_string()),
+                    tls_version: tls.map(|t| t.0.as_str()),
+                    tls_cipher: tls.map(|t| t.1.as_str()),
+                    outcome: log_outcome,
+                    reply: &text,
+                    enhanced_code: v.enhanced.as_deref(),
+                    attempt: attempts,
+                    latency_ms,
+                };
+                if let Err(e) = log.write(&record) {
+                    tracing::warn!(error = %e, "delivery log write failed");
+                }
+            }
+            outcomes.push(Outcome {
+                rcpt_index: r.index,
+                state,
+                attempts,
+                next_attempt_micros: next,
+                reply: text,
+            });
+        }
+        if !failed.is_empty() {
+            self.queue_bounce(msg, &failed, info).await;
+        }
+        let out = ShardMsg::Outcomes {
+            queue_id: job.queue_id,
+            at_micros: now,
+            outcomes,
+        };
+        if self
+            .router
+            .send(job.spool_shard as usize, out)
+            .await
+            .is_err()
+        {
+            tracing::error!(queue_id = %job.queue_id, "outcomes not journaled (inbox full)");
+        }
+        if !deferred.is_empty() {
+            let at = match retry {
+                Next::RetryAt(at) => at,
+                Next::Expire => now,
+            };
+            let again = Job {
+                rcpts: deferred,
+                failed_over: false,
+                ..job.clone()
+            };
+            self.push_job(domain, again, at, now);
+        }
+    }
+
+    /// Queues a DSN for `failed` recipients (index, status, diagnostic) of `msg` in this
+    /// shard's spool and hands it to its owner; returns once it is committed.
+    async fn queue_bounce(
+        self: &Rc<Self>,
+        msg: &Message<'_>,
+        failed: &[(usize, String, String)],
+        info: &AttemptInfo,
+    ) {
+        let d = &self.config.delivery;
+        let sender_domain = crate::shard::route::domain_of(msg.sender).to_ascii_lowercase();
+        if !d.bounces
+            || d.bounce_exempt_sender_domains
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(&sender_domain))
+        {
+            return;
+        }
+        let list: Vec<FailedRecipient<'_>> = failed
+            .iter()
+            .filter_map(|(i, status, text)| {
+                let r = msg.recipients.get(*i)?;
+                Some(FailedRecipient {
+                    address: r.address,
+                    orcpt: r.orcpt,
+                    notify: r.notify,
+                    status,
+                    diagnostic: text,
+                    remote_mta: info.host.as_deref(),
+                })
+            })
+            .collect();
+        let now = now_micros();
+        let queue_id = self.spool.borrow_mut().next_queue_id(now);
+        let Some(bounce) = build_bounce(
+            msg,
+            &list,
+            &self.config.server.hostname,
+            &queue_id.to_string(),
+            self.random(),
+            now / 1_000_000,
+        ) else {
+            return;
+        };
+        let mut flags = 0;
+        if bounce.eight_bit {
+            flags |= message_flags::BODY_8BITMIME;
+        }
+        if bounce.smtputf8 {
+            flags |= message_flags::SMTPUTF8;
+        }
+        let message = Message {
+            queue_id,
+            received_at_micros: now,
+            flags,
+            dsn_ret: DsnRet::Unspecified,
+            tenant: "",
+            sender: "",
+            envid: "",
+            recipients: vec![Recipient::new(&bounce.recipient)],
+            body: &bounce.body,
+        };
+        let ticket = self.spool.borrow_mut().accept(&message);
+        let committed = match ticket {
+            Ok(t) => t.await,
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(base) => {
+                tracing::info!(%queue_id, original = %msg.queue_id, to = %bounce.recipient,
+                    "bounce queued");
+                let rcpt = HandoffRcpt {
+                    index: 0,
+                    attempts: 0,
+                    next_attempt_micros: 0,
+                };
+                self.router
+                    .hand_off(
+                        self.shard,
+                        queue_id,
+                        base,
+                        now,
+                        &[(&bounce.recipient, rcpt)],
+                    )
+                    .await;
+            }
+            Err(e) => {
+                self.spool.borrow_mut().abandon(queue_id);
+                tracing::error!(original = %msg.queue_id, error = %e, "bounce not queued");
+            }
+        }
+    }
+
+    /// Answers an operator request for the domains this shard owns.
+    pub fn admin(self: &Rc<Self>, req: &Request) -> ShardReply {
+        let now = now_micros();
+        let mut reply = ShardReply::default();
+        match req {
+            Request::Summary => {
+                let domains = self.domains.borrow();
+                for (d, q) in domains.iter() {
+                    reply.domains.push(DomainSummary {
+                        domain: d.to_string(),
+                        shard: self.shard,
+                        queued_rcpts: q.queued_rcpts(),
+                        ready_jobs: q.ready_jobs(),
+                        deferred_jobs: q.deferred_jobs(),
+                        oldest_age_secs: q
+                            .oldest_received_micros()
+                            .map(|t| now.saturating_sub(t) / 1_000_000),
+                        next_attempt_in_secs: q
+                            .next_due_micros()
+                            .map(|t| t.saturating_sub(now) / 1_000_000),
+                        suspended: q.suspended,
+                        connections: q.workers,
+                    });
+                }
+            }
+            Request::Suspend(d) | Request::Resume(d) => {
+                let suspend = matches!(req, Request::Suspend(_));
+                let d = d.to_ascii_lowercase();
+                if suspend || self.domains.borrow().contains_key(d.as_str()) {
+                    let key: Rc<str> = d.as_str().into();
+                    let mut domains = self.domains.borrow_mut();
+                    let q = domains
+                        .entry(Rc::clone(&key))
+                        .or_insert_with(|| DomainQueue::new(self.policies.for_domain(&d), now));
+                    q.suspended = suspend;
+                    q.wake.notify_waiters();
+                    reply.affected = 1;
+                    drop(domains);
+                    self.kick(&key);
+                }
+            }
+            Request::Flush(d) => {
+                let keys: Vec<Rc<str>> = {
+                    let mut domains = self.domains.borrow_mut();
+                    domains
+                        .iter_mut()
+                        .filter(|(k, _)| d.as_ref().is_none_or(|d| d.eq_ignore_ascii_case(k)))
+                        .map(|(k, q)| {
+                            reply.affected += q.flush();
+                            Rc::clone(k)
+                        })
+                        .collect()
+                };
+                for k in keys {
+                    self.kick(&k);
+                }
+            }
+            Request::Bounce(sel) | Request::Delete(sel) => {
+                let bounce = matches!(req, Request::Bounce(_));
+                let mut taken: Vec<(Rc<str>, Job)> = Vec::new();
+                {
+                    let mut domains = self.domains.borrow_mut();
+                    for (k, q) in domains.iter_mut() {
+                        let jobs = match sel {
+                            Selector::Domain(d) if d.eq_ignore_ascii_case(k) => {
+                                q.take_where(|_| true)
+                            }
+                            Selector::Message(id) => q.take_where(|j| j.queue_id == *id),
+                            _ => continue,
+                        };
+                        taken.extend(jobs.into_iter().map(|j| (Rc::clone(k), j)));
+                    }
+                }
+                self.unqueued(taken.iter().map(|(_, j)| j.rcpts.len()).sum());
+                reply.affected = taken.iter().map(|(_, j)| j.rcpts.len()).sum();
+                let this = Rc::clone(self);
+                tokio::task::spawn_local(async move {
+                    for (domain, job) in taken {
+                        this.remove_job(&domain, job, bounce).await;
+                    }
+                });
+            }
+        }
+        reply
+    }
+
+    /// Ends a job removed by an operator: failed with a bounce, or cancelled silently.
+    async fn remove_job(self: &Rc<Self>, domain: &Rc<str>, job: Job, bounce: bool) {
+        if bounce {
+            let Some(mref) = self.read(job.queue_id, job.spool_shard, job.base) else {
+                return;
+            };
+            let Ok(msg) = mref.message() else { return };
+            let v = Verdict::local(550, "5.0.0", "removed from the queue by an operator");
+            let n = job.rcpts.len();
+            self.settle(domain, &job, &msg, vec![v; n], &AttemptInfo::default())
+                .await;
+        } else {
+            let outcomes = job
+                .rcpts
+                .iter()
+                .map(|r| Outcome {
+                    rcpt_index: r.index,
+                    state: RcptState::Cancelled,
+                    attempts: r.attempts,
+                    next_attempt_micros: 0,
+                    reply: "deleted by an operator".into(),
+                })
+                .collect();
+            let msg = ShardMsg::Outcomes {
+                queue_id: job.queue_id,
+                at_micros: now_micros(),
+                outcomes,
+            };
+            let _ = self.router.send(job.spool_shard as usize, msg).await;
+        }
+    }
+
+    /// Flushes the delivery log (at shutdown).
+    pub fn close(&self) {
+        if let Some(log) = self.log.borrow_mut().as_mut() {
+            let _ = log.flush();
+        }
+    }
+}
+
+/// The envelope of one job: the message's sender and parameters, the job's recipients.
+fn envelope<'m>(msg: &Message<'m>, job: &Job) -> Envelope<'m> {
+    Envelope {
+        sender: msg.sender,
+        recipients: job
+            .rcpts
+            .iter()
+            .filter_map(|r| msg.recipients.get(r.index as usize))
+            .map(|r| (r.address, r.notify, r.orcpt))
+            .collect(),
+        size: msg.body.len(),
+        eight_bit: msg.flags & (message_flags::BODY_8BITMIME | message_flags::BODY_BINARYMIME) != 0,
+        smtputf8: msg.flags & message_flags::SMTPUTF8 != 0,
+        ret: match msg.dsn_ret {
+            DsnRet::Unspecified => None,
+            DsnRet::Full => Some("FULL"),
+            DsnRet::Headers => Some("HDRS"),
+        },
+        envid: msg.envid,
+    }
+}

@@ -1,0 +1,340 @@
+//! The queues of one destination domain on its owner shard: a ready queue of jobs due now, a
+//! retry heap of deferred jobs keyed by their next attempt, and the counts that decide when to
+//! open another connection. Pure data; the connection workers (`delivery::engine`) drive it.
+//!
+//! A [`Job`] is the recipients of one message in one domain: they go in one transaction (split
+//! at `rcpts_per_transaction_max`), and their message is read from the spool only when the job
+//! is sent, so a queued recipient costs memory for its ids and counters only.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use queue_format::{Location, QueueId};
+
+use crate::delivery::policy::DomainPolicy;
+use crate::delivery::throttle::RateLimit;
+
+/// One recipient of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobRcpt {
+    pub index: u32,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// Recipients of one message in one domain, delivered together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub queue_id: QueueId,
+    pub spool_shard: u16,
+    pub base: Location,
+    pub received_at_micros: u64,
+    pub rcpts: Vec<JobRcpt>,
+    /// The job already went back to the queue once after a `421` (failover to another host).
+    pub failed_over: bool,
+}
+
+/// A deferred job in the retry heap (ordered by due time, then arrival).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Deferred {
+    due_micros: u64,
+    seq: u64,
+    job: JobBox,
+}
+
+/// Jobs compare by nothing (the heap orders by time and sequence only).
+#[derive(Debug)]
+struct JobBox(Job);
+
+impl PartialEq for JobBox {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for JobBox {}
+impl PartialOrd for JobBox {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for JobBox {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+/// The state of one destination domain.
+pub struct DomainQueue {
+    pub policy: Arc<DomainPolicy>,
+    ready: VecDeque<Job>,
+    deferred: BinaryHeap<Reverse<Deferred>>,
+    seq: u64,
+    /// Recipients in `ready` and `deferred`.
+    rcpts: usize,
+    /// Connection workers running for this domain, and how many of them wait for work.
+    pub workers: usize,
+    pub idle_workers: usize,
+    pub suspended: bool,
+    pub rate: RateLimit,
+    /// Wakes idle workers when work arrives.
+    pub wake: std::rc::Rc<tokio::sync::Notify>,
+}
+
+impl DomainQueue {
+    pub fn new(policy: Arc<DomainPolicy>, now_micros: u64) -> DomainQueue {
+        let (s, m, h) = policy.rate;
+        DomainQueue {
+            policy,
+            ready: VecDeque::new(),
+            deferred: BinaryHeap::new(),
+            seq: 0,
+            rcpts: 0,
+            workers: 0,
+            idle_workers: 0,
+            suspended: false,
+            rate: RateLimit::new(s, m, h, now_micros),
+            wake: Default::default(),
+        }
+    }
+
+    /// Queues a job: ready now, or deferred until `due_micros`.
+    pub fn push(&mut self, job: Job, due_micros: u64, now_micros: u64) {
+        self.rcpts += job.rcpts.len();
+        if due_micros <= now_micros {
+            self.ready.push_back(job);
+        } else {
+            self.seq += 1;
+            self.deferred.push(Reverse(Deferred {
+                due_micros,
+                seq: self.seq,
+                job: JobBox(job),
+            }));
+        }
+    }
+
+    /// Puts a job back at the head of the ready queue (it was taken but not attempted).
+    pub fn push_front(&mut self, job: Job) {
+        self.rcpts += job.rcpts.len();
+        self.ready.push_front(job);
+    }
+
+    /// Takes the next ready job, at most `rcpts_per_transaction_max` recipients of it (the rest
+    /// stays at the head).
+    pub fn pop(&mut self) -> Option<Job> {
+        if self.suspended {
+            return None;
+        }
+        let max = self.policy.rcpts_per_transaction_max.max(1);
+        let head = self.ready.front_mut()?;
+        let job = if head.rcpts.len() > max {
+            let rest = head.rcpts.split_off(max);
+            let first = std::mem::replace(&mut head.rcpts, rest);
+            Job {
+                rcpts: first,
+                ..head.clone()
+            }
+        } else {
+            self.ready.pop_front()?
+        };
+        self.rcpts -= job.rcpts.len();
+        Some(job)
+    }
+
+    /// Moves deferred jobs that are due to the ready queue; returns how many moved.
+    pub fn promote_due(&mut self, now_micros: u64) -> usize {
+        let mut n = 0;
+        while let Some(Reverse(d)) = self.deferred.peek() {
+            if d.due_micros > now_micros {
+                break;
+            }
+            let Some(Reverse(d)) = self.deferred.pop() else {
+                break;
+            };
+            self.ready.push_back(d.job.0);
+            n += 1;
+        }
+        n
+    }
+
+    /// Makes every deferred job due now (an operator's flush).
+    pub fn flush(&mut self) -> usize {
+        self.promote_due(u64::MAX)
+    }
+
+    /// Removes every queued job (ready and deferred) that `select` picks.
+    pub fn take_where(&mut self, mut select: impl FnMut(&Job) -> bool) -> Vec<Job> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.ready.len());
+        for j in self.ready.drain(..) {
+            if select(&j) {
+                out.push(j)
+            } else {
+                keep.push_back(j)
+            }
+        }
+        self.ready = keep;
+        let deferred = std::mem::take(&mut self.deferred).into_vec();
+        for Reverse(d) in deferred {
+            if select(&d.job.0) {
+                out.push(d.job.0);
+            } else {
+                self.deferred.push(Reverse(d));
+            }
+        }
+        self.rcpts -= out.iter().map(|j| j.rcpts.len()).sum::<usize>();
+        out
+    }
+
+    /// Takes every ready job (to defer or fail them all after the destination failed).
+    pub fn take_ready(&mut self) -> Vec<Job> {
+        let jobs: Vec<Job> = self.ready.drain(..).collect();
+        self.rcpts -= jobs.iter().map(|j| j.rcpts.len()).sum::<usize>();
+        jobs
+    }
+
+    pub fn ready_jobs(&self) -> usize {
+        self.ready.len()
+    }
+
+    pub fn deferred_jobs(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// Recipients queued (ready and deferred, not those being attempted).
+    pub fn queued_rcpts(&self) -> usize {
+        self.rcpts
+    }
+
+    /// Receipt time of the oldest queued message.
+    pub fn oldest_received_micros(&self) -> Option<u64> {
+        let r = self.ready.iter().map(|j| j.received_at_micros);
+        let d = self
+            .deferred
+            .iter()
+            .map(|Reverse(d)| d.job.0.received_at_micros);
+        r.chain(d).min()
+    }
+
+    /// Time of the next deferred attempt.
+    pub fn next_due_micros(&self) -> Option<u64> {
+        self.deferred.peek().map(|Reverse(d)| d.due_micros)
+    }
+
+    /// How many more connection workers to start now: enough to drain the ready queue at
+    /// `msgs_per_connection_max` each, up to `connections_max`, when no worker is idle.
+    pub fn workers_wanted(&self) -> usize {
+        if self.suspended || self.ready.is_empty() || self.idle_workers > 0 {
+            return 0;
+        }
+        let per_conn = self.policy.msgs_per_connection_max.max(1) as usize;
+        let want = self
+            .ready
+            .len()
+            .div_ceil(per_conn)
+            .min(self.policy.connections_max);
+        want.saturating_sub(self.workers)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.deferred.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::policy::{DeliveryConfig, DeliveryPolicies};
+
+    fn policy(conns: usize, per_conn: u32, rcpts: usize) -> Arc<DomainPolicy> {
+        let mut p = (*DeliveryPolicies::new(&DeliveryConfig::default(), &[])
+            .unwrap()
+            .for_domain("x.test"))
+        .clone();
+        p.connections_max = conns;
+        p.msgs_per_connection_max = per_conn;
+        p.rcpts_per_transaction_max = rcpts;
+        Arc::new(p)
+    }
+
+    fn job(id: u128, rcpts: u32) -> Job {
+        Job {
+            queue_id: QueueId(id),
+            spool_shard: 0,
+            base: Location {
+                segment: 1,
+                offset: 64,
+                len: 100,
+            },
+            received_at_micros: id as u64,
+            rcpts: (0..rcpts)
+                .map(|index| JobRcpt { index, attempts: 0 })
+                .collect(),
+            failed_over: false,
+        }
+    }
+
+    #[test]
+    fn deferred_jobs_become_ready_in_due_order() {
+        let mut q = DomainQueue::new(policy(2, 10, 100), 0);
+        q.push(job(1, 1), 300, 100);
+        q.push(job(2, 1), 200, 100);
+        q.push(job(3, 1), 50, 100);
+        assert_eq!(q.ready_jobs(), 1);
+        assert_eq!(q.next_due_micros(), Some(200));
+        assert_eq!(q.promote_due(250), 1);
+        assert_eq!(q.pop().unwrap().queue_id, QueueId(3));
+        assert_eq!(q.pop().unwrap().queue_id, QueueId(2));
+        assert!(q.pop().is_none());
+        assert_eq!(q.flush(), 1);
+        assert_eq!(q.pop().unwrap().queue_id, QueueId(1));
+        assert!(q.is_empty());
+        assert_eq!(q.queued_rcpts(), 0);
+    }
+
+    #[test]
+    fn large_jobs_are_split_per_transaction() {
+        let mut q = DomainQueue::new(policy(1, 10, 3), 0);
+        q.push(job(1, 7), 0, 0);
+        let sizes: Vec<usize> = std::iter::from_fn(|| q.pop())
+            .map(|j| j.rcpts.len())
+            .collect();
+        assert_eq!(sizes, vec![3, 3, 1]);
+        assert_eq!(q.queued_rcpts(), 0);
+    }
+
+    #[test]
+    fn workers_scale_with_the_backlog_up_to_the_limit() {
+        let mut q = DomainQueue::new(policy(3, 10, 100), 0);
+        assert_eq!(q.workers_wanted(), 0);
+        for i in 0..15 {
+            q.push(job(i, 1), 0, 0);
+        }
+        assert_eq!(q.workers_wanted(), 2);
+        for i in 0..100 {
+            q.push(job(100 + i, 1), 0, 0);
+        }
+        assert_eq!(q.workers_wanted(), 3);
+        q.workers = 3;
+        assert_eq!(q.workers_wanted(), 0);
+        q.workers = 1;
+        q.idle_workers = 1;
+        assert_eq!(q.workers_wanted(), 0, "an idle worker is woken instead");
+        q.idle_workers = 0;
+        q.suspended = true;
+        assert_eq!(q.workers_wanted(), 0);
+        assert!(q.pop().is_none(), "a suspended domain hands out nothing");
+    }
+
+    #[test]
+    fn take_where_removes_from_both_queues() {
+        let mut q = DomainQueue::new(policy(1, 10, 100), 0);
+        q.push(job(1, 2), 0, 0);
+        q.push(job(2, 1), 500, 0);
+        q.push(job(3, 1), 0, 0);
+        let taken = q.take_where(|j| j.queue_id != QueueId(3));
+        assert_eq!(taken.len(), 2);
+        assert_eq!(q.queued_rcpts(), 1);
+        assert_eq!(q.oldest_received_micros(), Some(3));
+    }
+}

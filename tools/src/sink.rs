@@ -1,0 +1,528 @@
+//! `saida-sink`: an SMTP server that accepts mail and throws it away (or records it), for load
+//! tests and for the end-to-end tests of saida's delivery.
+//!
+//! Thread-per-core like the engine: one current-thread runtime per thread, each with its own
+//! `SO_REUSEPORT` listeners. Speaks ESMTP with PIPELINING, CHUNKING (BDAT), 8BITMIME, SMTPUTF8,
+//! SIZE and, with `--tls`, STARTTLS on a self-signed certificate.
+//!
+//! Behaviour by recipient local part, so a test can ask for an outcome per address:
+//! `reject…` → `550 5.1.1`, `defer…` → `451 4.3.0` every time, `grey…` → `451 4.7.1` on the
+//! first attempt of a (sender, recipient) pair and accepted after. `--greet-421 ADDR` makes a
+//! listener refuse every session with a `421` greeting (for failover tests).
+//!
+//! `--record FILE` appends one JSON line per accepted recipient (connection number, transaction
+//! number on that connection, listener, sender, recipient, size, TLS, and the body with
+//! `--record-bodies`), written before the end-of-data reply. Counters are printed as JSON on
+//! SIGTERM/SIGINT. Only loopback addresses are bound unless `--allow-remote` is given.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Longest command line accepted.
+const LINE_MAX: usize = 4096;
+/// Largest message accepted (and announced with SIZE).
+const MESSAGE_MAX: usize = 64 << 20;
+
+#[derive(Parser, Debug)]
+#[command(name = "saida-sink", about = "An SMTP sink for load tests")]
+struct Args {
+    /// Address to listen on (repeatable).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// Listeners (among --listen) that greet with 421 and close.
+    #[arg(long)]
+    greet_421: Vec<SocketAddr>,
+    /// Threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Offer STARTTLS with a self-signed certificate.
+    #[arg(long)]
+    tls: bool,
+    /// Append one JSON line per accepted recipient to this file.
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
+    /// Include message bodies in the record.
+    #[arg(long)]
+    record_bodies: bool,
+    /// Delay before each end-of-data reply, in milliseconds (a slow mailbox provider).
+    #[arg(long, default_value_t = 0)]
+    delay_eod_ms: u64,
+    /// Allow binding non-loopback addresses.
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    transactions: AtomicU64,
+    messages: AtomicU64,
+    recipients: AtomicU64,
+    bytes: AtomicU64,
+}
+
+struct Shared {
+    args: Args,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    greylist: Mutex<HashSet<(String, String)>>,
+    counters: Counters,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saida-sink: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if !args.allow_remote {
+        if let Some(a) = args.listen.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "{a} is not loopback; pass --allow-remote to bind it"
+            ));
+        }
+    }
+    let tls = if args.tls { Some(self_signed()?) } else { None };
+    let record = match &args.record {
+        Some(p) => Some(Mutex::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+        ))),
+        None => None,
+    };
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let shared = Arc::new(Shared {
+        args,
+        tls,
+        record,
+        greylist: Mutex::default(),
+        counters: Counters::default(),
+    });
+    // Bind every listener once per thread (SO_REUSEPORT) before reporting readiness.
+    let mut per_thread = Vec::new();
+    for _ in 0..threads {
+        let mut ls = Vec::new();
+        for a in &shared.args.listen {
+            ls.push(bind(*a).map_err(|e| format!("listening on {a}: {e}"))?);
+        }
+        per_thread.push(ls);
+    }
+    for (i, ls) in per_thread.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("sink-{i}"))
+            .spawn(move || serve_thread(shared, ls))
+            .map_err(|e| e.to_string())?;
+    }
+    println!("saida-sink listening on {:?}", shared.args.listen);
+    let _ = std::io::stdout().flush();
+    wait_for_signal();
+    let c = &shared.counters;
+    if let Some(r) = &shared.record {
+        let _ = r.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "connections": c.connections.load(Ordering::Relaxed),
+            "transactions": c.transactions.load(Ordering::Relaxed),
+            "messages": c.messages.load(Ordering::Relaxed),
+            "recipients": c.recipients.load(Ordering::Relaxed),
+            "bytes": c.bytes.load(Ordering::Relaxed),
+        })
+    );
+    Ok(())
+}
+
+fn wait_for_signal() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    if let Ok(rt) = rt {
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+    }
+}
+
+fn self_signed() -> Result<tokio_rustls::TlsAcceptor, String> {
+    let ck = rcgen::generate_simple_self_signed(vec!["sink.test".into(), "localhost".into()])
+        .map_err(|e| e.to_string())?;
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("saida-sink: runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut tasks = Vec::new();
+        for l in listeners {
+            let Ok(l) = tokio::net::TcpListener::from_std(l) else {
+                continue;
+            };
+            let shared = Arc::clone(&shared);
+            tasks.push(tokio::task::spawn_local(async move {
+                let local = l.local_addr().ok();
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let _ = s.set_nodelay(true);
+                    let shared = Arc::clone(&shared);
+                    let listener = local;
+                    tokio::task::spawn_local(async move {
+                        let n = shared.counters.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                        let conn = Conn {
+                            io: Box::new(s),
+                            buf: Vec::with_capacity(8192),
+                            out: Vec::with_capacity(1024),
+                            tls: false,
+                        };
+                        let _ = session(&shared, conn, n, listener).await;
+                    });
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+
+struct Conn {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    tls: bool,
+}
+
+impl Conn {
+    /// Next line (without CRLF), reading more when needed; None at end of stream.
+    async fn line(&mut self) -> std::io::Result<Option<String>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line);
+                return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+            }
+            if self.buf.len() > LINE_MAX {
+                return Err(std::io::Error::other("line too long"));
+            }
+            // Replies to a pipelined group go out once no further command is buffered.
+            self.flush().await?;
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        let mut chunk = [0u8; 16384];
+        let n = self.io.read(&mut chunk).await?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    fn reply(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.io.flush().await
+    }
+
+    /// Content up to the lone dot, dot-unstuffed.
+    async fn data(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let mut body = Vec::new();
+        loop {
+            let Some(i) = self.buf.iter().position(|&b| b == b'\n') else {
+                if body.len() + self.buf.len() > MESSAGE_MAX {
+                    return Err(std::io::Error::other("message too large"));
+                }
+                if !self.fill().await? {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            if line == b".\r\n" || line == b".\n" {
+                return Ok(Some(body));
+            }
+            let line = line.strip_prefix(b".").unwrap_or(&line);
+            body.extend_from_slice(line);
+        }
+    }
+
+    async fn exact(&mut self, n: usize) -> std::io::Result<Option<Vec<u8>>> {
+        while self.buf.len() < n {
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(self.buf.drain(..n).collect()))
+    }
+}
+
+#[derive(Default)]
+struct Txn {
+    from: Option<String>,
+    rcpts: Vec<String>,
+    chunks: Vec<u8>,
+}
+
+fn address(arg: &str) -> String {
+    let start = arg.find('<').map_or(0, |i| i + 1);
+    let end = arg[start..].find('>').map_or(arg.len(), |i| start + i);
+    arg[start..end].to_string()
+}
+
+async fn session(
+    shared: &Shared,
+    mut c: Conn,
+    conn_no: u64,
+    listener: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    if listener.is_some_and(|l| shared.args.greet_421.contains(&l)) {
+        c.reply("421 4.3.2 sink.test not accepting mail here");
+        return c.flush().await;
+    }
+    c.reply("220 sink.test ESMTP saida-sink");
+    let mut txn = Txn::default();
+    let mut txn_no = 0u64;
+    while let Some(line) = c.line().await? {
+        let upper = line.to_ascii_uppercase();
+        let verb = upper.split(' ').next().unwrap_or("");
+        match verb {
+            "EHLO" => {
+                txn = Txn::default();
+                c.reply("250-sink.test");
+                c.reply("250-PIPELINING");
+                c.reply("250-CHUNKING");
+                c.reply("250-8BITMIME");
+                c.reply("250-SMTPUTF8");
+                c.reply("250-ENHANCEDSTATUSCODES");
+                if shared.tls.is_some() && !c.tls {
+                    c.reply("250-STARTTLS");
+                }
+                c.reply(&format!("250 SIZE {MESSAGE_MAX}"));
+            }
+            "HELO" => c.reply("250 sink.test"),
+            "STARTTLS" if !c.tls => {
+                let Some(acceptor) = shared.tls.clone() else {
+                    c.reply("502 5.5.1 no TLS here");
+                    continue;
+                };
+                c.reply("220 2.0.0 go ahead");
+                c.flush().await?;
+                c.buf.clear();
+                let tls = acceptor.accept(c.io).await?;
+                c = Conn {
+                    io: Box::new(tls),
+                    buf: Vec::with_capacity(8192),
+                    out: Vec::new(),
+                    tls: true,
+                };
+                txn = Txn::default();
+            }
+            "MAIL" => {
+                txn = Txn {
+                    from: Some(address(&line[5.min(line.len())..])),
+                    ..Txn::default()
+                };
+                c.reply("250 2.1.0 ok");
+            }
+            "RCPT" => {
+                let Some(from) = &txn.from else {
+                    c.reply("503 5.5.1 MAIL first");
+                    continue;
+                };
+                let rcpt = address(&line[5.min(line.len())..]);
+                let local = rcpt.split('@').next().unwrap_or("").to_ascii_lowercase();
+                if local.starts_with("reject") {
+                    c.reply("550 5.1.1 no such user here");
+                } else if local.starts_with("defer") {
+                    c.reply("451 4.3.0 try again later");
+                } else if local.starts_with("grey") && first_attempt(shared, from, &rcpt) {
+                    c.reply("451 4.7.1 greylisted, try again later");
+                } else {
+                    txn.rcpts.push(rcpt);
+                    c.reply("250 2.1.5 ok");
+                }
+            }
+            "DATA" => {
+                if txn.rcpts.is_empty() {
+                    c.reply("554 5.5.1 no valid recipients");
+                    continue;
+                }
+                c.reply("354 go ahead");
+                c.flush().await?;
+                let Some(body) = c.data().await? else {
+                    return Ok(());
+                };
+                txn_no += 1;
+                delay_eod(shared).await;
+                accept(shared, &mut c, &mut txn, &body, conn_no, txn_no, listener);
+            }
+            "BDAT" => {
+                let mut parts = upper.split_ascii_whitespace().skip(1);
+                let Some(n) = parts.next().and_then(|n| n.parse::<usize>().ok()) else {
+                    c.reply("501 5.5.4 BDAT size");
+                    continue;
+                };
+                let last = parts.next() == Some("LAST");
+                if n > MESSAGE_MAX || txn.chunks.len() + n > MESSAGE_MAX {
+                    return Ok(());
+                }
+                let Some(chunk) = c.exact(n).await? else {
+                    return Ok(());
+                };
+                if txn.rcpts.is_empty() {
+                    c.reply("554 5.5.1 no valid recipients");
+                    continue;
+                }
+                txn.chunks.extend_from_slice(&chunk);
+                if last {
+                    let body = std::mem::take(&mut txn.chunks);
+                    txn_no += 1;
+                    delay_eod(shared).await;
+                    accept(shared, &mut c, &mut txn, &body, conn_no, txn_no, listener);
+                } else {
+                    c.reply(&format!("250 2.0.0 {n} octets"));
+                }
+            }
+            "RSET" => {
+                txn = Txn::default();
+                c.reply("250 2.0.0 ok");
+            }
+            "NOOP" => c.reply("250 2.0.0 ok"),
+            "QUIT" => {
+                c.reply("221 2.0.0 bye");
+                c.flush().await?;
+                return Ok(());
+            }
+            _ => c.reply("500 5.5.2 unknown command"),
+        }
+    }
+    Ok(())
+}
+
+async fn delay_eod(shared: &Shared) {
+    if shared.args.delay_eod_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(shared.args.delay_eod_ms)).await;
+    }
+}
+
+/// True the first time a (sender, recipient) pair is seen.
+fn first_attempt(shared: &Shared, from: &str, rcpt: &str) -> bool {
+    let mut seen = shared.greylist.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.len() > 1_000_000 {
+        seen.clear(); // bounded; a cleared pair is simply greylisted once more
+    }
+    seen.insert((from.to_string(), rcpt.to_string()))
+}
+
+fn accept(
+    shared: &Shared,
+    c: &mut Conn,
+    txn: &mut Txn,
+    body: &[u8],
+    conn_no: u64,
+    txn_no: u64,
+    listener: Option<SocketAddr>,
+) {
+    let k = &shared.counters;
+    k.transactions.fetch_add(1, Ordering::Relaxed);
+    k.messages.fetch_add(1, Ordering::Relaxed);
+    k.recipients
+        .fetch_add(txn.rcpts.len() as u64, Ordering::Relaxed);
+    k.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    if let Some(r) = &shared.record {
+        let mut w = r.lock().unwrap_or_else(|p| p.into_inner());
+        for rcpt in &txn.rcpts {
+            let mut line = serde_json::json!({
+                "conn": conn_no,
+                "txn": txn_no,
+                "listener": listener.map(|l| l.to_string()),
+                "from": txn.from.as_deref().unwrap_or(""),
+                "rcpt": rcpt,
+                "bytes": body.len(),
+                "tls": c.tls,
+            });
+            if shared.args.record_bodies {
+                line["body"] = String::from_utf8_lossy(body).into();
+            }
+            let _ = writeln!(w, "{line}");
+        }
+        let _ = w.flush();
+    }
+    *txn = Txn::default();
+    c.reply("250 2.0.0 ok: queued");
+}
