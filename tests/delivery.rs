@@ -355,3 +355,79 @@ fn sigkill_during_heavy_delivery_loses_no_recipient() {
         "{twice} recipients delivered twice (50 connections in flight)"
     );
 }
+
+/// Runs `saida queue --admin ADDR ARGS...`; returns its output (panics when it fails).
+fn queue_cli(admin: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(saida_e2e::binary("saida"))
+        .args(["queue", "--admin", admin, "--token", "secret-token-0123"])
+        .args(args)
+        .output()
+        .expect("saida queue");
+    assert!(
+        out.status.success(),
+        "saida queue {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn queue_admin_summary_suspend_resume_delete_and_bounce() {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let sink = Sink::start(&[format!("127.0.0.2:{port}")], &[]);
+    let config = format!(
+        "{}\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.2:{port}\"]\n\n\
+         [admin]\naddress = \"{admin}\"\ntoken = \"secret-token-0123\"\n",
+        delivery("")
+    );
+    let d = Daemon::start("epoll", &config);
+    for dom in ["held.test", "gone.test", "back.test"] {
+        queue_cli(&admin, &["suspend", dom]);
+    }
+    let msgs: Vec<(&str, Vec<String>)> = ["held.test", "gone.test", "back.test"]
+        .iter()
+        .flat_map(|dom| (0..3).map(move |i| ("a@origin.test", vec![format!("u{i}@{dom}")])))
+        .collect();
+    assert_eq!(send_messages(d.port, &msgs), 9);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sink.records().is_empty(), "a suspended domain got mail");
+    let summary: serde_json::Value =
+        serde_json::from_str(&queue_cli(&admin, &["--json", "summary"])).unwrap();
+    let held = summary["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["domain"] == "held.test")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (held["queued_rcpts"].as_u64(), held["suspended"].as_bool()),
+        (Some(3), Some(true))
+    );
+    let table = queue_cli(&admin, &["summary"]);
+    assert!(
+        table.contains("held.test") && table.contains("suspended"),
+        "{table}"
+    );
+    // Delete one domain's mail, bounce another's, resume the third.
+    assert!(queue_cli(&admin, &["delete", "--domain", "gone.test"]).contains("affected: 3"));
+    assert!(queue_cli(&admin, &["bounce", "--domain", "back.test"]).contains("affected: 3"));
+    assert!(queue_cli(&admin, &["resume", "held.test"]).contains("affected: 1"));
+    let records = sink.wait_until(20, "held mail and three bounces", |r| {
+        let got = rcpts(r);
+        got.iter().filter(|x| x.ends_with("@held.test")).count() == 3
+            && got.iter().filter(|x| *x == "a@origin.test").count() == 3
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.records().len(), records.len());
+    assert!(rcpts(&records).iter().all(|r| !r.ends_with("@gone.test")));
+    // State changes need the token.
+    let out = std::process::Command::new(saida_e2e::binary("saida"))
+        .args(["queue", "--admin", &admin, "suspend", "x.test"])
+        .env_remove("SAIDA_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}

@@ -49,3 +49,268 @@ pub struct ShardReply {
     /// Recipients (bounce, delete), jobs (flush) or domains (suspend, resume) affected.
     pub affected: usize,
 }
+
+/// `[admin]`: the local HTTP endpoint of `saida queue`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address; empty = no endpoint.
+    pub address: String,
+    /// Bearer token required for requests that change state; empty = none (allowed only on a
+    /// loopback address).
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: "127.0.0.1:8025".into(),
+            token: String::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Checks the address, and that a non-loopback endpoint has a token.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.address.is_empty() {
+            return Ok(());
+        }
+        let addr: std::net::SocketAddr = self
+            .address
+            .parse()
+            .map_err(|_| ("admin.address".to_string(), "not ip:port".to_string()))?;
+        if !addr.ip().is_loopback() && self.token.len() < 16 {
+            return Err((
+                "admin.token".into(),
+                "a non-loopback admin address needs a token of 16 characters or more".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest request head read by the endpoint.
+const REQUEST_HEAD_BYTES_MAX: usize = 8192;
+/// How long the endpoint waits for a client, and for the shards to answer.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Parses `METHOD PATH` into a request; the error is an HTTP status and a reason.
+pub fn route(method: &str, path: &str) -> Result<Request, (u16, String)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let not_found = || (404, format!("no route {method} {path}"));
+    let id = |s: &str| {
+        s.parse::<QueueId>()
+            .map_err(|_| (400, format!("`{s}` is not a queue id")))
+    };
+    match (method, parts.as_slice()) {
+        ("GET", ["queue"]) => Ok(Request::Summary),
+        ("POST", ["queue", "flush"]) => Ok(Request::Flush(None)),
+        ("POST", ["queue", "domains", d, action]) => {
+            let d = d.to_ascii_lowercase();
+            match *action {
+                "suspend" => Ok(Request::Suspend(d)),
+                "resume" => Ok(Request::Resume(d)),
+                "flush" => Ok(Request::Flush(Some(d))),
+                "bounce" => Ok(Request::Bounce(Selector::Domain(d))),
+                "delete" => Ok(Request::Delete(Selector::Domain(d))),
+                _ => Err(not_found()),
+            }
+        }
+        ("POST", ["queue", "messages", qid, "bounce"]) => {
+            Ok(Request::Bounce(Selector::Message(id(qid)?)))
+        }
+        ("POST", ["queue", "messages", qid, "delete"]) => {
+            Ok(Request::Delete(Selector::Message(id(qid)?)))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+/// The combined answer of every shard.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Answer {
+    pub domains: Vec<DomainSummary>,
+    pub affected: usize,
+    /// Shards that did not answer in time.
+    pub shards_silent: usize,
+}
+
+/// Serves the endpoint on its own thread until the process ends.
+pub fn serve(config: &AdminConfig, router: crate::shard::Router) -> std::io::Result<()> {
+    if config.address.is_empty() {
+        return Ok(());
+    }
+    let listener = std::net::TcpListener::bind(&config.address)?;
+    let token = config.token.clone();
+    tracing::info!(address = %config.address, "admin endpoint listening");
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_read_timeout(Some(ADMIN_TIMEOUT));
+                let _ = conn.set_write_timeout(Some(ADMIN_TIMEOUT));
+                if let Err(e) = handle(conn, &token, &router) {
+                    tracing::debug!(error = %e, "admin request failed");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn handle(
+    mut conn: std::net::TcpStream,
+    token: &str,
+    router: &crate::shard::Router,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let peer = conn.peer_addr().ok();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf)?;
+        if n == 0 || head.len() + n > REQUEST_HEAD_BYTES_MAX {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let authorized = token.is_empty()
+        || lines.any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.eq_ignore_ascii_case("authorization")
+                    && v.trim().strip_prefix("Bearer ").map(str::trim) == Some(token)
+            })
+        });
+    let (status, body) = match route(method, path) {
+        Err((status, why)) => (status, serde_json::json!({ "error": why }).to_string()),
+        Ok(req) if req != Request::Summary && !authorized => {
+            tracing::warn!(client = ?peer, %path, "admin request without a valid token refused");
+            (
+                401,
+                serde_json::json!({ "error": "token required" }).to_string(),
+            )
+        }
+        Ok(req) => {
+            tracing::info!(client = ?peer, %method, %path, "admin request");
+            let answer = ask_shards(router, &req);
+            (200, serde_json::to_string(&answer).unwrap_or_default())
+        }
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        _ => "Not Found",
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Broadcasts a request to every shard and merges their answers.
+pub fn ask_shards(router: &crate::shard::Router, req: &Request) -> Answer {
+    let (tx, rx) = crossbeam_channel::bounded(router.shards());
+    let mut asked = 0;
+    for shard in 0..router.shards() {
+        let msg = crate::shard::ShardMsg::Admin(req.clone(), tx.clone());
+        if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_ok() {
+            asked += 1;
+        }
+    }
+    let mut answer = Answer {
+        shards_silent: router.shards() - asked,
+        ..Answer::default()
+    };
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    for _ in 0..asked {
+        match rx.recv_deadline(deadline) {
+            Ok(r) => {
+                answer.domains.extend(r.domains);
+                answer.affected += r.affected;
+            }
+            Err(_) => answer.shards_silent += 1,
+        }
+    }
+    answer.domains.sort_by(|a, b| {
+        b.queued_rcpts
+            .cmp(&a.queued_rcpts)
+            .then(a.domain.cmp(&b.domain))
+    });
+    answer
+}
+
+/// `saida queue ...`: one request to the endpoint; prints the answer.
+pub fn client(address: &str, token: &str, method: &str, path: &str) -> anyhow::Result<Answer> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(address)
+        .map_err(|e| anyhow::anyhow!("cannot reach the admin endpoint at {address}: {e}"))?;
+    conn.set_read_timeout(Some(ADMIN_TIMEOUT * 2))?;
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("authorization: Bearer {token}\r\n")
+    };
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\n{auth}content-length: 0\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed response from {address}"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        anyhow::bail!("{address} answered {status}: {body}");
+    }
+    Ok(serde_json::from_str(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_map_to_requests() {
+        assert_eq!(route("GET", "/queue"), Ok(Request::Summary));
+        assert_eq!(
+            route("POST", "/queue/domains/Example.COM/suspend"),
+            Ok(Request::Suspend("example.com".into()))
+        );
+        assert_eq!(route("POST", "/queue/flush"), Ok(Request::Flush(None)));
+        let id = QueueId(0xABC);
+        assert_eq!(
+            route("POST", &format!("/queue/messages/{id}/delete")),
+            Ok(Request::Delete(Selector::Message(id)))
+        );
+        assert_eq!(
+            route("POST", "/queue/messages/xyz/delete").unwrap_err().0,
+            400
+        );
+        assert_eq!(route("GET", "/queue/domains/x/suspend").unwrap_err().0, 404);
+        assert_eq!(
+            route("POST", "/queue/domains/x/explode").unwrap_err().0,
+            404
+        );
+    }
+
+    #[test]
+    fn a_remote_endpoint_needs_a_token() {
+        let mut c = AdminConfig {
+            address: "0.0.0.0:8025".into(),
+            token: String::new(),
+        };
+        assert_eq!(c.validate().unwrap_err().0, "admin.token");
+        c.token = "0123456789abcdef".into();
+        assert!(c.validate().is_ok());
+        c.address = "nonsense".into();
+        assert_eq!(c.validate().unwrap_err().0, "admin.address");
+    }
+}

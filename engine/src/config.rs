@@ -43,6 +43,7 @@ pub struct Config {
     #[serde(rename = "route")]
     pub routes: Vec<crate::delivery::policy::Route>,
     pub dns: crate::delivery::policy::DnsConfig,
+    pub admin: crate::admin::AdminConfig,
 }
 
 impl Default for Config {
@@ -62,6 +63,7 @@ impl Default for Config {
             delivery: Default::default(),
             routes: Vec::new(),
             dns: Default::default(),
+            admin: Default::default(),
         }
     }
 }
@@ -540,6 +542,7 @@ impl Config {
             ));
         }
         crate::delivery::policy::validate(&self.delivery, &self.routes, &self.dns)?;
+        self.admin.validate()?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! - `saida run [--config FILE]`: the daemon (embedded defaults without a file);
 //! - `saida check-config FILE`: validates a configuration and exits;
 //! - `saida passwd USER`: reads a password on standard input and prints a credentials line;
+//! - `saida queue ...`: queue summary and control through the daemon's admin endpoint;
 //! - `saida demo`: the spool crash demo.
 
 #![forbid(unsafe_code)]
@@ -45,10 +46,98 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print a credentials-file line for USER; the password is read from standard input.
     Passwd { user: String },
+    /// Inspect and control the running daemon's queues through its admin endpoint.
+    Queue(QueueArgs),
     /// Spool demo: a writer process appends messages with group commit and is killed with
     /// SIGKILL at random moments; after each kill the spool is recovered and every acknowledged
     /// message is checked.
     Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct QueueArgs {
+    /// The daemon's admin endpoint (`[admin] address`).
+    #[arg(long, default_value = "127.0.0.1:8025")]
+    admin: String,
+    /// Token for requests that change state (`[admin] token`); also read from SAIDA_ADMIN_TOKEN.
+    #[arg(long, env = "SAIDA_ADMIN_TOKEN", default_value = "")]
+    token: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: QueueAction,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Queued recipients per destination domain.
+    Summary,
+    /// Stop delivering to a domain (mail stays queued).
+    Suspend { domain: String },
+    /// Deliver to a suspended domain again.
+    Resume { domain: String },
+    /// Retry deferred recipients now (of one domain, or all).
+    Flush { domain: Option<String> },
+    /// Fail queued recipients with a bounce to their senders.
+    Bounce(Target),
+    /// Remove queued recipients without a bounce.
+    Delete(Target),
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// A queue id (as in `queued as ...`).
+    #[arg(long)]
+    id: Option<String>,
+    /// Every queued recipient of a domain.
+    #[arg(long)]
+    domain: Option<String>,
+}
+
+fn queue(args: QueueArgs) -> anyhow::Result<()> {
+    let target = |t: &Target, action: &str| match (&t.id, &t.domain) {
+        (Some(id), _) => format!("/queue/messages/{id}/{action}"),
+        (_, Some(d)) => format!("/queue/domains/{d}/{action}"),
+        _ => unreachable!("clap requires one of --id and --domain"),
+    };
+    let (method, path) = match &args.action {
+        QueueAction::Summary => ("GET", "/queue".to_string()),
+        QueueAction::Suspend { domain } => ("POST", format!("/queue/domains/{domain}/suspend")),
+        QueueAction::Resume { domain } => ("POST", format!("/queue/domains/{domain}/resume")),
+        QueueAction::Flush { domain: None } => ("POST", "/queue/flush".to_string()),
+        QueueAction::Flush { domain: Some(d) } => ("POST", format!("/queue/domains/{d}/flush")),
+        QueueAction::Bounce(t) => ("POST", target(t, "bounce")),
+        QueueAction::Delete(t) => ("POST", target(t, "delete")),
+    };
+    let answer = admin::client(&args.admin, &args.token, method, &path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if matches!(args.action, QueueAction::Summary) {
+        println!(
+            "{:<40} {:>10} {:>8} {:>9} {:>11} {:>6} state",
+            "domain", "rcpts", "ready", "deferred", "oldest(s)", "conns"
+        );
+        for d in &answer.domains {
+            println!(
+                "{:<40} {:>10} {:>8} {:>9} {:>11} {:>6} {}",
+                d.domain,
+                d.queued_rcpts,
+                d.ready_jobs,
+                d.deferred_jobs,
+                d.oldest_age_secs.map_or("-".into(), |a| a.to_string()),
+                d.connections,
+                if d.suspended { "suspended" } else { "active" }
+            );
+        }
+    } else {
+        println!("affected: {}", answer.affected);
+    }
+    if answer.shards_silent > 0 {
+        anyhow::bail!("{} shard(s) did not answer", answer.shards_silent);
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -65,6 +154,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Passwd { user } => passwd(&user),
+        Command::Queue(args) => queue(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {
@@ -95,6 +185,8 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         ))
     })?;
     let server = shard::Server::start(config.clone())?;
+    admin::serve(&config.admin, server.router.clone())
+        .map_err(|e| anyhow::anyhow!("admin endpoint {}: {e}", config.admin.address))?;
     tracing::info!(
         listeners = ?server.local_addrs,
         shards = server.backends.len(),
@@ -114,7 +206,10 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!(
         handoffs_sent = stats.sent.load(std::sync::atomic::Ordering::Relaxed),
         handoffs_dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
-        "hand-off totals"
+        delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        deferred = stats.deferred.load(std::sync::atomic::Ordering::Relaxed),
+        failed = stats.failed.load(std::sync::atomic::Ordering::Relaxed),
+        "totals"
     );
     tracing::info!("stopped");
     Ok(())

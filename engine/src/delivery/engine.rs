@@ -1045,7 +1045,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             Request::Suspend(d) | Request::Resume(d) => {
                 let suspend = matches!(req, Request::Suspend(_));
                 let d = d.to_ascii_lowercase();
-                if suspend || self.domains.borrow().contains_key(d.as_str()) {
+                let owner = crate::shard::route::owner_shard(&d, self.router.shards());
+                if owner == self.shard as usize {
                     let key: Rc<str> = d.as_str().into();
                     let mut domains = self.domains.borrow_mut();
                     let q = domains

@@ -59,6 +59,7 @@ macro_rules! with_limits {
 
         impl $name {
             /// The per-destination keys of this table.
+            #[allow(dead_code)] // not called on `Limits` itself
             pub fn limits(&self) -> Limits {
                 Limits {
                     connections_max: self.connections_max,

@@ -182,6 +182,19 @@ impl Router {
         }
     }
 
+    /// Sends from a thread outside the shards (the admin endpoint), waiting while the inbox is
+    /// full, up to `timeout`.
+    pub fn send_blocking(
+        &self,
+        shard: usize,
+        msg: ShardMsg,
+        timeout: Duration,
+    ) -> Result<(), ShardMsg> {
+        self.senders[shard]
+            .send_timeout(msg, timeout)
+            .map_err(|e| e.into_inner())
+    }
+
     /// Hands each recipient of a committed message to the shard owning its domain.
     pub async fn hand_off(
         &self,
@@ -304,6 +317,7 @@ pub struct Server {
     pub backends: Vec<RunningBackend>,
     pub local_addrs: Vec<SocketAddr>,
     pub router_stats: Arc<RouterStats>,
+    pub router: Router,
 }
 
 impl Server {
@@ -389,7 +403,8 @@ impl Server {
             shutdown: shutdown_tx,
             backends,
             local_addrs: addrs.into_iter().map(|(a, _)| a).collect(),
-            router_stats: router.stats,
+            router_stats: Arc::clone(&router.stats),
+            router,
         })
     }
 
