@@ -4,12 +4,15 @@
 # - fsync on (Postfix fsyncs each queue file before its 250, the promise saida makes);
 # - relaying for 127.0.0.0/8, no local delivery, no DNS, no header/body checks or milters;
 # - enough smtpd processes for 500 connections;
-# - defer_transports = smtp: accepted mail stays queued, so only acceptance is measured (saida
-#   does no delivery work in the injection benchmark either).
+# - without RELAY: defer_transports = smtp, accepted mail stays queued, so only acceptance is
+#   measured (the injection benchmark);
+# - with RELAY (`start PORT 127.0.0.2:2600`): a tuned relay of everything to that host, as in
+#   ../shared/PLATFORM-NOTES.md: connection cache on, 50 connections to it, no DNS.
 # `stop` stops Postfix and empties its queue. Only for benchmarks: it rewrites /etc/postfix.
 set -euo pipefail
-cmd=${1:?start PORT | stop}
+cmd=${1:?start PORT [RELAY] | stop}
 port=${2:-2526}
+relay=${3:-}
 
 case "$cmd" in
 start)
@@ -34,8 +37,20 @@ start)
         "default_process_limit = 600" \
         "smtpd_client_connection_count_limit = 0" \
         "smtpd_client_connection_rate_limit = 0" \
-        "defer_transports = smtp" \
         "message_size_limit = 52428800"
+    if [ -n "$relay" ]; then
+        postconf -e \
+            "defer_transports =" \
+            "relayhost = [${relay%:*}]:${relay##*:}" \
+            "smtp_connection_cache_destinations = \$relayhost" \
+            "smtp_connection_cache_on_demand = yes" \
+            "initial_destination_concurrency = 20" \
+            "default_destination_concurrency_limit = 50" \
+            "smtp_destination_concurrency_limit = 50" \
+            "smtp_tls_security_level = none"
+    else
+        postconf -e "defer_transports = smtp" "relayhost ="
+    fi
     # One smtpd on the benchmark port; the default port-25 service is left out.
     sed -i '/^smtp      inet/d;/^127\.0\.0\.1:[0-9]* *inet/d' /etc/postfix/master.cf
     echo "127.0.0.1:$port inet n - n - - smtpd" >> /etc/postfix/master.cf

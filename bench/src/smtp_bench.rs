@@ -9,16 +9,10 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
-use hdrhistogram::Histogram;
+use saida_bench::{KillOnDrop, free_port, postfix_ctl, repo_root, run_load, wait_port};
+use std::process::{Command, Stdio};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -101,9 +95,9 @@ fn main() -> anyhow::Result<()> {
             };
             let postfix = if args.compare.is_some() {
                 let port = 2526;
-                postfix_ctl(&root, "start", port)?;
+                postfix_ctl(&root, "start", port, None)?;
                 let r = run_load(port, conns, args.postfix_messages.max(conns), size);
-                postfix_ctl(&root, "stop", port)?;
+                postfix_ctl(&root, "stop", port, None)?;
                 Some(r?)
             } else {
                 None
@@ -175,133 +169,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Clone)]
-struct LoadResult {
-    rate: f64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    errors: usize,
-}
-
-/// Sends `n` messages of `size` bytes over `conns` connections to 127.0.0.1:`port`.
-fn run_load(port: u16, conns: usize, n: usize, size: usize) -> anyhow::Result<LoadResult> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let next = Arc::new(AtomicUsize::new(0));
-        let body = Arc::new(message_body(size));
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..conns {
-            let (next, body) = (Arc::clone(&next), Arc::clone(&body));
-            tasks.push(tokio::task::spawn_local(async move {
-                connection(addr, next, n, body).await
-            }));
-        }
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-        let mut errors = 0;
-        for t in tasks {
-            match t.await? {
-                Ok((h, e)) => {
-                    hist.add(&h)?;
-                    errors += e;
-                }
-                Err(e) => bail!("client connection failed: {e:#}"),
-            }
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let ms = |q| hist.value_at_quantile(q) as f64 / 1000.0;
-        Ok(LoadResult {
-            rate: hist.len() as f64 / elapsed,
-            p50: ms(0.5),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            errors,
-        })
-    })
-}
-
-fn message_body(size: usize) -> Vec<u8> {
-    let mut b =
-        b"From: bench@origin.test\r\nTo: rcpt@dest.test\r\nSubject: benchmark\r\n\r\n".to_vec();
-    let line = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
-    while b.len() + line.len() <= size {
-        b.extend_from_slice(line);
-    }
-    b.extend_from_slice(b".\r\n");
-    b
-}
-
-/// One closed-loop connection: takes message numbers until `n` are sent. Returns the latency
-/// histogram (µs, end of DATA → reply) and the count of non-250 replies.
-async fn connection(
-    addr: SocketAddr,
-    next: Arc<AtomicUsize>,
-    n: usize,
-    body: Arc<Vec<u8>>,
-) -> anyhow::Result<(Histogram<u64>, usize)> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut errors = 0;
-    let stream = TcpStream::connect(addr).await.context("connect")?;
-    stream.set_nodelay(true)?;
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let mut line = String::new();
-    read_reply(&mut r, &mut line).await?;
-    w.write_all(b"EHLO bench.test\r\n").await?;
-    read_reply(&mut r, &mut line).await?;
-    loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
-        }
-        let envelope = format!(
-            "MAIL FROM:<bench@origin.test>\r\nRCPT TO:<user{i}@d{}.test>\r\nDATA\r\n",
-            i % 1000
-        );
-        w.write_all(envelope.as_bytes()).await?;
-        for _ in 0..3 {
-            read_reply(&mut r, &mut line).await?;
-        }
-        if !line.starts_with("354") {
-            errors += 1;
-            w.write_all(b"RSET\r\n").await?;
-            read_reply(&mut r, &mut line).await?;
-            continue;
-        }
-        w.write_all(&body).await?;
-        let t0 = Instant::now();
-        read_reply(&mut r, &mut line).await?;
-        if line.starts_with("250") {
-            hist.saturating_record(t0.elapsed().as_micros() as u64);
-        } else {
-            errors += 1;
-        }
-    }
-    w.write_all(b"QUIT\r\n").await?;
-    Ok((hist, errors))
-}
-
-/// Reads one reply; leaves its last line in `line`.
-async fn read_reply(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    line: &mut String,
-) -> anyhow::Result<()> {
-    loop {
-        line.clear();
-        if r.read_line(line).await? == 0 {
-            bail!("connection closed by server");
-        }
-        if line.len() < 4 || line.as_bytes()[3] != b'-' {
-            return Ok(());
-        }
-    }
-}
-
 /// The ceiling: an SMTP responder that accepts and discards everything, as cheaply as possible.
 fn run_sink(port: u16) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -363,51 +230,4 @@ async fn sink_session(s: TcpStream) -> anyhow::Result<()> {
             out.clear();
         }
     }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_port(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on port {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn postfix_ctl(root: &Path, cmd: &str, port: u16) -> anyhow::Result<()> {
-    let status = Command::new("bash")
-        .arg(root.join("scripts/postfix-bench.sh"))
-        .args([cmd, &port.to_string()])
-        .status()
-        .context("scripts/postfix-bench.sh")?;
-    if !status.success() {
-        bail!("scripts/postfix-bench.sh {cmd} failed");
-    }
-    Ok(())
-}
-
-fn repo_root() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/release/smtp-bench -> repository root
-    exe.ancestors()
-        .find(|p| p.join("Cargo.toml").exists() && p.join("engine").exists())
-        .map(Path::to_path_buf)
-        .context("run smtp-bench from the repository's target directory")
 }

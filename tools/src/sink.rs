@@ -56,6 +56,10 @@ struct Args {
     /// Delay before each end-of-data reply, in milliseconds (a slow mailbox provider).
     #[arg(long, default_value_t = 0)]
     delay_eod_ms: u64,
+    /// Rewrite this file every 100 ms with the counters and end-to-end latency percentiles
+    /// (from each message's `X-Saida-Sent: <µs since the epoch>` header) as JSON.
+    #[arg(long)]
+    stats: Option<std::path::PathBuf>,
     /// Allow binding non-loopback addresses.
     #[arg(long)]
     allow_remote: bool,
@@ -68,10 +72,13 @@ struct Counters {
     messages: AtomicU64,
     recipients: AtomicU64,
     bytes: AtomicU64,
+    last_message_us: AtomicU64,
 }
 
 struct Shared {
     args: Args,
+    /// End-to-end latency (µs) of messages carrying `X-Saida-Sent`.
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     greylist: Mutex<HashSet<(String, String)>>,
@@ -112,8 +119,11 @@ fn run(args: Args) -> Result<(), String> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let latency =
+        hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared {
         args,
+        latency: Mutex::new(latency),
         tls,
         record,
         greylist: Mutex::default(),
@@ -135,24 +145,62 @@ fn run(args: Args) -> Result<(), String> {
             .spawn(move || serve_thread(shared, ls))
             .map_err(|e| e.to_string())?;
     }
+    if let Some(path) = shared.args.stats.clone() {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            loop {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, stats_json(&shared).to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+    }
     println!("saida-sink listening on {:?}", shared.args.listen);
     let _ = std::io::stdout().flush();
     wait_for_signal();
-    let c = &shared.counters;
     if let Some(r) = &shared.record {
         let _ = r.lock().unwrap_or_else(|p| p.into_inner()).flush();
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "connections": c.connections.load(Ordering::Relaxed),
-            "transactions": c.transactions.load(Ordering::Relaxed),
-            "messages": c.messages.load(Ordering::Relaxed),
-            "recipients": c.recipients.load(Ordering::Relaxed),
-            "bytes": c.bytes.load(Ordering::Relaxed),
-        })
-    );
+    println!("{}", stats_json(&shared));
     Ok(())
+}
+
+/// Counters and latency percentiles (ms) as JSON.
+fn stats_json(shared: &Shared) -> serde_json::Value {
+    let c = &shared.counters;
+    let h = shared.latency.lock().unwrap_or_else(|p| p.into_inner());
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    serde_json::json!({
+        "connections": c.connections.load(Ordering::Relaxed),
+        "transactions": c.transactions.load(Ordering::Relaxed),
+        "messages": c.messages.load(Ordering::Relaxed),
+        "recipients": c.recipients.load(Ordering::Relaxed),
+        "bytes": c.bytes.load(Ordering::Relaxed),
+        "last_message_unix_us": c.last_message_us.load(Ordering::Relaxed),
+        "latency_ms": {
+            "count": h.len(),
+            "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
+            "max": h.max() as f64 / 1000.0,
+        },
+    })
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The `X-Saida-Sent: <µs>` stamp of a load generator, searched in the first 8 KiB.
+fn sent_stamp(body: &[u8]) -> Option<u64> {
+    const NAME: &[u8] = b"X-Saida-Sent: ";
+    let head = &body[..body.len().min(8192)];
+    let at = head.windows(NAME.len()).position(|w| w == NAME)? + NAME.len();
+    let digits: &[u8] = &head[at..];
+    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
 fn wait_for_signal() {
@@ -504,6 +552,12 @@ fn accept(
     k.recipients
         .fetch_add(txn.rcpts.len() as u64, Ordering::Relaxed);
     k.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    let now = unix_micros();
+    k.last_message_us.fetch_max(now, Ordering::Relaxed);
+    if let Some(sent) = sent_stamp(body) {
+        let mut h = shared.latency.lock().unwrap_or_else(|p| p.into_inner());
+        h.saturating_record(now.saturating_sub(sent).max(1));
+    }
     if let Some(r) = &shared.record {
         let mut w = r.lock().unwrap_or_else(|p| p.into_inner());
         for rcpt in &txn.rcpts {

@@ -232,7 +232,9 @@ impl<S: Dial + 'static> Deliverer<S> {
             let Some(rcpt) = msg.recipients.get(r.index as usize) else {
                 continue;
             };
-            let domain = crate::shard::route::domain_of(rcpt.address).to_ascii_lowercase();
+            let domain = crate::shard::route::domain_of(rcpt.address)
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
             let jr = JobRcpt {
                 index: r.index,
                 attempts: r.attempts,

@@ -231,6 +231,10 @@ impl<S: Stream> ClientSession<S> {
         env: &Envelope<'_>,
         message: &[u8],
     ) -> Result<Delivery, ClientError> {
+        if self.caps.chunking && self.caps.pipelining && env.recipients.len() <= RCPTS_PER_WRITE_MAX
+        {
+            return self.send_one_write(env, message).await;
+        }
         if self.transactions > 0 {
             self.write(b"RSET\r\n".to_vec()).await?;
             let r = self.reply("the RSET reply", self.timeouts.command).await?;
@@ -343,6 +347,55 @@ impl<S: Stream> ClientSession<S> {
                 }
             })
             .collect();
+        Ok(Delivery { replies })
+    }
+
+    /// The whole transaction in one write (RFC 2920 with RFC 3030): RSET (from the second
+    /// transaction on), MAIL, every RCPT, `BDAT <size> LAST` and the content; then the replies,
+    /// in order. One round trip per message. When every recipient is refused the server refuses
+    /// the BDAT too and its content is discarded.
+    async fn send_one_write(
+        &mut self,
+        env: &Envelope<'_>,
+        message: &[u8],
+    ) -> Result<Delivery, ClientError> {
+        let commands = transaction_commands(env, &self.caps, true)?;
+        let rset = self.transactions > 0;
+        self.transactions += 1;
+        let mut head =
+            Vec::with_capacity(commands.len() + 32 + message.len().min(DATA_WRITE_BYTES));
+        if rset {
+            head.extend_from_slice(b"RSET\r\n");
+        }
+        head.extend_from_slice(&commands);
+        head.extend_from_slice(format!("BDAT {} LAST\r\n", message.len()).as_bytes());
+        if message.len() <= DATA_WRITE_BYTES {
+            head.extend_from_slice(message);
+            self.write_timed(head, self.timeouts.data_block).await?;
+        } else {
+            self.write(head).await?;
+            self.write_content(message).await?;
+        }
+        if rset {
+            let r = self.reply("the RSET reply", self.timeouts.command).await?;
+            if !r.is_positive() {
+                return Err(ClientError::Refused(r));
+            }
+        }
+        let mail = self.reply("the MAIL reply", self.timeouts.command).await?;
+        let n = env.recipients.len();
+        let mut rcpts = Vec::with_capacity(n);
+        for _ in 0..n {
+            rcpts.push(self.reply("a RCPT reply", self.timeouts.command).await?);
+        }
+        let last = self.reply("the BDAT reply", self.timeouts.data_end).await?;
+        let replies = match match_envelope_replies(mail, rcpts) {
+            EnvelopeOutcome::MailRefused(r) => vec![r; n],
+            EnvelopeOutcome::Recipients { replies, .. } => replies
+                .into_iter()
+                .map(|r| if r.is_positive() { last.clone() } else { r })
+                .collect(),
+        };
         Ok(Delivery { replies })
     }
 
@@ -680,6 +733,27 @@ mod tests {
             assert_eq!(d.replies[0].code, 250);
             assert_eq!(d.replies[1].code, 501);
             assert_eq!(d.replies[1].enhanced.as_deref(), Some("5.1.3"));
+        });
+    }
+
+    #[test]
+    fn a_transaction_with_every_recipient_refused_leaves_the_connection_in_step() {
+        run(async {
+            let (_srv, mut c) = plain_session().await;
+            let body = b"Subject: t\r\n\r\nhi\r\n";
+            // One write: MAIL, RCPT, BDAT and content; the server refuses the RCPT and the BDAT.
+            let d = c
+                .send(&envelope(&["bad@@dest.test"], body.len()), body)
+                .await
+                .unwrap();
+            assert_eq!(d.replies[0].code, 501);
+            assert!(c.is_reusable());
+            let d = c
+                .send(&envelope(&["ok@dest.test"], body.len()), body)
+                .await
+                .unwrap();
+            assert_eq!(d.replies[0].code, 250, "{:?}", d.replies[0]);
+            assert_eq!(c.transactions, 2);
         });
     }
 }

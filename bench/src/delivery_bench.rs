@@ -1,0 +1,332 @@
+//! `delivery-bench`: end to end, SMTP in → delivered to a sink, for the standard workloads
+//! (W1: 200k x 2 KB, 1 recipient, 1000 domains; W2: 20k x 100 KB), with the durable spool.
+//!
+//! For each workload, in one run and on loopback: the ceiling (the generator straight into
+//! `saida-sink`), saida (every domain routed to the sink) and, with `--compare postfix`,
+//! Postfix relaying the same load to the same sink (tuned relay, fsync on; see
+//! scripts/postfix-bench.sh). End-to-end latency is measured by the sink from a timestamp header
+//! the generator writes into each message. Usage:
+//! `cargo build --release --workspace && target/release/delivery-bench [--compare postfix]`.
+
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use saida_bench::{KillOnDrop, free_port, postfix_ctl, repo_root, run_load_to, wait_port};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(about = "End-to-end delivery: saida beside the ceiling and Postfix")]
+struct Args {
+    /// Workloads to run.
+    #[arg(long, value_delimiter = ',', default_values_t = ["w1".to_string(), "w2".to_string()])]
+    workloads: Vec<String>,
+    /// Scale every message count (0.05 for a quick run).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Client connections of the generator.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Also run Postfix as a relay (installed by scripts/postfix-bench.sh).
+    #[arg(long)]
+    compare: Option<String>,
+    /// Messages for the Postfix runs, as a fraction of the workload (it is much slower).
+    #[arg(long, default_value_t = 0.1)]
+    postfix_fraction: f64,
+    /// One JSON object per line instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Workload {
+    name: &'static str,
+    messages: usize,
+    size: usize,
+    domains: usize,
+}
+
+const WORKLOADS: [Workload; 2] = [
+    Workload {
+        name: "w1",
+        messages: 200_000,
+        size: 2048,
+        domains: 1000,
+    },
+    Workload {
+        name: "w2",
+        messages: 20_000,
+        size: 102_400,
+        domains: 1000,
+    },
+];
+
+/// One measured row.
+struct Row {
+    target: String,
+    messages: usize,
+    inject_rate: f64,
+    e2e_rate: f64,
+    latency: serde_json::Value,
+    rss_mb: Option<f64>,
+    cpu_ms_per_1k: Option<f64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.compare.as_deref().is_some_and(|c| c != "postfix") {
+        bail!("--compare takes `postfix`");
+    }
+    let root = repo_root()?;
+    let bin = root.join("target/release");
+    for b in ["saida", "saida-sink"] {
+        if !bin.join(b).exists() {
+            bail!("{b} is missing: cargo build --release --workspace");
+        }
+    }
+    if !args.json {
+        println!(
+            "{:<4} {:<15} {:>8} | {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>7} {:>9} | {:>8} {:>8}",
+            "load",
+            "target",
+            "msgs",
+            "inject/s",
+            "e2e/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "RSS MB",
+            "CPU ms/1k",
+            "x postfix",
+            "x ceiling"
+        );
+    }
+    for w in WORKLOADS
+        .iter()
+        .filter(|w| args.workloads.iter().any(|n| n == w.name))
+    {
+        let n = ((w.messages as f64 * args.scale) as usize).max(args.connections);
+        let ceiling = run_target(&bin, w, n, args.connections, Target::Ceiling)?;
+        let saida = run_target(&bin, w, n, args.connections, Target::Saida)?;
+        let postfix = if args.compare.is_some() {
+            let pn = ((n as f64 * args.postfix_fraction) as usize).max(args.connections);
+            Some(run_target(
+                &bin,
+                w,
+                pn,
+                args.connections,
+                Target::Postfix(&root),
+            )?)
+        } else {
+            None
+        };
+        let mut rows = vec![saida];
+        rows.extend(postfix);
+        rows.push(ceiling);
+        let pf = rows
+            .iter()
+            .find(|r| r.target == "postfix")
+            .map(|r| r.e2e_rate);
+        let ceil = rows.last().map_or(1.0, |r| r.e2e_rate);
+        for r in &rows {
+            let x_pf = pf.map(|p| r.e2e_rate / p);
+            let x_ceil = r.e2e_rate / ceil;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "bench": "delivery", "workload": w.name, "target": r.target,
+                        "messages": r.messages, "size": w.size, "domains": w.domains,
+                        "inject_per_s": r.inject_rate.round(), "e2e_per_s": r.e2e_rate.round(),
+                        "latency_ms": r.latency, "rss_mb": r.rss_mb,
+                        "cpu_ms_per_1k": r.cpu_ms_per_1k, "x_postfix": x_pf, "x_ceiling": x_ceil,
+                    })
+                );
+            } else {
+                let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+                println!(
+                    "{:<4} {:<15} {:>8} | {:>9.0} {:>9.0} | {:>8.1} {:>8.1} {:>8.1} | {:>7} {:>9} \
+                     | {:>8} {:>8.2}",
+                    w.name,
+                    r.target,
+                    r.messages,
+                    r.inject_rate,
+                    r.e2e_rate,
+                    r.latency["p50"].as_f64().unwrap_or(0.0),
+                    r.latency["p99"].as_f64().unwrap_or(0.0),
+                    r.latency["max"].as_f64().unwrap_or(0.0),
+                    opt(r.rss_mb, 0),
+                    opt(r.cpu_ms_per_1k, 1),
+                    opt(x_pf, 1),
+                    x_ceil
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Target<'a> {
+    Ceiling,
+    Saida,
+    Postfix(&'a Path),
+}
+
+fn run_target(
+    bin: &Path,
+    w: &Workload,
+    n: usize,
+    conns: usize,
+    target: Target<'_>,
+) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let sink_port = free_port()?;
+    let sink_addr = format!("127.0.0.2:{sink_port}");
+    let stats = dir.path().join("sink.json");
+    let sink = Command::new(bin.join("saida-sink"))
+        .args(["--listen", &sink_addr, "--stats"])
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("saida-sink")?;
+    let _sink = KillOnDrop(sink);
+    wait_addr(&sink_addr)?;
+    let mut saida_pid = None;
+    let mut _saida = None;
+    let (name, port) = match target {
+        Target::Ceiling => ("ceiling".to_string(), None),
+        Target::Saida => {
+            let port = free_port()?;
+            let config = format!(
+                "[server]\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+                 [spool]\ndir = \"{d}/spool\"\n[smtp]\nconnections_per_ip_max = 100000\n\
+                 [log]\nlevel = \"warn\"\n[delivery]\nlog_dir = \"{d}/log\"\n\
+                 [admin]\naddress = \"\"\n[[route]]\ndomain = \"*\"\nhosts = [\"{sink_addr}\"]\n",
+                d = dir.path().display()
+            );
+            let path = dir.path().join("saida.toml");
+            std::fs::write(&path, config)?;
+            let child = Command::new(bin.join("saida"))
+                .args(["run", "--config"])
+                .arg(&path)
+                .stderr(Stdio::null())
+                .spawn()?;
+            saida_pid = Some(child.id());
+            _saida = Some(KillOnDrop(child));
+            wait_port(port)?;
+            ("saida".to_string(), Some(port))
+        }
+        Target::Postfix(root) => {
+            postfix_ctl(root, "start", 2526, Some(&sink_addr))?;
+            ("postfix".to_string(), Some(2526))
+        }
+    };
+    let start_us = unix_micros();
+    let cpu_before = saida_pid.and_then(cpu_ticks);
+    let load = match port {
+        Some(p) => run_load_to(p, conns, n, w.size, w.domains, true),
+        None => {
+            // The ceiling: the generator straight into the sink (127.0.0.2).
+            run_load_to_addr(&sink_addr, conns, n, w.size, w.domains)
+        }
+    };
+    let load = match load {
+        Ok(l) => l,
+        Err(e) => {
+            if matches!(target, Target::Postfix(_)) {
+                let _ = postfix_ctl(repo_root()?.as_path(), "stop", 2526, None);
+            }
+            return Err(e);
+        }
+    };
+    // Wait until the sink has every message (or nothing moved for 60 s).
+    let mut last = (0, Instant::now());
+    let s = loop {
+        let s: serde_json::Value = std::fs::read_to_string(&stats)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let got = s["messages"].as_u64().unwrap_or(0) as usize;
+        if got >= n {
+            break s;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            bail!("{name}: stalled at {got} of {n} delivered");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let end_us = s["last_message_unix_us"].as_u64().unwrap_or(start_us);
+    let e2e = n as f64 / ((end_us.saturating_sub(start_us)) as f64 / 1e6).max(1e-6);
+    let cpu_ms_per_1k = match (saida_pid.and_then(cpu_ticks), cpu_before) {
+        (Some(after), Some(before)) => {
+            let ticks_per_s = 100.0; // USER_HZ on Linux
+            Some((after - before) as f64 * 1000.0 / ticks_per_s / (n as f64 / 1000.0))
+        }
+        _ => None,
+    };
+    let rss_mb = saida_pid.and_then(peak_rss_mb);
+    if matches!(target, Target::Postfix(_)) {
+        postfix_ctl(repo_root()?.as_path(), "stop", 2526, None)?;
+    }
+    Ok(Row {
+        target: name,
+        messages: n,
+        inject_rate: load.rate,
+        e2e_rate: e2e,
+        latency: s["latency_ms"].clone(),
+        rss_mb,
+        cpu_ms_per_1k,
+    })
+}
+
+/// The generator against an address other than 127.0.0.1 (the sink on 127.0.0.2).
+fn run_load_to_addr(
+    addr: &str,
+    conns: usize,
+    n: usize,
+    size: usize,
+    domains: usize,
+) -> anyhow::Result<saida_bench::LoadResult> {
+    let sa: std::net::SocketAddr = addr.parse()?;
+    saida_bench::run_load_at(sa, conns, n, size, domains, true)
+}
+
+fn wait_addr(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
