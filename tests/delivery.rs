@@ -410,6 +410,26 @@ fn queue_admin_summary_suspend_resume_delete_and_bounce() {
         table.contains("held.test") && table.contains("suspended"),
         "{table}"
     );
+    // Suspensions survive a restart.
+    let mut d = d;
+    assert!(d.terminate().success());
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    let cfg = std::fs::read_to_string(dir.path().join("saida.toml")).unwrap();
+    let _d2 = Daemon::start_in(dir, d.port, &cfg);
+    let table = queue_cli(&admin, &["summary"]);
+    let held = table
+        .lines()
+        .find(|l| l.starts_with("held.test"))
+        .unwrap_or_default();
+    assert!(
+        held.contains("suspended") && held.contains(" 3 "),
+        "{table}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        sink.records().is_empty(),
+        "a suspended domain got mail after the restart"
+    );
     // Delete one domain's mail, bounce another's, resume the third.
     assert!(queue_cli(&admin, &["delete", "--domain", "gone.test"]).contains("affected: 3"));
     assert!(queue_cli(&admin, &["bounce", "--domain", "back.test"]).contains("affected: 3"));

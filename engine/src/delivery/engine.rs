@@ -44,6 +44,8 @@ use crate::smtp::server::headers::find_message_id;
 
 /// Addresses tried per connection attempt (over all MX hosts).
 const ADDRESSES_PER_ATTEMPT_MAX: usize = 20;
+/// Name of the file, in the shard's spool directory, listing its suspended domains.
+const SUSPENDED_FILE: &str = "suspended-domains";
 /// How often due retries are promoted and idle domains forgotten.
 const SCHEDULER_TICK: Duration = Duration::from_millis(200);
 
@@ -107,6 +109,8 @@ enum ConnEnd {
 /// The delivery side of one shard.
 pub struct Deliverer<S: Dial> {
     shard: u16,
+    /// Domains an operator suspended, one per line, so that a restart keeps them suspended.
+    suspended_file: std::path::PathBuf,
     config: Arc<Config>,
     policies: DeliveryPolicies,
     helo: String,
@@ -171,15 +175,35 @@ impl<S: Dial + 'static> Deliverer<S> {
         } else {
             config.delivery.helo_name.clone()
         };
+        let suspended_file = config
+            .spool
+            .dir
+            .join(format!("shard-{shard}"))
+            .join(SUSPENDED_FILE);
+        let domains: HashMap<Rc<str>, DomainQueue> = std::fs::read_to_string(&suspended_file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                let mut q = DomainQueue::new(policies.for_domain(d), now_micros());
+                q.suspended = true;
+                (Rc::from(d), q)
+            })
+            .collect();
+        if !domains.is_empty() {
+            tracing::info!(shard, domains = domains.len(), "suspended domains restored");
+        }
         Ok(Rc::new(Deliverer {
             shard,
+            suspended_file,
             policies,
             helo,
             resolver,
             readers,
             router,
             spool,
-            domains: RefCell::default(),
+            domains: RefCell::new(domains),
             log: RefCell::new(log),
             tls_any: crate::io::tls::client_config_unverified(),
             tls_verified: crate::io::tls::client_config_verified(roots),
@@ -1058,6 +1082,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     q.wake.notify_waiters();
                     reply.affected = 1;
                     drop(domains);
+                    self.save_suspended();
                     self.kick(&key);
                 }
             }
@@ -1104,6 +1129,28 @@ impl<S: Dial + 'static> Deliverer<S> {
             }
         }
         reply
+    }
+
+    /// Writes the suspended domains (atomically: a temporary file renamed over the old one).
+    fn save_suspended(&self) {
+        let mut list: Vec<String> = self
+            .domains
+            .borrow()
+            .iter()
+            .filter(|(_, q)| q.suspended)
+            .map(|(d, _)| d.to_string())
+            .collect();
+        list.sort();
+        let tmp = self.suspended_file.with_extension("tmp");
+        let text: String = list.iter().map(|d| format!("{d}\n")).collect();
+        let saved = std::fs::write(&tmp, text).and_then(|()| {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.suspended_file)
+        });
+        if let Err(e) = saved {
+            let file = self.suspended_file.display().to_string();
+            tracing::error!(%file, error = %e, "suspended domains not saved");
+        }
     }
 
     /// Ends a job removed by an operator: failed with a bounce, or cancelled silently.
