@@ -42,6 +42,10 @@ struct Args {
     /// One JSON object per line instead of the table.
     #[arg(long)]
     json: bool,
+    /// Instead of the workloads: queue this many recipients (one per message) for a suspended
+    /// domain, report resident memory per queued recipient and the time to recover them all.
+    #[arg(long)]
+    queue: Option<usize>,
 }
 
 struct Workload {
@@ -88,6 +92,9 @@ fn main() -> anyhow::Result<()> {
         if !bin.join(b).exists() {
             bail!("{b} is missing: cargo build --release --workspace");
         }
+    }
+    if let Some(n) = args.queue {
+        return queue_scale(&bin, n, args.connections);
     }
     if !args.json {
         println!(
@@ -329,4 +336,127 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Queues `n` recipients for a suspended domain, measures anonymous resident memory per queued
+/// recipient (the bodies stay on disk), restarts, and times the recovery of all of them.
+fn queue_scale(bin: &Path, n: usize, conns: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let config = format!(
+        "[server]\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [spool]\ndir = \"{d}/spool\"\n[smtp]\nconnections_per_ip_max = 100000\n\
+         [delivery]\nlog_dir = \"\"\nqueued_rcpts_max = 100000000\n\
+         [admin]\naddress = \"{admin}\"\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n",
+        d = dir.path().display()
+    );
+    let path = dir.path().join("saida.toml");
+    std::fs::write(&path, config)?;
+    let log = dir.path().join("saida.log");
+    let start = |log: &Path| -> anyhow::Result<KillOnDrop> {
+        let child = Command::new(bin.join("saida"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        Ok(KillOnDrop(child))
+    };
+    let queue = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(bin.join("saida"))
+            .args(["queue", "--admin", &admin])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "saida queue {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let queued = |json: &str| -> usize {
+        serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                v["domains"].as_array().map(|a| {
+                    a.iter()
+                        .map(|d| d["queued_rcpts"].as_u64().unwrap_or(0) as usize)
+                        .sum()
+                })
+            })
+            .unwrap_or(0)
+    };
+    let mut saida = start(&log)?;
+    wait_port(port)?;
+    queue(&["suspend", "d0.test"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let base = rss_anon_mb(saida.0.id()).unwrap_or(0.0);
+    let t = Instant::now();
+    let load = run_load_to(port, conns, n, 300, 1, false)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while queued(&queue(&["--json", "summary"])?) < n {
+        if Instant::now() > deadline {
+            bail!("not every recipient was queued");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let inject_s = t.elapsed().as_secs_f64();
+    let full = rss_anon_mb(saida.0.id()).unwrap_or(0.0);
+    let per_rcpt = (full - base) * 1024.0 * 1024.0 / n as f64;
+    let _ = Command::new("kill")
+        .args(["-TERM", &saida.0.id().to_string()])
+        .status();
+    let _ = saida.0.wait();
+    let t = Instant::now();
+    let log2 = dir.path().join("saida2.log");
+    let saida2 = start(&log2)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(out) = queue(&["--json", "summary"]) {
+            if queued(&out) >= n {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("recovery did not queue every recipient in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let recover_s = t.elapsed().as_secs_f64();
+    let spool_mb = dir_bytes(&dir.path().join("spool")) as f64 / (1 << 20) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "queue-scale", "recipients": n, "inject_s": inject_s,
+            "inject_per_s": load.rate.round(), "rss_anon_base_mb": base, "rss_anon_full_mb": full,
+            "bytes_per_queued_rcpt": per_rcpt.round(), "recover_all_s": recover_s,
+            "spool_mb": spool_mb.round(),
+        })
+    );
+    drop(saida2);
+    Ok(())
+}
+
+/// Anonymous resident memory (heap, not file-backed maps) of a process, in MiB.
+fn rss_anon_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            total += if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            };
+        }
+    }
+    total
 }
