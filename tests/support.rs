@@ -48,12 +48,18 @@ impl Daemon {
         let config = format!(
             "[server]\nhostname = \"saida.test\"\nshards = 2\nbackend = \"{backend}\"\n\
              shutdown_grace_secs = 2\n\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
-             [spool]\ndir = \"{d}/spool\"\n\n{delivery}{extra}\n",
+             [spool]\ndir = \"{d}/spool\"\n\n{delivery}{admin}{extra}\n",
             // Tests that do not test delivery never deliver (no traffic off loopback).
             delivery = if extra.contains("[delivery]") {
                 ""
             } else {
                 "[delivery]\nenabled = false\n\n"
+            },
+            // Daemons run in parallel: no shared admin port unless a test asks for one.
+            admin = if extra.contains("[admin]") {
+                ""
+            } else {
+                "[admin]\naddress = \"\"\n\n"
             },
             d = dir.path().display(),
             extra = extra.replace("{dir}", &dir.path().display().to_string()),

@@ -564,8 +564,10 @@ impl<S: Dial + 'static> Deliverer<S> {
     }
 
     /// Connects to the first host that completes the SMTP greeting and the TLS policy,
-    /// starting at `start`. Under `opportunistic`, a host whose TLS handshake fails is tried
-    /// again in plain text.
+    /// starting at `start`; a connection failure, a refused session (`421`) or a failed TLS
+    /// handshake moves on to the next host. Under `opportunistic`, hosts whose handshake failed
+    /// are tried once more in plain text after every host was tried with TLS (RFC 7435:
+    /// plain text beats no delivery).
     async fn connect_any(
         &self,
         hosts: &[Host],
@@ -573,48 +575,33 @@ impl<S: Dial + 'static> Deliverer<S> {
         policy: &DomainPolicy,
     ) -> Result<(ClientSession<S>, usize), Verdict> {
         let mut last = Verdict::local(451, "4.4.1", "no host to connect to");
-        for k in 0..hosts.len() {
-            let i = (start + k) % hosts.len();
+        let mut tls_failed = Vec::new();
+        let order = (0..hosts.len()).map(|k| ((start + k) % hosts.len(), true));
+        let mut attempts: Vec<(usize, bool)> = order.collect();
+        let mut next = 0;
+        while let Some(&(i, use_starttls)) = attempts.get(next) {
+            next += 1;
             let host = &hosts[i];
-            let mut use_starttls = true;
-            loop {
-                match self.connect_one(host, policy, use_starttls).await {
-                    Ok(s) => return Ok((s, i)),
-                    Err(e) => {
-                        tracing::debug!(host = %host.name, addr = %host.addr, error = %e,
-                            "connection attempt failed");
-                        let retry_plain = e.is_tls_failure()
-                            && use_starttls
-                            && policy.tls == TlsPolicy::Opportunistic;
-                        last = match &e {
-                            ClientError::Refused(r) => Verdict {
-                                code: 451,
-                                enhanced: Some("4.4.0".into()),
-                                text: format!(
-                                    "451 4.4.0 {} ({}) refused the session: {}",
-                                    host.name,
-                                    host.addr,
-                                    r.summary()
-                                ),
-                            },
-                            ClientError::Tls(_) => Verdict::local(
-                                451,
-                                "4.7.5",
-                                format!("{} ({}): {e}", host.name, host.addr),
-                            ),
-                            _ => Verdict::local(
-                                451,
-                                "4.4.1",
-                                format!("{} ({}): {e}", host.name, host.addr),
-                            ),
-                        };
-                        if retry_plain {
-                            use_starttls = false;
-                            continue;
-                        }
-                        break;
+            match self.connect_one(host, policy, use_starttls).await {
+                Ok(s) => return Ok((s, i)),
+                Err(e) => {
+                    tracing::debug!(host = %host.name, addr = %host.addr, error = %e,
+                        "connection attempt failed");
+                    if e.is_tls_failure() && use_starttls && policy.tls == TlsPolicy::Opportunistic
+                    {
+                        tls_failed.push(i);
                     }
+                    let (code, status) = match &e {
+                        ClientError::Refused(_) => (451, "4.4.0"),
+                        ClientError::Tls(_) => (451, "4.7.5"),
+                        _ => (451, "4.4.1"),
+                    };
+                    last =
+                        Verdict::local(code, status, format!("{} ({}): {e}", host.name, host.addr));
                 }
+            }
+            if next == attempts.len() {
+                attempts.extend(tls_failed.drain(..).map(|i| (i, false)));
             }
         }
         Err(last)

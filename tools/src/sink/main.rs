@@ -5,7 +5,11 @@
 //! `SO_REUSEPORT` listeners. Speaks ESMTP with PIPELINING, CHUNKING (BDAT), 8BITMIME, SMTPUTF8,
 //! SIZE and, with `--tls`, STARTTLS on a self-signed certificate.
 //!
-//! Behaviour by recipient local part, so a test can ask for an outcome per address:
+//! Behaviour comes from a profile (`--profile FILE`, see `profile`): reply mixes per recipient
+//! and per message, greylisting, latency distributions at banner / RCPT / end of data,
+//! connection and rate caps, random disconnects, and which extensions are offered, per listener
+//! and per recipient domain. Beside it, by recipient local part, so a test can ask for an
+//! outcome per address:
 //! `reject…` → `550 5.1.1`, `defer…` → `451 4.3.0` every time, `grey…` → `451 4.7.1` on the
 //! first attempt of a (sender, recipient) pair and accepted after. `--greet-421 ADDR` makes a
 //! listener refuse every session with a `421` greeting (for failover tests).
@@ -13,15 +17,19 @@
 //! `--record FILE` appends one JSON line per accepted recipient (connection number, transaction
 //! number on that connection, listener, sender, recipient, size, TLS, and the body with
 //! `--record-bodies`), written before the end-of-data reply. Counters are printed as JSON on
-//! SIGTERM/SIGINT. Only loopback addresses are bound unless `--allow-remote` is given.
+//! SIGTERM/SIGINT, every 100 ms to `--stats FILE`, and in Prometheus text format on
+//! `--metrics ADDR`. Only loopback addresses are bound unless `--allow-remote` is given.
 
-use std::collections::HashSet;
+mod profile;
+
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use profile::{Behaviour, Delay, Profile};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[global_allocator]
@@ -60,6 +68,12 @@ struct Args {
     /// (from each message's `X-Saida-Sent: <µs since the epoch>` header) as JSON.
     #[arg(long)]
     stats: Option<std::path::PathBuf>,
+    /// Behaviour profile (TOML; see the `profile` module docs).
+    #[arg(long)]
+    profile: Option<std::path::PathBuf>,
+    /// Serve the counters in Prometheus text format on this address (`/metrics`).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Allow binding non-loopback addresses.
     #[arg(long)]
     allow_remote: bool,
@@ -73,10 +87,21 @@ struct Counters {
     recipients: AtomicU64,
     bytes: AtomicU64,
     last_message_us: AtomicU64,
+    /// Connections refused by a connection cap, and messages by a rate cap.
+    refused_connections: AtomicU64,
+    rate_limited: AtomicU64,
+    disconnects: AtomicU64,
+    /// Most transactions seen on one connection.
+    transactions_per_connection_max: AtomicU64,
 }
 
 struct Shared {
     args: Args,
+    profile: Profile,
+    /// Open connections per listener (for `connections_max`).
+    open: HashMap<SocketAddr, AtomicU64>,
+    /// Per listener: (second, messages in it), for `rate_per_second`.
+    rate: HashMap<SocketAddr, Mutex<(u64, u64)>>,
     /// End-to-end latency (µs) of messages carrying `X-Saida-Sent`.
     latency: Mutex<hdrhistogram::Histogram<u64>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -121,7 +146,32 @@ fn run(args: Args) -> Result<(), String> {
     };
     let latency =
         hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| e.to_string())?;
+    let mut profile = match &args.profile {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            Profile::parse(&text).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        None => Profile::default(),
+    };
+    if args.delay_eod_ms > 0 {
+        profile.set_default_eod(Delay::Fixed {
+            value: args.delay_eod_ms as f64,
+        });
+    }
+    let open = args
+        .listen
+        .iter()
+        .map(|a| (*a, AtomicU64::new(0)))
+        .collect();
+    let rate = args
+        .listen
+        .iter()
+        .map(|a| (*a, Mutex::new((0, 0))))
+        .collect();
     let shared = Arc::new(Shared {
+        profile,
+        open,
+        rate,
         args,
         latency: Mutex::new(latency),
         tls,
@@ -157,6 +207,11 @@ fn run(args: Args) -> Result<(), String> {
             }
         });
     }
+    if let Some(addr) = shared.args.metrics {
+        let l = std::net::TcpListener::bind(addr).map_err(|e| format!("metrics on {addr}: {e}"))?;
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || serve_metrics(&shared, l));
+    }
     println!("saida-sink listening on {:?}", shared.args.listen);
     let _ = std::io::stdout().flush();
     wait_for_signal();
@@ -179,12 +234,109 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "recipients": c.recipients.load(Ordering::Relaxed),
         "bytes": c.bytes.load(Ordering::Relaxed),
         "last_message_unix_us": c.last_message_us.load(Ordering::Relaxed),
+        "refused_connections": c.refused_connections.load(Ordering::Relaxed),
+        "rate_limited": c.rate_limited.load(Ordering::Relaxed),
+        "disconnects": c.disconnects.load(Ordering::Relaxed),
+        "transactions_per_connection_max":
+            c.transactions_per_connection_max.load(Ordering::Relaxed),
         "latency_ms": {
             "count": h.len(),
             "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
             "max": h.max() as f64 / 1000.0,
         },
     })
+}
+
+/// `GET /metrics` in Prometheus text format (any other path: 404).
+fn serve_metrics(shared: &Shared, l: std::net::TcpListener) {
+    use std::io::Read;
+    for mut conn in l.incoming().flatten() {
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        let mut buf = [0u8; 2048];
+        let n = conn.read(&mut buf).unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        let (status, body) = if head.starts_with("GET /metrics") {
+            let c = &shared.counters;
+            let mut body = String::new();
+            for (name, help, v) in [
+                ("connections", "Connections accepted", &c.connections),
+                ("transactions", "Transactions answered 250", &c.transactions),
+                ("messages", "Messages accepted", &c.messages),
+                ("recipients", "Recipients accepted", &c.recipients),
+                ("bytes", "Message bytes accepted", &c.bytes),
+                (
+                    "refused_connections",
+                    "Connections refused by a cap",
+                    &c.refused_connections,
+                ),
+                (
+                    "rate_limited",
+                    "Messages refused by the rate cap",
+                    &c.rate_limited,
+                ),
+                (
+                    "disconnects",
+                    "Connections dropped at end of data",
+                    &c.disconnects,
+                ),
+            ] {
+                body.push_str(&format!(
+                    "# HELP saida_sink_{name}_total {help}.\n\
+                     # TYPE saida_sink_{name}_total counter\n\
+                     saida_sink_{name}_total {}\n",
+                    v.load(Ordering::Relaxed)
+                ));
+            }
+            ("200 OK", body)
+        } else {
+            ("404 Not Found", String::new())
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+/// A fast per-thread random number in [0, 1).
+fn uniform() -> f64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(unix_micros() | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
+async fn delay(d: &Delay) {
+    let ms = d.sample(uniform(), uniform());
+    if ms > 0.0 {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(ms / 1000.0)).await;
+    }
+}
+
+/// Takes a message slot under the listener's rate cap; false when the second is full.
+fn rate_ok(shared: &Shared, listener: Option<SocketAddr>, b: &Behaviour) -> bool {
+    if b.rate_per_second == 0 {
+        return true;
+    }
+    let Some(m) = listener.and_then(|l| shared.rate.get(&l)) else {
+        return true;
+    };
+    let sec = unix_micros() / 1_000_000;
+    let mut w = m.lock().unwrap_or_else(|p| p.into_inner());
+    if w.0 != sec {
+        *w = (sec, 0);
+    }
+    w.1 += 1;
+    w.1 <= b.rate_per_second
 }
 
 fn unix_micros() -> u64 {
@@ -394,6 +546,39 @@ fn address(arg: &str) -> String {
 
 async fn session(
     shared: &Shared,
+    c: Conn,
+    conn_no: u64,
+    listener: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    let b = shared.profile.listener(listener);
+    let open = listener.and_then(|l| shared.open.get(&l));
+    let now_open = open.map_or(0, |o| o.fetch_add(1, Ordering::Relaxed) + 1);
+    let result = if b.connections_max > 0 && now_open as usize > b.connections_max {
+        shared
+            .counters
+            .refused_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let mut c = c;
+        c.reply("421 4.7.0 sink.test too many connections, try again later");
+        c.flush().await
+    } else {
+        converse(shared, b, c, conn_no, listener).await
+    };
+    if let Some(o) = open {
+        o.fetch_sub(1, Ordering::Relaxed);
+    }
+    result
+}
+
+/// The behaviour for a recipient: its domain's layer over the listener's.
+fn for_rcpt(shared: &Shared, b: &Behaviour, rcpt: &str) -> Option<Behaviour> {
+    let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+    shared.profile.for_domain(b, domain)
+}
+
+async fn converse(
+    shared: &Shared,
+    b: &Behaviour,
     mut c: Conn,
     conn_no: u64,
     listener: Option<SocketAddr>,
@@ -402,6 +587,7 @@ async fn session(
         c.reply("421 4.3.2 sink.test not accepting mail here");
         return c.flush().await;
     }
+    delay(&b.banner_delay_ms).await;
     c.reply("220 sink.test ESMTP saida-sink");
     let mut txn = Txn::default();
     let mut txn_no = 0u64;
@@ -412,18 +598,24 @@ async fn session(
             "EHLO" => {
                 txn = Txn::default();
                 c.reply("250-sink.test");
-                c.reply("250-PIPELINING");
-                c.reply("250-CHUNKING");
+                if b.pipelining {
+                    c.reply("250-PIPELINING");
+                }
+                if b.chunking {
+                    c.reply("250-CHUNKING");
+                }
                 c.reply("250-8BITMIME");
-                c.reply("250-SMTPUTF8");
+                if b.smtputf8 {
+                    c.reply("250-SMTPUTF8");
+                }
                 c.reply("250-ENHANCEDSTATUSCODES");
-                if shared.tls.is_some() && !c.tls {
+                if shared.tls.is_some() && b.starttls && !c.tls {
                     c.reply("250-STARTTLS");
                 }
                 c.reply(&format!("250 SIZE {MESSAGE_MAX}"));
             }
             "HELO" => c.reply("250 sink.test"),
-            "STARTTLS" if !c.tls => {
+            "STARTTLS" if !c.tls && b.starttls => {
                 let Some(acceptor) = shared.tls.clone() else {
                     c.reply("502 5.5.1 no TLS here");
                     continue;
@@ -441,6 +633,11 @@ async fn session(
                 txn = Txn::default();
             }
             "MAIL" => {
+                if !rate_ok(shared, listener, b) {
+                    shared.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    c.reply("451 4.7.1 rate limit exceeded, slow down");
+                    continue;
+                }
                 txn = Txn {
                     from: Some(address(&line[5.min(line.len())..])),
                     ..Txn::default()
@@ -454,12 +651,19 @@ async fn session(
                 };
                 let rcpt = address(&line[5.min(line.len())..]);
                 let local = rcpt.split('@').next().unwrap_or("").to_ascii_lowercase();
+                let domain_b = for_rcpt(shared, b, &rcpt);
+                let rb = domain_b.as_ref().unwrap_or(b);
+                delay(&rb.rcpt_delay_ms).await;
                 if local.starts_with("reject") {
                     c.reply("550 5.1.1 no such user here");
                 } else if local.starts_with("defer") {
                     c.reply("451 4.3.0 try again later");
-                } else if local.starts_with("grey") && first_attempt(shared, from, &rcpt) {
+                } else if (local.starts_with("grey") || rb.greylist)
+                    && first_attempt(shared, from, &rcpt)
+                {
                     c.reply("451 4.7.1 greylisted, try again later");
+                } else if let Some(r) = Behaviour::roll(&rb.rcpt_reply_mix, uniform() * 100.0) {
+                    c.reply(r);
                 } else {
                     txn.rcpts.push(rcpt);
                     c.reply("250 2.1.5 ok");
@@ -476,8 +680,13 @@ async fn session(
                     return Ok(());
                 };
                 txn_no += 1;
-                delay_eod(shared).await;
-                accept(shared, &mut c, &mut txn, &body, conn_no, txn_no, listener);
+                if !end_of_data(
+                    shared, b, &mut c, &mut txn, &body, conn_no, txn_no, listener,
+                )
+                .await
+                {
+                    return Ok(());
+                }
             }
             "BDAT" => {
                 let mut parts = upper.split_ascii_whitespace().skip(1);
@@ -500,8 +709,13 @@ async fn session(
                 if last {
                     let body = std::mem::take(&mut txn.chunks);
                     txn_no += 1;
-                    delay_eod(shared).await;
-                    accept(shared, &mut c, &mut txn, &body, conn_no, txn_no, listener);
+                    if !end_of_data(
+                        shared, b, &mut c, &mut txn, &body, conn_no, txn_no, listener,
+                    )
+                    .await
+                    {
+                        return Ok(());
+                    }
                 } else {
                     c.reply(&format!("250 2.0.0 {n} octets"));
                 }
@@ -522,10 +736,37 @@ async fn session(
     Ok(())
 }
 
-async fn delay_eod(shared: &Shared) {
-    if shared.args.delay_eod_ms > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(shared.args.delay_eod_ms)).await;
+/// Answers the end of data by the profile: the delay, then a random disconnect, a reply from
+/// the message mix, or acceptance. Returns false when the connection is to be dropped.
+#[allow(clippy::too_many_arguments)]
+async fn end_of_data(
+    shared: &Shared,
+    b: &Behaviour,
+    c: &mut Conn,
+    txn: &mut Txn,
+    body: &[u8],
+    conn_no: u64,
+    txn_no: u64,
+    listener: Option<SocketAddr>,
+) -> bool {
+    let domain_b = txn.rcpts.first().and_then(|r| for_rcpt(shared, b, r));
+    let mb = domain_b.as_ref().unwrap_or(b);
+    delay(&mb.eod_delay_ms).await;
+    if mb.disconnect_percent > 0.0 && uniform() * 100.0 < mb.disconnect_percent {
+        shared.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+        return false;
     }
+    if let Some(r) = Behaviour::roll(&mb.message_reply_mix, uniform() * 100.0) {
+        *txn = Txn::default();
+        c.reply(r);
+        return true;
+    }
+    shared
+        .counters
+        .transactions_per_connection_max
+        .fetch_max(txn_no, Ordering::Relaxed);
+    accept(shared, c, txn, body, conn_no, txn_no, listener);
+    true
 }
 
 /// True the first time a (sender, recipient) pair is seen.
