@@ -1,5 +1,7 @@
 //! `delivery-bench`: end to end, SMTP in → delivered to a sink, for the standard workloads
-//! (W1: 200k x 2 KB, 1 recipient, 1000 domains; W2: 20k x 100 KB), with the durable spool.
+//! (W1: 200k x 2 KB, 1 recipient, 1000 domains; W2: 20k x 100 KB; W3: 50k x 2 KB x 10
+//! recipients in different domains), with the durable spool. The generator is `saida-blast`
+//! (closed loop), the sink `saida-sink`.
 //!
 //! For each workload, in one run and on loopback: the ceiling (the generator straight into
 //! `saida-sink`), saida (every domain routed to the sink) and, with `--compare postfix`,
@@ -7,6 +9,7 @@
 //! scripts/postfix-bench.sh). End-to-end latency is measured by the sink from a timestamp header
 //! the generator writes into each message. Usage:
 //! `cargo build --release --workspace && target/release/delivery-bench [--compare postfix]`.
+//! `--tools` instead compares the load tools with Postfix's `smtp-source` and `smtp-sink`.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +21,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use saida_bench::{KillOnDrop, free_port, postfix_ctl, repo_root, run_load_to, wait_port};
 
+mod tools_vs_postfix;
+use tools_vs_postfix::tools_bench;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -25,7 +31,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(about = "End-to-end delivery: saida beside the ceiling and Postfix")]
 struct Args {
     /// Workloads to run.
-    #[arg(long, value_delimiter = ',', default_values_t = ["w1".to_string(), "w2".to_string()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["w1".to_string(), "w2".to_string(), "w3".to_string()])]
     workloads: Vec<String>,
     /// Scale every message count (0.05 for a quick run).
     #[arg(long, default_value_t = 1.0)]
@@ -46,6 +52,10 @@ struct Args {
     /// domain, report resident memory per queued recipient and the time to recover them all.
     #[arg(long)]
     queue: Option<usize>,
+    /// Instead of the workloads: saida-blast vs smtp-source into smtp-sink, and smtp-source into
+    /// saida-sink vs smtp-sink (this many 2 KB messages each).
+    #[arg(long)]
+    tools: Option<usize>,
 }
 
 struct Workload {
@@ -53,20 +63,30 @@ struct Workload {
     messages: usize,
     size: usize,
     domains: usize,
+    rcpts: usize,
 }
 
-const WORKLOADS: [Workload; 2] = [
+const WORKLOADS: [Workload; 3] = [
     Workload {
         name: "w1",
         messages: 200_000,
         size: 2048,
         domains: 1000,
+        rcpts: 1,
     },
     Workload {
         name: "w2",
         messages: 20_000,
         size: 102_400,
         domains: 1000,
+        rcpts: 1,
+    },
+    Workload {
+        name: "w3",
+        messages: 50_000,
+        size: 2048,
+        domains: 1000,
+        rcpts: 10,
     },
 ];
 
@@ -75,6 +95,8 @@ struct Row {
     target: String,
     messages: usize,
     inject_rate: f64,
+    /// End of data → 250 at the generator.
+    ack: serde_json::Value,
     e2e_rate: f64,
     latency: serde_json::Value,
     rss_mb: Option<f64>,
@@ -96,17 +118,27 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = args.queue {
         return queue_scale(&bin, n, args.connections);
     }
+    if let Some(n) = args.tools {
+        return tools_bench(&bin, n, args.connections);
+    }
+    for b in ["saida-blast"] {
+        if !bin.join(b).exists() {
+            bail!("{b} is missing: cargo build --release --workspace");
+        }
+    }
     if !args.json {
         println!(
-            "{:<4} {:<15} {:>8} | {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>7} {:>9} | {:>8} {:>8}",
+            "{:<4} {:<8} {:>7} | {:>8} {:>8} | {:>7} {:>7} | {:>7} {:>8} {:>8} | {:>6} {:>9} | {:>8} {:>8}",
             "load",
             "target",
             "msgs",
             "inject/s",
             "e2e/s",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
+            "ack p50",
+            "ack p99",
+            "e2e p50",
+            "e2e p99",
+            "e2e max",
             "RSS MB",
             "CPU ms/1k",
             "x postfix",
@@ -150,6 +182,7 @@ fn main() -> anyhow::Result<()> {
                         "bench": "delivery", "workload": w.name, "target": r.target,
                         "messages": r.messages, "size": w.size, "domains": w.domains,
                         "inject_per_s": r.inject_rate.round(), "e2e_per_s": r.e2e_rate.round(),
+                        "rcpts": w.rcpts, "ack_latency_ms": r.ack,
                         "latency_ms": r.latency, "rss_mb": r.rss_mb,
                         "cpu_ms_per_1k": r.cpu_ms_per_1k, "x_postfix": x_pf, "x_ceiling": x_ceil,
                     })
@@ -157,13 +190,15 @@ fn main() -> anyhow::Result<()> {
             } else {
                 let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
                 println!(
-                    "{:<4} {:<15} {:>8} | {:>9.0} {:>9.0} | {:>8.1} {:>8.1} {:>8.1} | {:>7} {:>9} \
-                     | {:>8} {:>8.2}",
+                    "{:<4} {:<8} {:>7} | {:>8.0} {:>8.0} | {:>7.1} {:>7.1} | {:>7.1} {:>8.1} {:>8.1} \
+                     | {:>6} {:>9} | {:>8} {:>8.2}",
                     w.name,
                     r.target,
                     r.messages,
                     r.inject_rate,
                     r.e2e_rate,
+                    r.ack["p50"].as_f64().unwrap_or(0.0),
+                    r.ack["p99"].as_f64().unwrap_or(0.0),
                     r.latency["p50"].as_f64().unwrap_or(0.0),
                     r.latency["p99"].as_f64().unwrap_or(0.0),
                     r.latency["max"].as_f64().unwrap_or(0.0),
@@ -235,13 +270,9 @@ fn run_target(
     };
     let start_us = unix_micros();
     let cpu_before = saida_pid.and_then(cpu_ticks);
-    let load = match port {
-        Some(p) => run_load_to(p, conns, n, w.size, w.domains, true),
-        None => {
-            // The ceiling: the generator straight into the sink (127.0.0.2).
-            run_load_to_addr(&sink_addr, conns, n, w.size, w.domains)
-        }
-    };
+    // The ceiling: the generator straight into the sink (127.0.0.2).
+    let target_addr = port.map_or(sink_addr.clone(), |p| format!("127.0.0.1:{p}"));
+    let load = blast(bin, &target_addr, conns, n, w);
     let load = match load {
         Ok(l) => l,
         Err(e) => {
@@ -251,15 +282,15 @@ fn run_target(
             return Err(e);
         }
     };
-    // Wait until the sink has every message (or nothing moved for 60 s).
+    // Wait until the sink has every recipient (or nothing moved for 60 s).
     let mut last = (0, Instant::now());
     let s = loop {
         let s: serde_json::Value = std::fs::read_to_string(&stats)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        let got = s["messages"].as_u64().unwrap_or(0) as usize;
-        if got >= n {
+        let got = s["recipients"].as_u64().unwrap_or(0) as usize;
+        if got >= n * w.rcpts {
             break s;
         }
         if got != last.0 {
@@ -285,7 +316,8 @@ fn run_target(
     Ok(Row {
         target: name,
         messages: n,
-        inject_rate: load.rate,
+        inject_rate: load["msgs_per_s"].as_f64().unwrap_or(0.0),
+        ack: load["latency_ms"].clone(),
         e2e_rate: e2e,
         latency: s["latency_ms"].clone(),
         rss_mb,
@@ -293,16 +325,37 @@ fn run_target(
     })
 }
 
-/// The generator against an address other than 127.0.0.1 (the sink on 127.0.0.2).
-fn run_load_to_addr(
-    addr: &str,
+/// Runs saida-blast (closed loop, one thread) and returns its JSON report.
+fn blast(
+    bin: &Path,
+    target: &str,
     conns: usize,
     n: usize,
-    size: usize,
-    domains: usize,
-) -> anyhow::Result<saida_bench::LoadResult> {
-    let sa: std::net::SocketAddr = addr.parse()?;
-    saida_bench::run_load_at(sa, conns, n, size, domains, true)
+    w: &Workload,
+) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(bin.join("saida-blast"))
+        .args(["--target", target, "--quiet", "--json", "--threads", "1"])
+        .args([
+            "--connections",
+            &conns.to_string(),
+            "--count",
+            &n.to_string(),
+        ])
+        .args([
+            "--size",
+            &w.size.to_string(),
+            "--rcpts",
+            &w.rcpts.to_string(),
+        ])
+        .args(["--domains", &w.domains.to_string()])
+        .output()
+        .context("saida-blast")?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("saida-blast: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if report["failed"].as_u64().unwrap_or(0) > 0 {
+        bail!("saida-blast against {target}: {report}");
+    }
+    Ok(report)
 }
 
 fn wait_addr(addr: &str) -> anyhow::Result<()> {
