@@ -101,7 +101,8 @@ fn reply_mixes_greylisting_and_extensions_follow_the_profile() {
 import smtplib, sys
 s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=10)
 s.ehlo("t")
-print("pipelining" in s.esmtp_features, "smtputf8" in s.esmtp_features, "chunking" in s.esmtp_features)
+f = s.esmtp_features
+print("pipelining" in f, "smtputf8" in f, "chunking" in f)
 codes = []
 for _ in range(2):
     s.mail("a@origin.test")

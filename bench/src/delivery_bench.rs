@@ -31,7 +31,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(about = "End-to-end delivery: saida beside the ceiling and Postfix")]
 struct Args {
     /// Workloads to run.
-    #[arg(long, value_delimiter = ',', default_values_t = ["w1".to_string(), "w2".to_string(), "w3".to_string()])]
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3")]
     workloads: Vec<String>,
     /// Scale every message count (0.05 for a quick run).
     #[arg(long, default_value_t = 1.0)]
@@ -48,6 +48,10 @@ struct Args {
     /// One JSON object per line instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also write the table into docs/benchmarks.md, between the `delivery-bench:begin` and
+    /// `delivery-bench:end` markers.
+    #[arg(long)]
+    update_docs: bool,
     /// Instead of the workloads: queue this many recipients (one per message) for a suspended
     /// domain, report resident memory per queued recipient and the time to recover them all.
     #[arg(long)]
@@ -109,7 +113,12 @@ fn main() -> anyhow::Result<()> {
         bail!("--compare takes `postfix`");
     }
     let root = repo_root()?;
-    let bin = root.join("target/release");
+    // The binaries beside this one: the same build profile (release for real numbers; the CI
+    // smoke test runs the debug build).
+    let bin = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("executable directory")?;
     for b in ["saida", "saida-sink"] {
         if !bin.join(b).exists() {
             bail!("{b} is missing: cargo build --release --workspace");
@@ -128,7 +137,8 @@ fn main() -> anyhow::Result<()> {
     }
     if !args.json {
         println!(
-            "{:<4} {:<8} {:>7} | {:>8} {:>8} | {:>7} {:>7} | {:>7} {:>8} {:>8} | {:>6} {:>9} | {:>8} {:>8}",
+            "{:<4} {:<8} {:>7} | {:>8} {:>8} | {:>7} {:>7} | {:>7} {:>8} {:>8} | {:>6} {:>9} \
+             | {:>8} {:>8}",
             "load",
             "target",
             "msgs",
@@ -145,11 +155,15 @@ fn main() -> anyhow::Result<()> {
             "x ceiling"
         );
     }
+    let mut markdown = Vec::new();
     for w in WORKLOADS
         .iter()
         .filter(|w| args.workloads.iter().any(|n| n == w.name))
     {
         let n = ((w.messages as f64 * args.scale) as usize).max(args.connections);
+        if n < w.messages && !args.json {
+            eprintln!("{}: scaled to {n} messages", w.name);
+        }
         let ceiling = run_target(&bin, w, n, args.connections, Target::Ceiling)?;
         let saida = run_target(&bin, w, n, args.connections, Target::Saida)?;
         let postfix = if args.compare.is_some() {
@@ -173,6 +187,9 @@ fn main() -> anyhow::Result<()> {
             .map(|r| r.e2e_rate);
         let ceil = rows.last().map_or(1.0, |r| r.e2e_rate);
         for r in &rows {
+            markdown.push(markdown_row(w, r, pf, ceil));
+        }
+        for r in &rows {
             let x_pf = pf.map(|p| r.e2e_rate / p);
             let x_ceil = r.e2e_rate / ceil;
             if args.json {
@@ -190,7 +207,8 @@ fn main() -> anyhow::Result<()> {
             } else {
                 let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
                 println!(
-                    "{:<4} {:<8} {:>7} | {:>8.0} {:>8.0} | {:>7.1} {:>7.1} | {:>7.1} {:>8.1} {:>8.1} \
+                    "{:<4} {:<8} {:>7} | {:>8.0} {:>8.0} | {:>7.1} {:>7.1} | {:>7.1} {:>8.1} \
+                     {:>8.1} \
                      | {:>6} {:>9} | {:>8} {:>8.2}",
                     w.name,
                     r.target,
@@ -210,6 +228,59 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if args.update_docs {
+        update_docs(&root.join("docs/benchmarks.md"), &markdown)?;
+    }
+    Ok(())
+}
+
+/// One row of the docs table.
+fn markdown_row(w: &Workload, r: &Row, pf: Option<f64>, ceil: f64) -> String {
+    let f =
+        |v: &serde_json::Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+    format!(
+        "| {} | {} | {} | {:.0} | {:.0} | {} / {} | {} / {} / {} | {} | {} | {} | {:.2} |",
+        w.name.to_uppercase(),
+        r.target,
+        r.messages,
+        r.inject_rate,
+        r.e2e_rate,
+        f(&r.ack, "p50"),
+        f(&r.ack, "p99"),
+        f(&r.latency, "p50"),
+        f(&r.latency, "p99"),
+        f(&r.latency, "max"),
+        opt(r.rss_mb, 0),
+        opt(r.cpu_ms_per_1k, 0),
+        opt(pf.map(|p| r.e2e_rate / p), 1),
+        r.e2e_rate / ceil
+    )
+}
+
+/// Replaces the text between the markers in docs/benchmarks.md with a fresh table.
+fn update_docs(path: &Path, rows: &[String]) -> anyhow::Result<()> {
+    const BEGIN: &str = "<!-- delivery-bench:begin -->";
+    const END: &str = "<!-- delivery-bench:end -->";
+    let text = std::fs::read_to_string(path)?;
+    let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) else {
+        bail!("{} has no {BEGIN} ... {END} markers", path.display());
+    };
+    let date = Command::new("date").arg("+%F").output()?;
+    let mut table = format!(
+        "{BEGIN}\nLast `delivery-bench --update-docs` run: {}\n\n\
+         | load | target | msgs | inject/s | e2e msgs/s | ack p50 / p99 ms | \
+         e2e p50 / p99 / max ms | peak RSS MB | CPU ms / 1000 msgs | x Postfix | x ceiling |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        String::from_utf8_lossy(&date.stdout).trim()
+    );
+    for r in rows {
+        table.push_str(r);
+        table.push('\n');
+    }
+    let updated = format!("{}{table}{}", &text[..a], &text[b..]);
+    std::fs::write(path, updated)?;
+    println!("updated {}", path.display());
     Ok(())
 }
 
