@@ -451,3 +451,40 @@ fn queue_admin_summary_suspend_resume_delete_and_bounce() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
+
+#[test]
+fn a_421_sends_only_the_refused_recipients_to_the_next_host() {
+    let port = free_port();
+    let (a, b) = (format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}"));
+    let sink = Sink::start(&[a.clone(), b.clone()], &[]);
+    let config = delivery(&format!(
+        "[[route]]\ndomain = \"*\"\nhosts = [\"{a}\", \"{b}\"]\nretry_delays_secs = [60]\n"
+    ));
+    let d = Daemon::start("epoll", &config);
+    let msgs = vec![(
+        "s@origin.test",
+        vec!["ok1@x.test".to_string(), "busy1@x.test".to_string()],
+    )];
+    assert_eq!(send_messages(d.port, &msgs), 1);
+    // ok1 is accepted by the first host; busy1 gets 421 there and again on the second host.
+    let log = wait_log(&d, "busy1 deferred", |l| {
+        l.iter()
+            .any(|x| x["recipient"] == "busy1@x.test" && x["outcome"] == "deferred")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let got = rcpts(&sink.records());
+    assert_eq!(
+        got,
+        vec!["ok1@x.test".to_string()],
+        "resent after a 2xx or lost"
+    );
+    let busy: Vec<_> = log
+        .iter()
+        .filter(|x| x["recipient"] == "busy1@x.test")
+        .collect();
+    assert_eq!(busy.len(), 1, "{busy:?}");
+    assert_eq!(
+        busy[0]["mx_ip"], "127.0.0.3",
+        "the refused recipient went to the next host"
+    );
+}

@@ -107,7 +107,14 @@ pub fn route(method: &str, path: &str) -> Result<Request, (u16, String)> {
         ("GET", ["queue"]) => Ok(Request::Summary),
         ("POST", ["queue", "flush"]) => Ok(Request::Flush(None)),
         ("POST", ["queue", "domains", d, action]) => {
-            let d = d.to_ascii_lowercase();
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            let valid = !d.is_empty()
+                && d.len() <= 255
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+            if !valid {
+                return Err((400, format!("`{d}` is not a domain")));
+            }
             match *action {
                 "suspend" => Ok(Request::Suspend(d)),
                 "resume" => Ok(Request::Resume(d)),
@@ -147,7 +154,16 @@ pub fn serve(config: &AdminConfig, router: crate::shard::Router) -> std::io::Res
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            for conn in listener.incoming() {
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and the like: do not spin.
+                        tracing::warn!(error = %e, "admin endpoint accept failed");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 let _ = conn.set_read_timeout(Some(ADMIN_TIMEOUT));
                 let _ = conn.set_write_timeout(Some(ADMIN_TIMEOUT));
                 if let Err(e) = handle(conn, &token, &router) {
@@ -167,7 +183,12 @@ fn handle(
     let peer = conn.peer_addr().ok();
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
+    // One deadline for the whole head: a client dribbling bytes cannot hold the endpoint.
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if std::time::Instant::now() >= deadline {
+            return Ok(());
+        }
         let n = conn.read(&mut buf)?;
         if n == 0 || head.len() + n > REQUEST_HEAD_BYTES_MAX {
             return Ok(());

@@ -714,8 +714,14 @@ impl SpoolReader {
                 // Not mapped by its spool yet: map privately (never registered, so a reader
                 // cannot resurrect a deleted segment in the registry).
                 let path = self.dir.join(segment_file_name(loc.segment));
-                let file = std::fs::File::open(&path)
-                    .map_err(|_| SpoolError::NotFound(format!("segment {}", loc.segment)))?;
+                let file = std::fs::File::open(&path).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        SpoolError::NotFound(format!("segment {}", loc.segment))
+                    } else {
+                        // EMFILE and the like: not a moved message; the caller retries later.
+                        io_err(IoOp::Open, &path)(e)
+                    }
+                })?;
                 Arc::new(SegmentMap::open(&file, &path)?)
             }
         };

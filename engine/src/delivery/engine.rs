@@ -46,6 +46,11 @@ use crate::smtp::server::headers::find_message_id;
 const ADDRESSES_PER_ATTEMPT_MAX: usize = 20;
 /// Name of the file, in the shard's spool directory, listing its suspended domains.
 const SUSPENDED_FILE: &str = "suspended-domains";
+/// When a queued message cannot be read (I/O error), its recipients are tried again after this.
+const READ_RETRY: Duration = Duration::from_secs(60);
+/// After a failed connection while other connections of the domain still work, no new
+/// connection is opened for this long (so a dead host is not hammered).
+const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// How often due retries are promoted and idle domains forgotten.
 const SCHEDULER_TICK: Duration = Duration::from_millis(200);
 
@@ -96,6 +101,14 @@ struct Host {
 struct NoHosts {
     permanent: bool,
     verdict: Verdict,
+}
+
+/// Why a queued message could not be read.
+enum ReadFailure {
+    /// Compaction moved it; its recipients are handed over again.
+    Moved,
+    /// An I/O or integrity error: try again later.
+    Unreadable,
 }
 
 /// How a connection ended.
@@ -245,8 +258,19 @@ impl<S: Dial + 'static> Deliverer<S> {
 
     /// Queues the recipients of a hand-off, one job per domain, and starts workers.
     pub fn enqueue(self: &Rc<Self>, h: Handoff) {
-        let Some(mref) = self.read(h.queue_id, h.spool_shard, h.base) else {
-            return;
+        let indexes = h.rcpts.iter().map(|r| r.index).collect();
+        let mref = match self.read(h.queue_id, h.spool_shard, h.base, indexes) {
+            Ok(m) => m,
+            Err(ReadFailure::Moved) => return,
+            Err(ReadFailure::Unreadable) => {
+                // Hand it to ourselves again later, so the recipients are not forgotten.
+                let (router, shard) = (self.router.clone(), self.shard as usize);
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(READ_RETRY).await;
+                    let _ = router.send(shard, ShardMsg::Deliver(h)).await;
+                });
+                return;
+            }
         };
         let Ok(msg) = mref.message() else { return };
         let now = now_micros();
@@ -285,30 +309,55 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
     }
 
-    /// Reads a message through its spool's reader; a stale location (compaction moved it) asks
-    /// the spool's shard to hand the recipients over again.
+    /// Reads a message through its spool's reader. A stale location (compaction moved the
+    /// message) asks the spool's shard to hand these recipients over again at the new one.
     fn read(
         self: &Rc<Self>,
         queue_id: QueueId,
         spool_shard: u16,
         base: queue_format::Location,
-    ) -> Option<MessageRef> {
-        let reader = self
-            .readers
-            .get(spool_shard as usize)
-            .and_then(|r| r.get())?;
+        rcpts: Vec<u32>,
+    ) -> Result<MessageRef, ReadFailure> {
+        let Some(reader) = self.readers.get(spool_shard as usize).and_then(|r| r.get()) else {
+            return Err(ReadFailure::Unreadable);
+        };
         match reader.read(base) {
-            Ok(m) => Some(m),
+            Ok(m) => Ok(m),
             Err(SpoolError::NotFound(_)) => {
                 let (router, owner) = (self.router.clone(), self.shard);
                 tokio::task::spawn_local(async move {
-                    let msg = ShardMsg::Reoffer { queue_id, owner };
+                    let msg = ShardMsg::Reoffer {
+                        queue_id,
+                        owner,
+                        rcpts,
+                    };
                     let _ = router.send(spool_shard as usize, msg).await;
                 });
-                None
+                Err(ReadFailure::Moved)
             }
             Err(e) => {
-                tracing::error!(%queue_id, error = %e, "cannot read a queued message");
+                let why = "cannot read a queued message; retrying later";
+                tracing::error!(%queue_id, error = %e, "{why}");
+                Err(ReadFailure::Unreadable)
+            }
+        }
+    }
+
+    /// Reads a job's message; when it cannot be read now (not moved), the job goes back to the
+    /// retry heap for `READ_RETRY`, attempts unchanged, so it is never silently dropped.
+    fn read_job(self: &Rc<Self>, domain: &str, job: &Job) -> Option<MessageRef> {
+        let rcpts = job.rcpts.iter().map(|r| r.index).collect();
+        match self.read(job.queue_id, job.spool_shard, job.base, rcpts) {
+            Ok(m) if m.message().is_ok() => Some(m),
+            Err(ReadFailure::Moved) => None,
+            _ => {
+                let now = now_micros();
+                self.push_job(
+                    domain,
+                    job.clone(),
+                    now + READ_RETRY.as_micros() as u64,
+                    now,
+                );
                 None
             }
         }
@@ -362,7 +411,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             if q.ready_jobs() > 0 && q.idle_workers > 0 && !q.suspended {
                 q.wake.notify_one();
             }
-            let n = q.workers_wanted();
+            let n = q.workers_wanted(now_micros());
             q.workers += n;
             n
         };
@@ -449,29 +498,48 @@ impl<S: Dial + 'static> Deliverer<S> {
             let (session, host) = match self.connect_any(&hosts, start_host, policy).await {
                 Ok(x) => x,
                 Err(verdict) => {
-                    let info = AttemptInfo::default();
-                    // Another worker still delivering to this domain keeps its queue moving.
-                    let alone = self
-                        .domains
-                        .borrow()
-                        .get(domain)
-                        .is_none_or(|q| q.workers <= 1);
+                    // While another connection of this domain works, its queue keeps moving:
+                    // only pause new connections. Otherwise defer everything that is ready.
+                    let alone = {
+                        let mut domains = self.domains.borrow_mut();
+                        match domains.get_mut(&**domain) {
+                            Some(q) if q.connected > 0 => {
+                                q.backoff_until_micros =
+                                    now_micros() + CONNECT_BACKOFF.as_micros() as u64;
+                                false
+                            }
+                            _ => true,
+                        }
+                    };
                     if alone {
-                        self.give_up_ready(domain, false, &verdict, info).await;
+                        self.give_up_ready(domain, false, &verdict, AttemptInfo::default())
+                            .await;
                     }
                     return;
                 }
             };
-            match self
+            self.count_connected(domain, true);
+            let end = self
                 .use_connection(domain, policy, session, &hosts[host])
-                .await
-            {
+                .await;
+            self.count_connected(domain, false);
+            match end {
                 ConnEnd::Done => return,
                 ConnEnd::Reconnect { next_host } => {
                     if next_host {
                         start_host = (host + 1) % hosts.len();
                     }
                 }
+            }
+        }
+    }
+
+    fn count_connected(&self, domain: &str, up: bool) {
+        if let Some(q) = self.domains.borrow_mut().get_mut(domain) {
+            if up {
+                q.connected += 1;
+            } else {
+                q.connected = q.connected.saturating_sub(1);
             }
         }
     }
@@ -661,7 +729,19 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             if let Some(wait) = self.rate_wait(domain) {
                 self.requeue_front(domain, job);
-                tokio::time::sleep(Duration::from_micros(wait)).await;
+                if Duration::from_micros(wait) > policy.idle {
+                    // Longer than a connection may idle: close it, and open none until then.
+                    if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                        q.backoff_until_micros = now_micros() + wait;
+                    }
+                    session.quit().await;
+                    return ConnEnd::Done;
+                }
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_micros(wait)) => {}
+                    _ = shutdown.changed() => {}
+                }
                 continue;
             }
             let info = AttemptInfo {
@@ -670,7 +750,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 tls: tls.clone(),
                 started: Some(Instant::now()),
             };
-            let Some(mref) = self.read(job.queue_id, job.spool_shard, job.base) else {
+            let Some(mref) = self.read_job(domain, &job) else {
                 continue;
             };
             let Ok(msg) = mref.message() else { continue };
@@ -682,7 +762,25 @@ impl<S: Dial + 'static> Deliverer<S> {
                 Ok(delivery) => {
                     let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
                     if saw_421 && !job.failed_over {
-                        // The host is going away: try this job on the next host first.
+                        // The host is going away: the recipients it answered 421 go to the next
+                        // host first; the others' replies stand (never resend after a 2xx).
+                        let (again, settled): (Vec<_>, Vec<_>) = job
+                            .rcpts
+                            .iter()
+                            .zip(&delivery.replies)
+                            .partition(|(_, r)| r.code == 421);
+                        if !settled.is_empty() {
+                            let part = Job {
+                                rcpts: settled.iter().map(|(r, _)| **r).collect(),
+                                ..job.clone()
+                            };
+                            let verdicts = settled
+                                .iter()
+                                .map(|(_, r)| Verdict::from_reply(r))
+                                .collect();
+                            self.settle(domain, &part, &msg, verdicts, &info).await;
+                        }
+                        job.rcpts = again.iter().map(|(r, _)| **r).collect();
                         job.failed_over = true;
                         self.requeue_front(domain, job);
                         return ConnEnd::Reconnect { next_host: true };
@@ -781,7 +879,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
         tracing::info!(%domain, jobs = jobs.len(), reply = %v.text, "destination unavailable");
         for job in jobs {
-            let Some(mref) = self.read(job.queue_id, job.spool_shard, job.base) else {
+            let Some(mref) = self.read_job(domain, &job) else {
                 continue;
             };
             let Ok(msg) = mref.message() else { continue };
@@ -908,8 +1006,19 @@ impl<S: Dial + 'static> Deliverer<S> {
                 reply: text,
             });
         }
-        if !failed.is_empty() {
-            self.queue_bounce(msg, &failed, info).await;
+        let bounce_failed = !failed.is_empty() && !self.queue_bounce(msg, &failed, info).await;
+        if bounce_failed {
+            // No bounce could be queued (spool full): the failure is not journaled yet; the
+            // recipients wait and fail again later, when their bounce can be stored.
+            let later = now + READ_RETRY.as_micros() as u64;
+            for o in outcomes.iter_mut().filter(|o| o.state == RcptState::Failed) {
+                o.state = RcptState::Deferred;
+                o.next_attempt_micros = later;
+                deferred.push(JobRcpt {
+                    index: o.rcpt_index,
+                    attempts: o.attempts,
+                });
+            }
         }
         let out = ShardMsg::Outcomes {
             queue_id: job.queue_id,
@@ -929,6 +1038,11 @@ impl<S: Dial + 'static> Deliverer<S> {
                 Next::RetryAt(at) => at,
                 Next::Expire => now,
             };
+            let at = if bounce_failed {
+                at.max(now + READ_RETRY.as_micros() as u64)
+            } else {
+                at
+            };
             let again = Job {
                 rcpts: deferred,
                 failed_over: false,
@@ -945,7 +1059,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         msg: &Message<'_>,
         failed: &[(usize, String, String)],
         info: &AttemptInfo,
-    ) {
+    ) -> bool {
         let d = &self.config.delivery;
         let sender_domain = crate::shard::route::domain_of(msg.sender).to_ascii_lowercase();
         if !d.bounces
@@ -953,7 +1067,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 .iter()
                 .any(|x| x.eq_ignore_ascii_case(&sender_domain))
         {
-            return;
+            return true;
         }
         let list: Vec<FailedRecipient<'_>> = failed
             .iter()
@@ -979,7 +1093,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             self.random(),
             now / 1_000_000,
         ) else {
-            return;
+            return true;
         };
         let mut flags = 0;
         if bounce.eight_bit {
@@ -1022,10 +1136,12 @@ impl<S: Dial + 'static> Deliverer<S> {
                         &[(&bounce.recipient, rcpt)],
                     )
                     .await;
+                true
             }
             Err(e) => {
                 self.spool.borrow_mut().abandon(queue_id);
                 tracing::error!(original = %msg.queue_id, error = %e, "bounce not queued");
+                false
             }
         }
     }
@@ -1143,7 +1259,7 @@ impl<S: Dial + 'static> Deliverer<S> {
     /// Ends a job removed by an operator: failed with a bounce, or cancelled silently.
     async fn remove_job(self: &Rc<Self>, domain: &Rc<str>, job: Job, bounce: bool) {
         if bounce {
-            let Some(mref) = self.read(job.queue_id, job.spool_shard, job.base) else {
+            let Some(mref) = self.read_job(domain, &job) else {
                 return;
             };
             let Ok(msg) = mref.message() else { return };

@@ -75,6 +75,11 @@ pub struct DomainQueue {
     /// Connection workers running for this domain, and how many of them wait for work.
     pub workers: usize,
     pub idle_workers: usize,
+    /// Workers holding an established session.
+    pub connected: usize,
+    /// No new connection before this time (after a failed connection, or while the rate limit
+    /// has no token for longer than an idle connection may wait).
+    pub backoff_until_micros: u64,
     pub suspended: bool,
     pub rate: RateLimit,
     /// Wakes idle workers when work arrives.
@@ -92,6 +97,8 @@ impl DomainQueue {
             rcpts: 0,
             workers: 0,
             idle_workers: 0,
+            connected: 0,
+            backoff_until_micros: 0,
             suspended: false,
             rate: RateLimit::new(s, m, h, now_micros),
             wake: Default::default(),
@@ -222,9 +229,14 @@ impl DomainQueue {
     }
 
     /// How many more connection workers to start now: enough to drain the ready queue at
-    /// `msgs_per_connection_max` each, up to `connections_max`, when no worker is idle.
-    pub fn workers_wanted(&self) -> usize {
-        if self.suspended || self.ready.is_empty() || self.idle_workers > 0 {
+    /// `msgs_per_connection_max` each, up to `connections_max`, when no worker is idle and no
+    /// backoff is running.
+    pub fn workers_wanted(&self, now_micros: u64) -> usize {
+        if self.suspended
+            || self.ready.is_empty()
+            || self.idle_workers > 0
+            || now_micros < self.backoff_until_micros
+        {
             return 0;
         }
         let per_conn = self.policy.msgs_per_connection_max.max(1) as usize;
@@ -306,23 +318,30 @@ mod tests {
     #[test]
     fn workers_scale_with_the_backlog_up_to_the_limit() {
         let mut q = DomainQueue::new(policy(3, 10, 100), 0);
-        assert_eq!(q.workers_wanted(), 0);
+        assert_eq!(q.workers_wanted(0), 0);
         for i in 0..15 {
             q.push(job(i, 1), 0, 0);
         }
-        assert_eq!(q.workers_wanted(), 2);
+        assert_eq!(q.workers_wanted(0), 2);
         for i in 0..100 {
             q.push(job(100 + i, 1), 0, 0);
         }
-        assert_eq!(q.workers_wanted(), 3);
+        assert_eq!(q.workers_wanted(0), 3);
         q.workers = 3;
-        assert_eq!(q.workers_wanted(), 0);
+        assert_eq!(q.workers_wanted(0), 0);
         q.workers = 1;
         q.idle_workers = 1;
-        assert_eq!(q.workers_wanted(), 0, "an idle worker is woken instead");
+        assert_eq!(q.workers_wanted(0), 0, "an idle worker is woken instead");
         q.idle_workers = 0;
+        q.backoff_until_micros = 100;
+        assert_eq!(
+            q.workers_wanted(50),
+            0,
+            "no new connection during a backoff"
+        );
+        assert_eq!(q.workers_wanted(150), 2);
         q.suspended = true;
-        assert_eq!(q.workers_wanted(), 0);
+        assert_eq!(q.workers_wanted(150), 0);
         assert!(q.pop().is_none(), "a suspended domain hands out nothing");
     }
 

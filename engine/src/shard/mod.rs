@@ -92,8 +92,12 @@ pub enum ShardMsg {
         outcomes: Vec<Outcome>,
     },
     /// To the spool's shard: the owner could not read the message at the location it was given
-    /// (compaction moved it); hand the owner its non-terminal recipients again.
-    Reoffer { queue_id: QueueId, owner: u16 },
+    /// (compaction moved it); hand the owner these recipients again, those still non-terminal.
+    Reoffer {
+        queue_id: QueueId,
+        owner: u16,
+        rcpts: Vec<u32>,
+    },
     /// An operator request, answered on `reply`.
     Admin(
         crate::admin::Request,
@@ -766,9 +770,11 @@ async fn drain_inbox<S: crate::io::Dial + 'static>(
                     at_micros,
                     outcomes,
                 } => journal_outcomes(&spool, &router, queue_id, at_micros, &outcomes),
-                ShardMsg::Reoffer { queue_id, owner } => {
-                    reoffer(&spool, &router, shard, queue_id, owner)
-                }
+                ShardMsg::Reoffer {
+                    queue_id,
+                    owner,
+                    rcpts,
+                } => reoffer(&spool, &router, shard, queue_id, owner, &rcpts),
                 ShardMsg::Admin(req, reply) => {
                     let _ = reply.send(deliverer.admin(&req));
                 }
@@ -835,8 +841,16 @@ fn journal_outcomes(
     }
 }
 
-/// Hands `owner` its non-terminal recipients of a message again, at the current location.
-fn reoffer(spool: &Rc<RefCell<Spool>>, router: &Router, shard: u16, queue_id: QueueId, owner: u16) {
+/// Hands `owner` the listed recipients of a message again, at its current location: only those
+/// still non-terminal and owned by `owner` (other jobs of the same message send their own).
+fn reoffer(
+    spool: &Rc<RefCell<Spool>>,
+    router: &Router,
+    shard: u16,
+    queue_id: QueueId,
+    owner: u16,
+    wanted: &[u32],
+) {
     let Some(h) = recovered_handoff(&spool.borrow(), shard, queue_id) else {
         return;
     };
@@ -844,7 +858,10 @@ fn reoffer(spool: &Rc<RefCell<Spool>>, router: &Router, shard: u16, queue_id: Qu
     let (queue_id, base, received) = (h.0, h.1, h.2);
     let rcpts: Vec<HandoffRcpt> =
         h.3.into_iter()
-            .filter(|(a, _)| route::owner_shard(route::domain_of(a), shards) == owner as usize)
+            .filter(|(a, r)| {
+                wanted.contains(&r.index)
+                    && route::owner_shard(route::domain_of(a), shards) == owner as usize
+            })
             .map(|(_, r)| r)
             .collect();
     if rcpts.is_empty() {

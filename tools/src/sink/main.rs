@@ -10,7 +10,7 @@
 //! connection and rate caps, random disconnects, and which extensions are offered, per listener
 //! and per recipient domain. Beside it, by recipient local part, so a test can ask for an
 //! outcome per address:
-//! `reject…` → `550 5.1.1`, `defer…` → `451 4.3.0` every time, `grey…` → `451 4.7.1` on the
+//! `reject…` → `550 5.1.1`, `defer…` → `451 4.3.0` every time, `busy…` → `421 4.7.0`, `grey…` → `451 4.7.1` on the
 //! first attempt of a (sender, recipient) pair and accepted after. `--greet-421 ADDR` makes a
 //! listener refuse every session with a `421` greeting (for failover tests).
 //!
@@ -658,6 +658,8 @@ async fn converse(
                     c.reply("550 5.1.1 no such user here");
                 } else if local.starts_with("defer") {
                     c.reply("451 4.3.0 try again later");
+                } else if local.starts_with("busy") {
+                    c.reply("421 4.7.0 too busy for this recipient, try another host");
                 } else if (local.starts_with("grey") || rb.greylist)
                     && first_attempt(shared, from, &rcpt)
                 {

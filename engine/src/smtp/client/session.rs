@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::io::tls::TlsStream;
 use crate::io::{Conn, Stream};
 use crate::smtp::client::protocol::{
-    Capabilities, Envelope, EnvelopeError, EnvelopeOutcome, ReplyError, ServerReply, dot_stuff,
-    match_envelope_replies, parse_reply, transaction_commands,
+    Capabilities, Envelope, EnvelopeError, EnvelopeOutcome, REPLY_LINE_BYTES_MAX, REPLY_LINES_MAX,
+    ReplyError, ServerReply, dot_stuff, match_envelope_replies, parse_reply, transaction_commands,
 };
 
 /// Client timeouts (RFC 5321 §4.5.3.2).
@@ -281,9 +281,16 @@ impl<S: Stream> ClientSession<S> {
             EnvelopeOutcome::MailRefused(r) => {
                 if self.caps.pipelining && !chunking {
                     // The pipelined DATA is answered too (503/554); read it to stay in sync.
-                    let _ = self
+                    let data = self
                         .reply("the DATA reply", self.timeouts.data_start)
                         .await?;
+                    if data.code == 354 {
+                        // A broken server took DATA without a sender: end the empty content.
+                        self.write(b".\r\n".to_vec()).await?;
+                        let _ = self
+                            .reply("the end-of-data reply", self.timeouts.data_end)
+                            .await?;
+                    }
                 }
                 return Ok(Delivery {
                     replies: vec![r; n],
@@ -466,6 +473,11 @@ impl<S: Stream> ClientSession<S> {
                 Err(_) => return Err(ClientError::Timeout(what)),
             }
             parse = self.inbuf[before..].contains(&b'\n');
+            // A reply can never be longer than this; a server streaming bytes without line
+            // ends must not grow the buffer until the deadline.
+            if !parse && self.inbuf.len() > REPLY_LINE_BYTES_MAX * REPLY_LINES_MAX {
+                return Err(ReplyError::LineTooLong.into());
+            }
         }
     }
 }
