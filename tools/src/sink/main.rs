@@ -11,7 +11,8 @@
 //! and per recipient domain. Beside it, by recipient local part, so a test can ask for an
 //! outcome per address:
 //! `reject…` → `550 5.1.1`, `defer…` → `451 4.3.0` every time, `busy…` → `421 4.7.0`,
-//! `grey…` → `451 4.7.1` on the first attempt of a (sender, recipient) pair and accepted after. `--greet-421 ADDR` makes a
+//! `grey…` → `451 4.7.1` on the first attempt of a (sender, recipient) pair and accepted
+//! after. `--greet-421 ADDR` makes a
 //! listener refuse every session with a `421` greeting (for failover tests).
 //!
 //! `--record FILE` appends one JSON line per accepted recipient (connection number, transaction
