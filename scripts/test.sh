@@ -9,13 +9,15 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
-# Real peers used by the tests: swaks (with TLS support), Python's smtplib, and dnsmasq as the
-# DNS server on loopback for MX resolution.
+# Real peers used by the tests: swaks (with TLS support), Python's smtplib, dnsmasq as the
+# DNS server on loopback for MX resolution, and promtool for the metrics exposition.
 need=()
 command -v swaks >/dev/null || need+=(swaks)
 perl -MNet::SSLeay -MIO::Socket::SSL -e 1 2>/dev/null || need+=(libnet-ssleay-perl libio-socket-ssl-perl)
 command -v python3 >/dev/null || need+=(python3)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+# promtool (Debian package prometheus) checks the /metrics exposition.
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing test dependencies: ${need[*]}"
     apt-get update -qq

@@ -144,7 +144,11 @@ pub struct Answer {
 }
 
 /// Serves the endpoint on its own thread until the process ends.
-pub fn serve(config: &AdminConfig, router: crate::shard::Router) -> std::io::Result<()> {
+pub fn serve(
+    config: &AdminConfig,
+    router: crate::shard::Router,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> std::io::Result<()> {
     if config.address.is_empty() {
         return Ok(());
     }
@@ -166,7 +170,7 @@ pub fn serve(config: &AdminConfig, router: crate::shard::Router) -> std::io::Res
                 };
                 let _ = conn.set_read_timeout(Some(ADMIN_TIMEOUT));
                 let _ = conn.set_write_timeout(Some(ADMIN_TIMEOUT));
-                if let Err(e) = handle(conn, &token, &router) {
+                if let Err(e) = handle(conn, &token, &router, &metrics) {
                     tracing::debug!(error = %e, "admin request failed");
                 }
             }
@@ -178,6 +182,7 @@ fn handle(
     mut conn: std::net::TcpStream,
     token: &str,
     router: &crate::shard::Router,
+    metrics: &crate::metrics::Metrics,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let peer = conn.peer_addr().ok();
@@ -206,6 +211,31 @@ fn handle(
                     && v.trim().strip_prefix("Bearer ").map(str::trim) == Some(token)
             })
         });
+    let plain = |status: u16, body: String| {
+        let reason = match status {
+            200 => "OK",
+            _ => "Service Unavailable",
+        };
+        let head = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; version=0.0.4\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        (head, body)
+    };
+    let special = match (method, path) {
+        ("GET", "/metrics") => Some(plain(200, metrics.render(&router.stats))),
+        ("GET", "/healthz") => Some(plain(200, "ok\n".into())),
+        ("GET", "/readyz") if metrics.ready.load(std::sync::atomic::Ordering::Relaxed) => {
+            Some(plain(200, "ready\n".into()))
+        }
+        ("GET", "/readyz") => Some(plain(503, "not ready\n".into())),
+        _ => None,
+    };
+    if let Some((head, body)) = special {
+        conn.write_all(head.as_bytes())?;
+        return conn.write_all(body.as_bytes());
+    }
     let (status, body) = match route(method, path) {
         Err((status, why)) => (status, serde_json::json!({ "error": why }).to_string()),
         Ok(req) if req != Request::Summary && !authorized => {

@@ -15,6 +15,7 @@ mod delivery;
 mod demo;
 mod dns;
 mod io;
+mod metrics;
 mod shard;
 mod smtp;
 
@@ -46,6 +47,8 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print a credentials-file line for USER; the password is read from standard input.
     Passwd { user: String },
+    /// Print docs/metrics.md, generated from the metric declarations.
+    MetricsDoc,
     /// Inspect and control the running daemon's queues through its admin endpoint.
     Queue(QueueArgs),
     /// Spool demo: a writer process appends messages with group commit and is killed with
@@ -155,6 +158,10 @@ fn main() -> ExitCode {
         },
         Command::Passwd { user } => passwd(&user),
         Command::Queue(args) => queue(args),
+        Command::MetricsDoc => {
+            print!("{}", metrics::docs_markdown());
+            Ok(())
+        }
         Command::Demo(args) => demo::run(args),
     };
     match result {
@@ -185,8 +192,12 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         ))
     })?;
     let server = shard::Server::start(config.clone())?;
-    admin::serve(&config.admin, server.router.clone())
-        .map_err(|e| anyhow::anyhow!("admin endpoint {}: {e}", config.admin.address))?;
+    admin::serve(
+        &config.admin,
+        server.router.clone(),
+        std::sync::Arc::clone(&server.metrics),
+    )
+    .map_err(|e| anyhow::anyhow!("admin endpoint {}: {e}", config.admin.address))?;
     tracing::info!(
         listeners = ?server.local_addrs,
         shards = server.backends.len(),
@@ -194,12 +205,29 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         spool = %config.spool.dir.display(),
         "saida running"
     );
+    let backend = match server.backends.first() {
+        Some(shard::RunningBackend::IoUring) => "io_uring",
+        _ => "epoll",
+    };
+    *server
+        .metrics
+        .backend
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = backend.into();
+    server
+        .metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     rt.block_on(async {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
     });
+    server
+        .metrics
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("shutting down");
     let stats = std::sync::Arc::clone(&server.router_stats);
     server.stop();

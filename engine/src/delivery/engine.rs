@@ -37,6 +37,7 @@ use crate::delivery::queue::{DomainQueue, Job, JobRcpt};
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
 use crate::io::Dial;
+use crate::metrics::{Counter, Hist};
 use crate::shard::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::smtp::client::protocol::{Envelope, EnvelopeError};
 use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
@@ -138,6 +139,7 @@ pub struct Deliverer<S: Dial> {
     shutdown: watch::Receiver<bool>,
     /// Connection workers running (the shard waits for them at shutdown).
     pub workers: Cell<usize>,
+    metrics: Arc<crate::metrics::Metrics>,
     rng: Cell<u64>,
     _stream: PhantomData<S>,
 }
@@ -151,6 +153,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         router: Router,
         spool: Rc<RefCell<Spool>>,
         shutdown: watch::Receiver<bool>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Rc<Self>, String> {
         let policies = DeliveryPolicies::new(&config.delivery, &config.routes)
             .map_err(|(k, m)| format!("{k}: {m}"))?;
@@ -222,6 +225,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             tls_verified: crate::io::tls::client_config_verified(roots),
             shutdown,
             workers: Cell::new(0),
+            metrics,
             rng: Cell::new(now_micros() | 1),
             config,
             _stream: PhantomData,
@@ -590,7 +594,11 @@ impl<S: Dial + 'static> Deliverer<S> {
                 let Some(resolver) = &self.resolver else {
                     return Err(temp("no DNS resolver is available".into()));
                 };
-                match resolver.resolve(domain).await {
+                let t = Instant::now();
+                let answer = resolver.resolve(domain).await;
+                self.metrics
+                    .record(self.shard, Hist::DnsLookup, t.elapsed().as_micros() as u64);
+                match answer {
                     Ok(Resolution::Hosts(hosts)) => {
                         let port = self.config.delivery.mx_port;
                         for h in hosts {
@@ -650,8 +658,13 @@ impl<S: Dial + 'static> Deliverer<S> {
         while let Some(&(i, use_starttls)) = attempts.get(next) {
             next += 1;
             let host = &hosts[i];
+            let t = Instant::now();
             match self.connect_one(host, policy, use_starttls).await {
-                Ok(s) => return Ok((s, i)),
+                Ok(s) => {
+                    let micros = t.elapsed().as_micros() as u64;
+                    self.metrics.record(self.shard, Hist::Connect, micros);
+                    return Ok((s, i));
+                }
                 Err(e) => {
                     tracing::debug!(host = %host.name, addr = %host.addr, error = %e,
                         "connection attempt failed");
@@ -755,11 +768,17 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             let Ok(msg) = mref.message() else { continue };
             let env = envelope(&msg, &job);
+            let t = Instant::now();
             let result = session.send(&env, msg.body).await;
+            let micros = t.elapsed().as_micros() as u64;
+            self.metrics.record(self.shard, Hist::Transaction, micros);
             drop(env);
             sent += 1;
             match result {
                 Ok(delivery) => {
+                    if delivery.replies.iter().any(|r| r.is_positive()) {
+                        self.metrics.inc(Counter::BytesOut, msg.body.len() as u64);
+                    }
                     let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
                     if saw_421 && !job.failed_over {
                         // The host is going away: the recipients it answered 421 go to the next
@@ -927,8 +946,17 @@ impl<S: Dial + 'static> Deliverer<S> {
         let latency_ms = info
             .started
             .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
+        let waited = now.saturating_sub(job.received_at_micros);
+        let m = &self.metrics;
+        m.inc(Counter::DeliveryAttempts, job.rcpts.len() as u64);
         for (r, v) in job.rcpts.iter().zip(verdicts.iter()) {
             let attempts = r.attempts + 1;
+            if r.attempts == 0 {
+                m.record(self.shard, Hist::QueueWait, waited);
+            }
+            if (200..300).contains(&v.code) {
+                m.record(self.shard, Hist::EndToEnd, waited);
+            }
             let (state, next, log_outcome, text) = if (200..300).contains(&v.code) {
                 (
                     RcptState::Delivered,
@@ -1120,6 +1148,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         };
         match committed {
             Ok(base) => {
+                self.metrics.inc(Counter::Bounces, 1);
                 tracing::info!(%queue_id, original = %msg.queue_id, to = %bounce.recipient,
                     "bounce queued");
                 let rcpt = HandoffRcpt {

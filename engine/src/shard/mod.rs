@@ -308,6 +308,7 @@ struct ShardSetup {
     router: Router,
     inbox: Receiver<ShardMsg>,
     readers: SpoolReaders,
+    metrics: Arc<crate::metrics::Metrics>,
     limits: Arc<ConnLimits>,
     shutdown: watch::Receiver<bool>,
     listeners: Vec<(std::net::TcpListener, ListenerTls)>,
@@ -322,6 +323,7 @@ pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
     pub router_stats: Arc<RouterStats>,
     pub router: Router,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Server {
@@ -341,6 +343,7 @@ impl Server {
         let queued_max = config.delivery.queued_rcpts_max.saturating_mul(shards);
         let (router, inboxes) = Router::new(shards, queued_max);
         let readers: SpoolReaders = Arc::new((0..shards).map(|_| Default::default()).collect());
+        let metrics = Arc::new(crate::metrics::Metrics::new(shards));
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auth_throttle = Arc::new(crate::auth::AuthThrottle::new(cpus));
         let limits = ConnLimits::new(
@@ -374,6 +377,7 @@ impl Server {
                 router: router.clone(),
                 inbox,
                 readers: Arc::clone(&readers),
+                metrics: Arc::clone(&metrics),
                 limits: Arc::clone(&limits),
                 shutdown: shutdown_rx.clone(),
                 listeners,
@@ -409,6 +413,7 @@ impl Server {
             local_addrs: addrs.into_iter().map(|(a, _)| a).collect(),
             router_stats: Arc::clone(&router.stats),
             router,
+            metrics,
         })
     }
 
@@ -518,6 +523,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         router,
         inbox,
         readers,
+        metrics,
         limits,
         shutdown,
         listeners,
@@ -577,6 +583,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         router.clone(),
         Rc::clone(&spool),
         shutdown.clone(),
+        Arc::clone(&metrics),
     ) {
         Ok(d) => d,
         Err(e) => {
@@ -593,6 +600,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         auth_throttle,
         shutdown: shutdown.clone(),
         router: router.clone(),
+        metrics: Arc::clone(&metrics),
     });
     let active = Rc::new(Cell::new(0usize));
     for (acceptor, mode) in acceptors {
@@ -614,6 +622,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     tokio::task::spawn_local(requeue_recovered(Rc::clone(&spool), router.clone(), shard));
     // Maintenance: reclaim spool space once a second.
     let maint_spool = Rc::clone(&spool);
+    let maint_metrics = Arc::clone(&metrics);
     let mut maint_shutdown = shutdown.clone();
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -625,6 +634,13 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
             if let Err(e) = maint_spool.borrow_mut().reclaim() {
                 tracing::error!(shard, error = %e, "spool reclamation failed");
             }
+            let usage = maint_spool.borrow().usage();
+            maint_metrics.set_spool(
+                shard,
+                usage.bytes_on_disk,
+                usage.segments,
+                usage.live_messages,
+            );
             if *maint_shutdown.borrow() {
                 return;
             }
@@ -706,6 +722,8 @@ async fn accept_loop<A: Acceptor>(
             let _guard = match guard {
                 Ok(g) => g,
                 Err(why) => {
+                    ctx.metrics
+                        .inc(crate::metrics::Counter::ConnectionsRefused, 1);
                     tracing::warn!(client = %peer.ip(), why, "connection refused");
                     let mut out = Vec::new();
                     Reply::new(421, "4.7.0", why).encode(&mut out);
@@ -718,6 +736,7 @@ async fn accept_loop<A: Acceptor>(
                 }
             };
             active.set(active.get() + 1);
+            ctx.metrics.inc(crate::metrics::Counter::ConnectionsIn, 1);
             let info = ConnInfo {
                 peer,
                 listener_tls: mode,

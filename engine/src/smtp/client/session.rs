@@ -528,6 +528,7 @@ mod tests {
             auth_throttle: Arc::new(crate::auth::AuthThrottle::new(1)),
             shutdown,
             router: Router::new(1, 1_000_000).0,
+            metrics: Arc::new(crate::metrics::Metrics::new(1)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -53,6 +53,7 @@ pub struct ShardContext {
     pub shutdown: watch::Receiver<bool>,
     /// Hands accepted recipients to the shards owning their domains.
     pub router: crate::shard::Router,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Facts about the connection.
@@ -369,6 +370,9 @@ impl<S: Stream> Session<S> {
             return Ok(());
         }
         if !may_relay {
+            self.ctx
+                .metrics
+                .inc(crate::metrics::Counter::RelayRefused, 1);
             tracing::warn!(client = %self.info.peer.ip(), rcpt = to, "relay refused");
             return self.error(if auth_offered {
                 Reply::new(530, "5.7.0", "Authentication required")
@@ -511,7 +515,11 @@ impl<S: Stream> Session<S> {
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };
+        let eod = std::time::Instant::now();
         if self.ctx.router.queues_full() {
+            self.ctx
+                .metrics
+                .inc(crate::metrics::Counter::RejectedQueueFull, 1);
             tracing::warn!(client = %self.info.peer.ip(), "delivery queues full; message refused");
             self.reply(Reply::new(
                 452,
@@ -585,6 +593,18 @@ impl<S: Stream> Session<S> {
         };
         match result {
             Ok(base) => {
+                let m = &self.ctx.metrics;
+                m.inc(crate::metrics::Counter::MessagesAccepted, 1);
+                m.inc(
+                    crate::metrics::Counter::RecipientsAccepted,
+                    tx.rcpts.len() as u64,
+                );
+                m.inc(crate::metrics::Counter::BytesIn, body.len() as u64);
+                m.record(
+                    self.ctx.shard,
+                    crate::metrics::Hist::Ack,
+                    eod.elapsed().as_micros() as u64,
+                );
                 let rcpts: Vec<(&str, HandoffRcpt)> = (0u32..)
                     .zip(&tx.rcpts)
                     .map(|(index, r)| {
@@ -611,6 +631,9 @@ impl<S: Stream> Session<S> {
                 self.reply(Reply::owned(250, "2.0.0", format!("Ok: queued as {qid}")));
             }
             Err(e) => {
+                self.ctx
+                    .metrics
+                    .inc(crate::metrics::Counter::RejectedSpool, 1);
                 spool.borrow_mut().abandon(queue_id);
                 let client = self.info.peer.ip();
                 tracing::error!(error = %e, %client, "spool refused a message");
@@ -741,6 +764,9 @@ impl<S: Stream> Session<S> {
             return Ok(());
         }
         let failures = self.ctx.auth_throttle.record_failure(ip);
+        self.ctx
+            .metrics
+            .inc(crate::metrics::Counter::AuthFailures, 1);
         tracing::warn!(client = %ip, user = %user, failures, "authentication failed");
         // A delay that doubles with each failure from this address slows guessing down.
         let base = self.config().auth.failure_delay_ms;
@@ -944,6 +970,7 @@ mod tests {
                 auth_throttle: Arc::new(auth::AuthThrottle::new(2)),
                 shutdown,
                 router,
+                metrics: Arc::new(crate::metrics::Metrics::new(1)),
             });
             let stream = MemoryStream {
                 hang_at_end,

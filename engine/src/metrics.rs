@@ -1,0 +1,500 @@
+//! Metrics, declared in one place ([`COUNTERS`], [`HISTOGRAMS`], [`GAUGES`]) and exported in the
+//! Prometheus text format on `GET /metrics` of the admin endpoint (via the `prometheus` crate's
+//! encoder). docs/metrics.md is generated from the declarations (`saida metrics-doc`); a test
+//! fails when it is stale.
+//!
+//! Counters are process-wide atomics. Latency histograms are recorded per shard in
+//! `hdrhistogram` (a mutex each, contended only by a scrape) and merged at scrape time into
+//! Prometheus histograms with the explicit buckets of [`LATENCY_BUCKETS`]; `_sum` is the HDR
+//! mean times the count (HDR keeps 3 significant digits). Label sets are bounded: the only
+//! labels are `outcome` (3 values), `reason` (a fixed list) and `backend` (2 values).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hdrhistogram::Histogram;
+use prometheus::proto::{self, MetricFamily, MetricType};
+
+use crate::shard::RouterStats;
+
+/// Bucket upper bounds, in seconds, of every latency histogram: 0.5 ms to 1 day.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 1800.0, 3600.0, 21_600.0, 86_400.0,
+];
+
+/// Counters. Each has a name (without `saida_` and `_total`) and help text in [`COUNTERS`].
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    ConnectionsIn,
+    ConnectionsRefused,
+    MessagesAccepted,
+    RecipientsAccepted,
+    BytesIn,
+    RejectedSpool,
+    RejectedQueueFull,
+    AuthFailures,
+    RelayRefused,
+    DeliveryAttempts,
+    BytesOut,
+    Bounces,
+}
+
+/// (counter, name, label, help).
+pub const COUNTERS: &[(Counter, &str, Option<(&str, &str)>, &str)] = &[
+    (
+        Counter::ConnectionsIn,
+        "smtp_connections",
+        None,
+        "SMTP connections accepted",
+    ),
+    (
+        Counter::ConnectionsRefused,
+        "smtp_connections_refused",
+        None,
+        "SMTP connections refused by a connection limit (421)",
+    ),
+    (
+        Counter::MessagesAccepted,
+        "messages_accepted",
+        None,
+        "Messages accepted (250 after commit)",
+    ),
+    (
+        Counter::RecipientsAccepted,
+        "recipients_accepted",
+        None,
+        "Recipients of accepted messages",
+    ),
+    (
+        Counter::BytesIn,
+        "bytes_in",
+        None,
+        "Bytes of accepted messages",
+    ),
+    (
+        Counter::RejectedSpool,
+        "messages_rejected",
+        Some(("reason", "spool")),
+        "Messages refused at the end of data, by reason",
+    ),
+    (
+        Counter::RejectedQueueFull,
+        "messages_rejected",
+        Some(("reason", "queue_full")),
+        "Messages refused at the end of data, by reason",
+    ),
+    (
+        Counter::AuthFailures,
+        "auth_failures",
+        None,
+        "Failed AUTH attempts",
+    ),
+    (
+        Counter::RelayRefused,
+        "relay_refused",
+        None,
+        "Recipients refused as relay attempts",
+    ),
+    (
+        Counter::DeliveryAttempts,
+        "delivery_attempts",
+        None,
+        "Recipients attempted (one per recipient per attempt)",
+    ),
+    (
+        Counter::BytesOut,
+        "bytes_out",
+        None,
+        "Message bytes delivered (per transaction)",
+    ),
+    (Counter::Bounces, "bounces", None, "Bounces (DSNs) queued"),
+];
+
+/// Latency histograms, recorded per shard.
+#[derive(Clone, Copy, Debug)]
+pub enum Hist {
+    Ack,
+    DnsLookup,
+    Connect,
+    Transaction,
+    QueueWait,
+    EndToEnd,
+}
+
+/// (histogram, name, help); exported as `saida_<name>_seconds`.
+pub const HISTOGRAMS: &[(Hist, &str, &str)] = &[
+    (
+        Hist::Ack,
+        "ack_latency",
+        "End of data to the 250 (includes the spool commit)",
+    ),
+    (
+        Hist::DnsLookup,
+        "dns_lookup",
+        "MX resolution of a destination (cached answers included)",
+    ),
+    (
+        Hist::Connect,
+        "connect",
+        "Outbound connection set-up: TCP connect, greeting, EHLO and STARTTLS",
+    ),
+    (
+        Hist::Transaction,
+        "transaction",
+        "One outbound transaction: envelope, content, replies",
+    ),
+    (
+        Hist::QueueWait,
+        "queue_wait",
+        "Receipt to the first delivery attempt of a recipient",
+    ),
+    (
+        Hist::EndToEnd,
+        "end_to_end",
+        "Receipt to delivery (2xx) of a recipient",
+    ),
+];
+
+/// Gauges computed at scrape time: (name, help).
+pub const GAUGES: &[(&str, &str)] = &[
+    (
+        "queued_recipients",
+        "Recipients queued in memory for delivery, all shards",
+    ),
+    (
+        "delivery_connections",
+        "Outbound connection workers running, all shards",
+    ),
+    (
+        "spool_bytes",
+        "Bytes of spool segment files on disk, all shards",
+    ),
+    (
+        "spool_segments",
+        "Spool segment files holding records, all shards",
+    ),
+    (
+        "spool_live_messages",
+        "Messages with recipients still to deliver, all shards",
+    ),
+    (
+        "backend_info",
+        "1 for the I/O backend the shards run on (label `backend`)",
+    ),
+];
+
+/// Outcome counters come from the spool shards' commits (`RouterStats`).
+const OUTCOMES_HELP: &str = "Recipient outcomes journaled in the spool, by outcome";
+
+/// Everything a scrape reads.
+pub struct Metrics {
+    counters: Vec<AtomicU64>,
+    /// `[shard][hist]`.
+    hists: Vec<Vec<Mutex<Histogram<u64>>>>,
+    /// Per shard: spool bytes, segments, live messages (updated once a second).
+    spool: Vec<[AtomicU64; 3]>,
+    /// Set once every shard serves; cleared at shutdown (`/readyz`).
+    pub ready: AtomicBool,
+    /// `io_uring` or `epoll`.
+    pub backend: Mutex<String>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs ..= 1 day, 3 significant digits: valid constant bounds.
+    Histogram::new_with_bounds(1, 86_400_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap())
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Metrics {
+        Metrics {
+            counters: COUNTERS.iter().map(|_| AtomicU64::new(0)).collect(),
+            hists: (0..shards)
+                .map(|_| HISTOGRAMS.iter().map(|_| Mutex::new(new_hist())).collect())
+                .collect(),
+            spool: (0..shards).map(|_| Default::default()).collect(),
+            ready: AtomicBool::new(false),
+            backend: Mutex::new(String::new()),
+        }
+    }
+
+    pub fn inc(&self, c: Counter, n: u64) {
+        self.counters[c as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records a latency in microseconds on `shard`'s histogram.
+    pub fn record(&self, shard: u16, h: Hist, micros: u64) {
+        if let Some(m) = self
+            .hists
+            .get(shard as usize)
+            .and_then(|s| s.get(h as usize))
+        {
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .saturating_record(micros.max(1));
+        }
+    }
+
+    /// Publishes a shard's spool sizes.
+    pub fn set_spool(&self, shard: u16, bytes: u64, segments: u64, live: u64) {
+        if let Some(s) = self.spool.get(shard as usize) {
+            s[0].store(bytes, Ordering::Relaxed);
+            s[1].store(segments, Ordering::Relaxed);
+            s[2].store(live, Ordering::Relaxed);
+        }
+    }
+
+    /// The whole exposition, in the Prometheus text format.
+    pub fn render(&self, stats: &RouterStats) -> String {
+        let mut families: Vec<MetricFamily> = Vec::new();
+        for (i, (_, name, label, help)) in COUNTERS.iter().enumerate() {
+            let v = self.counters[i].load(Ordering::Relaxed) as f64;
+            let full = format!("saida_{name}_total");
+            let labels: Vec<(&str, &str)> = label.iter().copied().collect();
+            push(
+                &mut families,
+                &full,
+                help,
+                MetricType::COUNTER,
+                counter(v, &labels),
+            );
+        }
+        for (outcome, v) in [
+            ("delivered", &stats.delivered),
+            ("deferred", &stats.deferred),
+            ("failed", &stats.failed),
+        ] {
+            let m = counter(v.load(Ordering::Relaxed) as f64, &[("outcome", outcome)]);
+            push(
+                &mut families,
+                "saida_delivery_outcomes_total",
+                OUTCOMES_HELP,
+                MetricType::COUNTER,
+                m,
+            );
+        }
+        let sum = |k: usize| -> f64 {
+            self.spool
+                .iter()
+                .map(|s| s[k].load(Ordering::Relaxed) as f64)
+                .sum()
+        };
+        let gauges = [
+            stats.queued_rcpts.load(Ordering::Relaxed) as f64,
+            stats.workers.load(Ordering::Relaxed) as f64,
+            sum(0),
+            sum(1),
+            sum(2),
+        ];
+        for ((name, help), v) in GAUGES.iter().zip(gauges) {
+            push(
+                &mut families,
+                &format!("saida_{name}"),
+                help,
+                MetricType::GAUGE,
+                gauge(v, &[]),
+            );
+        }
+        let backend = self
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((name, help)) = GAUGES.last() {
+            push(
+                &mut families,
+                &format!("saida_{name}"),
+                help,
+                MetricType::GAUGE,
+                gauge(1.0, &[("backend", &backend)]),
+            );
+        }
+        for (i, (_, name, help)) in HISTOGRAMS.iter().enumerate() {
+            let mut merged = new_hist();
+            for shard in &self.hists {
+                let h = shard[i].lock().unwrap_or_else(|p| p.into_inner());
+                let _ = merged.add(&*h);
+            }
+            let full = format!("saida_{name}_seconds");
+            push(
+                &mut families,
+                &full,
+                help,
+                MetricType::HISTOGRAM,
+                histogram(&merged),
+            );
+        }
+        let mut out = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = prometheus::Encoder::encode(&encoder, &families, &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Adds a metric to its family (created on first use, families keep declaration order).
+fn push(families: &mut Vec<MetricFamily>, name: &str, help: &str, t: MetricType, m: proto::Metric) {
+    if let Some(f) = families.iter_mut().find(|f| f.name() == name) {
+        f.mut_metric().push(m);
+        return;
+    }
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(t);
+    f.mut_metric().push(m);
+    families.push(f);
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn counter(v: f64, pairs: &[(&str, &str)]) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(v);
+    let mut m = proto::Metric::default();
+    m.set_label(labels(pairs).into());
+    m.set_counter(c);
+    m
+}
+
+fn gauge(v: f64, pairs: &[(&str, &str)]) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(v);
+    let mut m = proto::Metric::default();
+    m.set_label(labels(pairs).into());
+    m.set_gauge(g);
+    m
+}
+
+/// A Prometheus histogram (seconds) from an HDR histogram (microseconds).
+fn histogram(h: &Histogram<u64>) -> proto::Metric {
+    let buckets: Vec<proto::Bucket> = LATENCY_BUCKETS
+        .iter()
+        .map(|&bound| {
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(bound);
+            let micros = (bound * 1e6) as u64;
+            b.set_cumulative_count(if h.is_empty() {
+                0
+            } else {
+                h.count_between(0, micros)
+            });
+            b
+        })
+        .collect();
+    let mut p = proto::Histogram::default();
+    p.set_sample_count(h.len());
+    p.set_sample_sum(if h.is_empty() {
+        0.0
+    } else {
+        h.mean() * h.len() as f64 / 1e6
+    });
+    p.set_bucket(buckets.into());
+    let mut m = proto::Metric::default();
+    m.set_histogram(p);
+    m
+}
+
+/// docs/metrics.md, generated from the declarations.
+pub fn docs_markdown() -> String {
+    let mut s = String::from(
+        "# Metrics\n\n*Generated by `saida metrics-doc` from `engine/src/metrics.rs`; a test fails \
+         when this file is stale.*\n\nServed on `GET /metrics` of the admin endpoint (`[admin] \
+         address`, default 127.0.0.1:8025), Prometheus text format. Label sets are bounded: \
+         `outcome` (delivered, deferred, failed), `reason` (spool, queue_full), `backend` \
+         (io_uring, epoll).\n\n| metric | type | labels | meaning |\n|---|---|---|---|\n",
+    );
+    let mut seen = Vec::new();
+    for (_, name, label, help) in COUNTERS {
+        let full = format!("saida_{name}_total");
+        if seen.contains(&full) {
+            continue;
+        }
+        seen.push(full.clone());
+        let l = label.map_or(String::new(), |(k, _)| format!("`{k}`"));
+        s.push_str(&format!("| `{full}` | counter | {l} | {help} |\n"));
+    }
+    s.push_str(&format!(
+        "| `saida_delivery_outcomes_total` | counter | `outcome` | {OUTCOMES_HELP}; counted \
+         when the outcome record is committed |\n"
+    ));
+    for (name, help) in GAUGES {
+        let l = if *name == "backend_info" {
+            "`backend`"
+        } else {
+            ""
+        };
+        s.push_str(&format!("| `saida_{name}` | gauge | {l} | {help} |\n"));
+    }
+    for (_, name, help) in HISTOGRAMS {
+        s.push_str(&format!(
+            "| `saida_{name}_seconds` | histogram | | {help} |\n"
+        ));
+    }
+    let bounds: Vec<String> = LATENCY_BUCKETS.iter().map(|b| b.to_string()).collect();
+    s.push_str(&format!(
+        "\nHistogram buckets (seconds): {}. Latencies are recorded per shard in HDR histograms \
+         (1 µs to 1 day, 3 significant digits) and merged at scrape time; `_sum` is the HDR \
+         mean times the count.\n",
+        bounds.join(", ")
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docs_metrics_md_is_generated_from_the_declarations() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == docs_markdown(),
+            "docs/metrics.md is stale: run `saida metrics-doc > docs/metrics.md`"
+        );
+    }
+
+    #[test]
+    fn shard_histograms_merge_into_prometheus_buckets() {
+        let m = Metrics::new(2);
+        m.record(0, Hist::Ack, 300); // 0.3 ms
+        m.record(1, Hist::Ack, 2_000); // 2 ms
+        m.record(1, Hist::Ack, 40_000); // 40 ms
+        m.inc(Counter::MessagesAccepted, 3);
+        let text = m.render(&RouterStats::default());
+        assert!(
+            text.contains("saida_ack_latency_seconds_bucket{le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("saida_ack_latency_seconds_bucket{le=\"0.0025\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("saida_ack_latency_seconds_bucket{le=\"0.05\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("saida_ack_latency_seconds_count 3"), "{text}");
+        assert!(text.contains("saida_messages_accepted_total 3"), "{text}");
+        assert!(
+            text.contains("saida_messages_rejected_total{reason=\"queue_full\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("saida_delivery_outcomes_total{outcome=\"delivered\"} 0"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! Observability end to end: the real `saida run` delivers to `saida-sink` while `/metrics`,
+//! `/healthz` and `/readyz` are scraped from its admin endpoint; counters and histogram counts
+//! must match what was sent and what the sink received, and the exposition must pass
+//! `promtool check metrics` (Debian package `prometheus`, installed by scripts/test.sh).
+
+use std::time::Duration;
+
+use saida_e2e::{Daemon, Sink, free_port, python, send_messages};
+
+fn get(url: &str) -> (u16, String) {
+    let out = python(
+        r#"
+import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=10)
+    print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"#,
+        &[url],
+    );
+    let (code, body) = out.split_once('\n').unwrap_or((&out, ""));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[test]
+fn metrics_match_the_traffic_and_pass_promtool() {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let sink = Sink::start(&[format!("127.0.0.2:{port}")], &[]);
+    let config = format!(
+        "[delivery]\nlog_dir = \"{{dir}}/log\"\n\n[[route]]\ndomain = \"*\"\n\
+         hosts = [\"127.0.0.2:{port}\"]\n\n[admin]\naddress = \"{admin}\"\n"
+    );
+    let d = Daemon::start("epoll", &config);
+    let base = format!("http://{admin}");
+    assert_eq!(get(&format!("{base}/healthz")).0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).0, 200);
+    let msgs: Vec<(&str, Vec<String>)> = (0..40)
+        .map(|i| {
+            (
+                "a@origin.test",
+                vec![format!("u{i}@d{}.test", i % 7), format!("v{i}@e.test")],
+            )
+        })
+        .chain(std::iter::once((
+            "a@origin.test",
+            vec!["reject1@r.test".to_string()],
+        )))
+        .collect();
+    assert_eq!(send_messages(d.port, &msgs), 41);
+    // 80 deliveries and one bounce to a@origin.test.
+    sink.wait_until(30, "every delivery", |r| r.len() >= 81);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let (code, text) = get(&format!("{base}/metrics"));
+        assert_eq!(code, 200);
+        if value(
+            &text,
+            "saida_delivery_outcomes_total{outcome=\"delivered\"}",
+        ) >= 81.0
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outcomes never reached 81:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // 41 client messages plus the bounce, which saida queues itself.
+    assert_eq!(value(&text, "saida_messages_accepted_total"), 41.0);
+    assert_eq!(value(&text, "saida_recipients_accepted_total"), 81.0);
+    assert_eq!(value(&text, "saida_ack_latency_seconds_count"), 41.0);
+    assert_eq!(
+        value(
+            &text,
+            "saida_delivery_outcomes_total{outcome=\"delivered\"}"
+        ),
+        sink.records().len() as f64
+    );
+    assert_eq!(
+        value(&text, "saida_delivery_outcomes_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(value(&text, "saida_bounces_total"), 1.0);
+    assert_eq!(value(&text, "saida_end_to_end_seconds_count"), 81.0);
+    assert_eq!(value(&text, "saida_queue_wait_seconds_count"), 82.0);
+    assert!(value(&text, "saida_smtp_connections_total") >= 1.0);
+    assert_eq!(value(&text, "saida_backend_info{backend=\"epoll\"}"), 1.0);
+    assert!(value(&text, "saida_spool_segments") >= 1.0);
+    // The exposition is valid for Prometheus.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &text).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .expect("promtool is needed (scripts/test.sh installs the prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
