@@ -113,3 +113,83 @@ fn metrics_match_the_traffic_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Sends an HTTP request with Python; returns (status, body).
+fn http(method: &str, url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let hdrs = serde_json::Value::from(
+        headers
+            .iter()
+            .map(|(k, v)| serde_json::json!([k, v]))
+            .collect::<Vec<_>>(),
+    );
+    let out = python(
+        r#"
+import json, sys, urllib.request, urllib.error
+method, url, body, headers = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+req = urllib.request.Request(url, data=body.encode() if body else None, method=method)
+for k, v in headers:
+    req.add_header(k, v)
+try:
+    r = urllib.request.urlopen(req, timeout=30)
+    print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"#,
+        &[method, url, body, &hdrs.to_string()],
+    );
+    let (code, body) = out.split_once('\n').unwrap_or((&out, ""));
+    (code.trim().parse().unwrap_or(0), body.trim().to_string())
+}
+
+#[test]
+fn http_injection_is_durable_idempotent_and_needs_the_token() {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let sink = Sink::start(&[format!("127.0.0.2:{port}")], &["--record-bodies"]);
+    let config = format!(
+        "[delivery]\nlog_dir = \"{{dir}}/log\"\n\n[[route]]\ndomain = \"*\"\n\
+         hosts = [\"127.0.0.2:{port}\"]\n\n[admin]\naddress = \"{admin}\"\n\
+         token = \"token-0123456789abcdef\"\n"
+    );
+    let _d = Daemon::start("epoll", &config);
+    let url = format!("http://{admin}/messages");
+    let body = r#"{"from":"news@origin.test","to":["ann@a.test","bob@b.test"],
+        "headers":{"Subject":"Hello {{name}}"},"body":"Dear {{name}},\nhi.",
+        "vars":[{"name":"Ann"},{"name":"Bob"}],"idempotency_key":"batch-1"}"#;
+    let auth = ("Authorization", "Bearer token-0123456789abcdef");
+    // Without the token: refused, nothing queued.
+    let (code, _) = http("POST", &url, body, &[]);
+    assert_eq!(code, 401);
+    let (code, first) = http("POST", &url, body, &[auth]);
+    assert_eq!(code, 200, "{first}");
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["queue_ids"].as_array().unwrap().len(), 2);
+    // The same key again: the same ids, nothing queued twice.
+    let (code, again) = http("POST", &url, body, &[auth]);
+    assert_eq!(code, 200);
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["queue_ids"], first["queue_ids"]);
+    assert_eq!(again["repeated"], true);
+    let records = sink.wait_until(20, "both messages", |r| r.len() >= 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.records().len(), 2, "a repeated key queued again");
+    let bob = records.iter().find(|r| r["rcpt"] == "bob@b.test").unwrap();
+    let text = bob["body"].as_str().unwrap();
+    assert!(
+        text.contains("Subject: Hello Bob") && text.contains("Dear Bob,"),
+        "{text}"
+    );
+    // A bad request names its problem.
+    let (code, err) = http("POST", &url, r#"{"from":"x","to":["a@b.test"]}"#, &[auth]);
+    assert_eq!(code, 400);
+    assert!(err.contains("from"), "{err}");
+    // Status of a message by queue id (it may already be delivered and forgotten: 200 either way).
+    let id = first["queue_ids"][0].as_str().unwrap();
+    let (code, _) = http(
+        "GET",
+        &format!("http://{admin}/queue/messages/{id}"),
+        "",
+        &[],
+    );
+    assert_eq!(code, 200);
+}

@@ -19,6 +19,9 @@ pub enum Request {
     Bounce(Selector),
     /// Remove queued recipients without a bounce.
     Delete(Selector),
+    /// The stored state of one message (answered by the shard whose spool holds it; a message
+    /// whose recipients are all done is no longer known).
+    Status(QueueId),
 }
 
 /// What a bounce or delete applies to.
@@ -48,6 +51,8 @@ pub struct ShardReply {
     pub domains: Vec<DomainSummary>,
     /// Recipients (bounce, delete), jobs (flush) or domains (suspend, resume) affected.
     pub affected: usize,
+    /// `Status`: the message, from the shard whose spool holds it.
+    pub message: Option<serde_json::Value>,
 }
 
 /// `[admin]`: the local HTTP endpoint of `saida queue`.
@@ -105,6 +110,7 @@ pub fn route(method: &str, path: &str) -> Result<Request, (u16, String)> {
     };
     match (method, parts.as_slice()) {
         ("GET", ["queue"]) => Ok(Request::Summary),
+        ("GET", ["queue", "messages", qid]) => Ok(Request::Status(id(qid)?)),
         ("POST", ["queue", "flush"]) => Ok(Request::Flush(None)),
         ("POST", ["queue", "domains", d, action]) => {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
@@ -139,6 +145,8 @@ pub fn route(method: &str, path: &str) -> Result<Request, (u16, String)> {
 pub struct Answer {
     pub domains: Vec<DomainSummary>,
     pub affected: usize,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<serde_json::Value>,
     /// Shards that did not answer in time.
     pub shards_silent: usize,
 }
@@ -154,6 +162,7 @@ pub fn serve(
     }
     let listener = std::net::TcpListener::bind(&config.address)?;
     let token = config.token.clone();
+    let idempotency = std::sync::Mutex::new(crate::api::IdempotencyStore::default());
     tracing::info!(address = %config.address, "admin endpoint listening");
     std::thread::Builder::new()
         .name("admin".into())
@@ -170,7 +179,7 @@ pub fn serve(
                 };
                 let _ = conn.set_read_timeout(Some(ADMIN_TIMEOUT));
                 let _ = conn.set_write_timeout(Some(ADMIN_TIMEOUT));
-                if let Err(e) = handle(conn, &token, &router, &metrics) {
+                if let Err(e) = handle(conn, &token, &router, &metrics, &idempotency) {
                     tracing::debug!(error = %e, "admin request failed");
                 }
             }
@@ -183,6 +192,7 @@ fn handle(
     token: &str,
     router: &crate::shard::Router,
     metrics: &crate::metrics::Metrics,
+    idempotency: &std::sync::Mutex<crate::api::IdempotencyStore>,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let peer = conn.peer_addr().ok();
@@ -200,7 +210,19 @@ fn handle(
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&head);
+    let split = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(head.len(), |p| p + 4);
+    let early_body = head[split..].to_vec();
+    let head = String::from_utf8_lossy(&head[..split]).into_owned();
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    };
     let mut lines = head.lines();
     let mut first = lines.next().unwrap_or("").split_whitespace();
     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
@@ -236,9 +258,25 @@ fn handle(
         conn.write_all(head.as_bytes())?;
         return conn.write_all(body.as_bytes());
     }
+    if (method, path) == ("POST", "/messages") {
+        let (status, body) = if !authorized {
+            tracing::warn!(client = ?peer, "injection without a valid token refused");
+            (401, serde_json::json!({ "error": "token required" }))
+        } else {
+            let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
+            match read_body(&mut conn, early_body, length, deadline) {
+                Ok(json) => {
+                    let key = header("idempotency-key");
+                    inject(router, &json, key, idempotency)
+                }
+                Err(e) => (400, serde_json::json!({ "error": e })),
+            }
+        };
+        return respond(&mut conn, status, &body.to_string());
+    }
     let (status, body) = match route(method, path) {
         Err((status, why)) => (status, serde_json::json!({ "error": why }).to_string()),
-        Ok(req) if req != Request::Summary && !authorized => {
+        Ok(req) if !matches!(req, Request::Summary | Request::Status(_)) && !authorized => {
             tracing::warn!(client = ?peer, %path, "admin request without a valid token refused");
             (
                 401,
@@ -251,10 +289,16 @@ fn handle(
             (200, serde_json::to_string(&answer).unwrap_or_default())
         }
     };
+    respond(&mut conn, status, &body)
+}
+
+fn respond(conn: &mut std::net::TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+    use std::io::Write;
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        503 => "Service Unavailable",
         _ => "Not Found",
     };
     write!(
@@ -263,6 +307,87 @@ fn handle(
          connection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// Reads a request body of `length` bytes (required, bounded), `early` being what came with the
+/// head.
+fn read_body(
+    conn: &mut std::net::TcpStream,
+    early: Vec<u8>,
+    length: Option<usize>,
+    deadline: std::time::Instant,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let length = length.ok_or("content-length is required")?;
+    if length > crate::api::REQUEST_BODY_BYTES_MAX {
+        return Err(format!(
+            "body larger than {} bytes",
+            crate::api::REQUEST_BODY_BYTES_MAX
+        ));
+    }
+    let mut body = early;
+    let mut buf = vec![0u8; 64 << 10];
+    while body.len() < length {
+        if std::time::Instant::now() >= deadline {
+            return Err("timed out reading the body".into());
+        }
+        let n = conn.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("body shorter than content-length".into());
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    body.truncate(length);
+    Ok(body)
+}
+
+/// Shards take injected messages in turn.
+static NEXT_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `POST /messages`: queues the request's messages on one shard, or answers an earlier
+/// request's queue ids for a repeated idempotency key.
+fn inject(
+    router: &crate::shard::Router,
+    json: &[u8],
+    header_key: Option<String>,
+    idempotency: &std::sync::Mutex<crate::api::IdempotencyStore>,
+) -> (u16, serde_json::Value) {
+    let req = match crate::api::parse(json) {
+        Ok(r) => r,
+        Err(e) => return (400, serde_json::json!({ "error": e })),
+    };
+    let key = req.idempotency_key.clone().or(header_key);
+    let mut store = idempotency.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ids) = key.as_ref().and_then(|k| store.get(k)) {
+        return (
+            200,
+            serde_json::json!({ "queue_ids": ids, "repeated": true }),
+        );
+    }
+    let now_secs = queue_format::now_micros() / 1_000_000;
+    let messages = crate::api::prepare(&req, now_secs);
+    let shard = NEXT_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % router.shards();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let msg = crate::shard::ShardMsg::Inject(messages, tx);
+    if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_err() {
+        return (
+            503,
+            serde_json::json!({ "error": "the shard is busy; retry" }),
+        );
+    }
+    match rx.recv_timeout(ADMIN_TIMEOUT * 3) {
+        Ok(Ok(ids)) => {
+            if let Some(k) = key {
+                store.put(k, ids.clone());
+            }
+            (200, serde_json::json!({ "queue_ids": ids }))
+        }
+        Ok(Err(e)) => (503, serde_json::json!({ "error": e })),
+        Err(_) => (
+            503,
+            serde_json::json!({ "error": "no answer from the shard in time" }),
+        ),
+    }
 }
 
 /// Broadcasts a request to every shard and merges their answers.
@@ -285,6 +410,9 @@ pub fn ask_shards(router: &crate::shard::Router, req: &Request) -> Answer {
             Ok(r) => {
                 answer.domains.extend(r.domains);
                 answer.affected += r.affected;
+                if r.message.is_some() {
+                    answer.message = r.message;
+                }
             }
             Err(_) => answer.shards_silent += 1,
         }

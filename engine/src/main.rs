@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod api;
 mod auth;
 mod config;
 mod delivery;

@@ -232,6 +232,11 @@ impl<S: Dial + 'static> Deliverer<S> {
         }))
     }
 
+    /// The configuration (for the shard's other tasks).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config)
+    }
+
     /// Whether this daemon delivers at all (`delivery.enabled`).
     pub fn enabled(&self) -> bool {
         self.config.delivery.enabled
@@ -1216,6 +1221,29 @@ impl<S: Dial + 'static> Deliverer<S> {
                     drop(domains);
                     self.save_suspended();
                     self.kick(&key);
+                }
+            }
+            Request::Status(id) => {
+                if let Some(live) = self.spool.borrow().get(*id) {
+                    let rcpts: Vec<serde_json::Value> = live
+                        .rcpts
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "state": format!("{:?}", r.state).to_lowercase(),
+                                "attempts": r.attempts,
+                                "next_attempt_unix_us": r.next_attempt_micros,
+                                "last_reply": r.last_reply.as_deref(),
+                            })
+                        })
+                        .collect();
+                    reply.message = Some(serde_json::json!({
+                        "queue_id": id.to_string(),
+                        "spool_shard": self.shard,
+                        "received_unix_us": live.received_at_micros,
+                        "recipients": rcpts,
+                    }));
+                    reply.affected = 1;
                 }
             }
             Request::Flush(d) => {

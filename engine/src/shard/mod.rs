@@ -98,6 +98,12 @@ pub enum ShardMsg {
         owner: u16,
         rcpts: Vec<u32>,
     },
+    /// HTTP injection: queue these messages in this shard's spool and answer with their queue
+    /// ids once committed.
+    Inject(
+        Vec<crate::api::Prepared>,
+        crossbeam_channel::Sender<Result<Vec<String>, String>>,
+    ),
     /// An operator request, answered on `reply`.
     Admin(
         crate::admin::Request,
@@ -797,6 +803,14 @@ async fn drain_inbox<S: crate::io::Dial + 'static>(
                 ShardMsg::Admin(req, reply) => {
                     let _ = reply.send(deliverer.admin(&req));
                 }
+                ShardMsg::Inject(messages, reply) => {
+                    let (spool, router) = (Rc::clone(&spool), router.clone());
+                    let config = deliverer.config();
+                    tokio::task::spawn_local(async move {
+                        let r = inject(&spool, &router, &config, shard, messages).await;
+                        let _ = reply.send(r);
+                    });
+                }
             }
         }
         if n == 0 {
@@ -810,6 +824,98 @@ async fn drain_inbox<S: crate::io::Dial + 'static>(
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Queues HTTP-injected messages like SMTP ones: stored, committed, then handed off. Returns
+/// the queue ids, or the first failure (messages before it stay queued; their ids are named).
+async fn inject(
+    spool: &Rc<RefCell<Spool>>,
+    router: &Router,
+    config: &Config,
+    shard: u16,
+    messages: Vec<crate::api::Prepared>,
+) -> Result<Vec<String>, String> {
+    use crate::smtp::server::headers;
+    let mut ids = Vec::new();
+    for m in messages {
+        if router.queues_full() {
+            return Err(format!(
+                "452 4.3.1 delivery queues full; queued so far: {ids:?}"
+            ));
+        }
+        if m.content.len() > config.smtp.message_bytes_max {
+            return Err(format!(
+                "552 5.3.4 message too large; queued so far: {ids:?}"
+            ));
+        }
+        let now = queue_format::now_micros();
+        let queue_id = spool.borrow_mut().next_queue_id(now);
+        let qid = queue_id.to_string();
+        let host = &config.server.hostname;
+        let mut body = format!(
+            "Received: from api by {host} with HTTP id {qid};\r\n\t{}\r\n",
+            headers::rfc5322_date(now / 1_000_000)
+        )
+        .into_bytes();
+        if !headers::has_message_id(&m.content) {
+            body.extend_from_slice(headers::message_id(&qid, host).as_bytes());
+        }
+        body.extend_from_slice(&m.content);
+        let utf8 = !m.from.is_ascii() || m.to.iter().any(|a| !a.is_ascii());
+        let eight_bit = !body.is_ascii();
+        let message = queue_format::Message {
+            queue_id,
+            received_at_micros: now,
+            flags: if utf8 {
+                queue_format::message_flags::SMTPUTF8
+            } else {
+                0
+            } | if eight_bit {
+                queue_format::message_flags::BODY_8BITMIME
+            } else {
+                0
+            },
+            dsn_ret: queue_format::DsnRet::Unspecified,
+            tenant: "api",
+            sender: &m.from,
+            envid: "",
+            recipients: m
+                .to
+                .iter()
+                .map(|a| queue_format::Recipient::new(a))
+                .collect(),
+            body: &body,
+        };
+        let ticket = spool.borrow_mut().accept(&message);
+        let committed = match ticket {
+            Ok(t) => t.await,
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(base) => {
+                let rcpts: Vec<(&str, HandoffRcpt)> = (0u32..)
+                    .zip(&m.to)
+                    .map(|(index, a)| {
+                        let r = HandoffRcpt {
+                            index,
+                            attempts: 0,
+                            next_attempt_micros: 0,
+                        };
+                        (a.as_str(), r)
+                    })
+                    .collect();
+                router.hand_off(shard, queue_id, base, now, &rcpts).await;
+                tracing::info!(queue_id = %qid, from = %m.from, rcpts = m.to.len(), "accepted over HTTP");
+                ids.push(qid);
+            }
+            Err(e) => {
+                spool.borrow_mut().abandon(queue_id);
+                let (code, enhanced, text) = e.reply();
+                return Err(format!("{code} {enhanced} {text}; queued so far: {ids:?}"));
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Journals one message's outcomes; they are counted once committed.
