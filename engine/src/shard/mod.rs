@@ -905,7 +905,8 @@ async fn inject(
                     })
                     .collect();
                 router.hand_off(shard, queue_id, base, now, &rcpts).await;
-                tracing::info!(queue_id = %qid, from = %m.from, rcpts = m.to.len(), "accepted over HTTP");
+                let rcpts = m.to.len();
+                tracing::info!(queue_id = %qid, from = %m.from, rcpts, "accepted over HTTP");
                 ids.push(qid);
             }
             Err(e) => {
