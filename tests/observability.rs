@@ -97,6 +97,34 @@ fn metrics_match_the_traffic_and_pass_promtool() {
     assert!(value(&text, "saida_smtp_connections_total") >= 1.0);
     assert_eq!(value(&text, "saida_backend_info{backend=\"epoll\"}"), 1.0);
     assert!(value(&text, "saida_spool_segments") >= 1.0);
+    // The dashboard and the alert rules use only metrics that exist.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["docs/grafana/saida.json", "docs/prometheus/alerts.yml"] {
+        let doc = std::fs::read_to_string(root.join(file)).unwrap();
+        for name in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !name.starts_with("saida_") {
+                continue;
+            }
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {base} ")),
+                "{file} uses {name}, which /metrics does not export"
+            );
+        }
+    }
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root.join("docs/prometheus/alerts.yml"))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The exposition is valid for Prometheus.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("metrics.txt");

@@ -492,4 +492,39 @@ mod tests {
         c.address = "nonsense".into();
         assert_eq!(c.validate().unwrap_err().0, "admin.address");
     }
+
+    #[test]
+    fn every_path_in_the_openapi_document_is_routed() {
+        let doc = include_str!("../../docs/openapi.yaml");
+        let mut path = None;
+        let mut checked = 0;
+        for line in doc.lines() {
+            if let Some(p) = line.strip_prefix("  /") {
+                path = Some(format!("/{}", p.trim_end_matches(':')));
+                continue;
+            }
+            let method = match line.trim() {
+                "get:" => "GET",
+                "post:" => "POST",
+                _ => continue,
+            };
+            let Some(p) = &path else { continue };
+            let concrete = p
+                .replace("{domain}", "example.com")
+                .replace("{id}", &QueueId(0xABC).to_string());
+            let served_before_routing = matches!(
+                (method, concrete.as_str()),
+                ("GET", "/metrics" | "/healthz" | "/readyz") | ("POST", "/messages")
+            );
+            assert!(
+                served_before_routing || route(method, &concrete).is_ok(),
+                "{method} {p} is documented but not routed"
+            );
+            checked += 1;
+        }
+        assert!(
+            checked >= 15,
+            "only {checked} operations found in docs/openapi.yaml"
+        );
+    }
 }
