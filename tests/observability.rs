@@ -95,6 +95,28 @@ fn metrics_match_the_traffic_and_pass_promtool() {
     assert_eq!(value(&text, "saida_end_to_end_seconds_count"), 81.0);
     assert_eq!(value(&text, "saida_queue_wait_seconds_count"), 82.0);
     assert!(value(&text, "saida_smtp_connections_total") >= 1.0);
+    // Per destination (top 20 by volume, here all) and per tenant (no AUTH: `none`).
+    assert_eq!(
+        value(
+            &text,
+            "saida_destination_outcomes_total{destination=\"e.test\",outcome=\"delivered\"}"
+        ),
+        40.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "saida_destination_outcomes_total{destination=\"r.test\",outcome=\"failed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "saida_tenant_outcomes_total{tenant=\"none\",outcome=\"delivered\"}"
+        ),
+        81.0
+    );
     assert_eq!(value(&text, "saida_backend_info{backend=\"epoll\"}"), 1.0);
     assert!(value(&text, "saida_spool_segments") >= 1.0);
     // The dashboard and the alert rules use only metrics that exist.

@@ -64,6 +64,9 @@ pub struct AdminConfig {
     /// Bearer token required for requests that change state; empty = none (allowed only on a
     /// loopback address).
     pub token: String,
+    /// Record metrics (counters, histograms). Off: `/metrics` shows zeros; for measuring the
+    /// cost of recording.
+    pub metrics: bool,
 }
 
 impl Default for AdminConfig {
@@ -71,6 +74,7 @@ impl Default for AdminConfig {
         AdminConfig {
             address: "127.0.0.1:8025".into(),
             token: String::new(),
+            metrics: true,
         }
     }
 }
@@ -485,6 +489,7 @@ mod tests {
         let mut c = AdminConfig {
             address: "0.0.0.0:8025".into(),
             token: String::new(),
+            metrics: true,
         };
         assert_eq!(c.validate().unwrap_err().0, "admin.token");
         c.token = "0123456789abcdef".into();

@@ -6,8 +6,9 @@
 //! Counters are process-wide atomics. Latency histograms are recorded per shard in
 //! `hdrhistogram` (a mutex each, contended only by a scrape) and merged at scrape time into
 //! Prometheus histograms with the explicit buckets of [`LATENCY_BUCKETS`]; `_sum` is the HDR
-//! mean times the count (HDR keeps 3 significant digits). Label sets are bounded: the only
-//! labels are `outcome` (3 values), `reason` (a fixed list) and `backend` (2 values).
+//! mean times the count (HDR keeps 3 significant digits). Label sets are bounded: `outcome`
+//! (3 values), `reason` (a fixed list), `backend` (2 values), and `destination` / `tenant`
+//! (the [`TOP_LABELS`] biggest by volume, the rest folded into `other`).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -184,12 +185,84 @@ pub const GAUGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Label values exported per destination and per tenant; the rest is summed as `other`.
+pub const TOP_LABELS: usize = 20;
+/// Keys tracked per table; beyond it the smallest count is folded into `other` to make room.
+pub const TRACKED_KEYS_MAX: usize = 10_000;
+const DEST_HELP: &str = "Recipient outcomes by destination domain (top 20 by volume, rest `other`)";
+const TENANT_HELP: &str = "Recipient outcomes by tenant (top 20 by volume, rest `other`)";
+
+/// Counts per key with a bound on keys; exports the biggest and folds the rest.
+#[derive(Default)]
+pub struct TopCounts {
+    counts: std::collections::HashMap<String, [u64; 3]>,
+    /// Counts of keys evicted to respect the bound, and of keys below the top N.
+    other: [u64; 3],
+}
+
+impl TopCounts {
+    fn add(&mut self, key: &str, c: [u64; 3]) {
+        if let Some(v) = self.counts.get_mut(key) {
+            for i in 0..3 {
+                v[i] += c[i];
+            }
+            return;
+        }
+        if self.counts.len() >= TRACKED_KEYS_MAX {
+            // Fold the smallest key into `other` (O(n), only when a new key arrives at the bound).
+            let smallest = self
+                .counts
+                .iter()
+                .min_by_key(|(_, v)| v.iter().sum::<u64>())
+                .map(|(k, _)| k.clone());
+            if let Some(k) = smallest.and_then(|k| self.counts.remove_entry(&k)) {
+                for i in 0..3 {
+                    self.other[i] += k.1[i];
+                }
+            }
+        }
+        self.counts.insert(key.to_string(), c);
+    }
+
+    /// The `n` biggest keys, then `other` (everything else, evicted keys included). Counters
+    /// stay monotonic per label as long as the top set is stable; a key entering or leaving the
+    /// top moves its counts between its own label and `other`.
+    fn top(&self, n: usize) -> Vec<(String, [u64; 3])> {
+        let mut all: Vec<(&String, &[u64; 3])> = self.counts.iter().collect();
+        all.sort_by(|a, b| {
+            b.1.iter()
+                .sum::<u64>()
+                .cmp(&a.1.iter().sum::<u64>())
+                .then(a.0.cmp(b.0))
+        });
+        let mut other = self.other;
+        let mut out = Vec::new();
+        for (i, (k, v)) in all.into_iter().enumerate() {
+            if i < n {
+                out.push((k.clone(), *v));
+            } else {
+                for j in 0..3 {
+                    other[j] += v[j];
+                }
+            }
+        }
+        out.push(("other".to_string(), other));
+        out
+    }
+}
+
 /// Outcome counters come from the spool shards' commits (`RouterStats`).
 const OUTCOMES_HELP: &str = "Recipient outcomes journaled in the spool, by outcome";
 
 /// Everything a scrape reads.
 pub struct Metrics {
+    /// `[admin] metrics = false` turns recording off (the scrape then shows zeros).
+    enabled: bool,
     counters: Vec<AtomicU64>,
+    /// Outcomes per destination domain and per tenant, exported for the top
+    /// [`TOP_LABELS`] by volume, the rest folded into `other`.
+    by_destination: Mutex<TopCounts>,
+    by_tenant: Mutex<TopCounts>,
     /// `[shard][hist]`.
     hists: Vec<Vec<Mutex<Histogram<u64>>>>,
     /// Per shard: spool bytes, segments, live messages (updated once a second).
@@ -206,8 +279,17 @@ fn new_hist() -> Histogram<u64> {
 }
 
 impl Metrics {
+    #[cfg(test)]
     pub fn new(shards: usize) -> Metrics {
+        Metrics::with_recording(shards, true)
+    }
+
+    /// Metrics that record only when `enabled`.
+    pub fn with_recording(shards: usize, enabled: bool) -> Metrics {
         Metrics {
+            enabled,
+            by_destination: Mutex::default(),
+            by_tenant: Mutex::default(),
             counters: COUNTERS.iter().map(|_| AtomicU64::new(0)).collect(),
             hists: (0..shards)
                 .map(|_| HISTOGRAMS.iter().map(|_| Mutex::new(new_hist())).collect())
@@ -219,11 +301,31 @@ impl Metrics {
     }
 
     pub fn inc(&self, c: Counter, n: u64) {
-        self.counters[c as usize].fetch_add(n, Ordering::Relaxed);
+        if self.enabled {
+            self.counters[c as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts recipient outcomes (index 0 delivered, 1 deferred, 2 failed) for a destination
+    /// domain and a tenant.
+    pub fn outcomes(&self, domain: &str, tenant: &str, counts: [u64; 3]) {
+        if !self.enabled || counts == [0; 3] {
+            return;
+        }
+        for (table, key) in [(&self.by_destination, domain), (&self.by_tenant, tenant)] {
+            let key = if key.is_empty() { "none" } else { key };
+            table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add(key, counts);
+        }
     }
 
     /// Records a latency in microseconds on `shard`'s histogram.
     pub fn record(&self, shard: u16, h: Hist, micros: u64) {
+        if !self.enabled {
+            return;
+        }
         if let Some(m) = self
             .hists
             .get(shard as usize)
@@ -308,6 +410,37 @@ impl Metrics {
                 MetricType::GAUGE,
                 gauge(1.0, &[("backend", &backend)]),
             );
+        }
+        for (table, label, name, help) in [
+            (
+                &self.by_destination,
+                "destination",
+                "destination_outcomes_total",
+                DEST_HELP,
+            ),
+            (
+                &self.by_tenant,
+                "tenant",
+                "tenant_outcomes_total",
+                TENANT_HELP,
+            ),
+        ] {
+            let rows = table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .top(TOP_LABELS);
+            for (key, counts) in rows {
+                for (i, outcome) in ["delivered", "deferred", "failed"].iter().enumerate() {
+                    let m = counter(counts[i] as f64, &[(label, &key), ("outcome", outcome)]);
+                    push(
+                        &mut families,
+                        &format!("saida_{name}"),
+                        help,
+                        MetricType::COUNTER,
+                        m,
+                    );
+                }
+            }
         }
         for (i, (_, name, help)) in HISTOGRAMS.iter().enumerate() {
             let mut merged = new_hist();
@@ -413,7 +546,7 @@ pub fn docs_markdown() -> String {
          when this file is stale.*\n\nServed on `GET /metrics` of the admin endpoint (`[admin] \
          address`, default 127.0.0.1:8025), Prometheus text format. Label sets are bounded: \
          `outcome` (delivered, deferred, failed), `reason` (spool, queue_full), `backend` \
-         (io_uring, epoll).\n\n| metric | type | labels | meaning |\n|---|---|---|---|\n",
+         (io_uring, epoll), `destination` and `tenant` (top 20 plus `other`).\n\n| metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
     let mut seen = Vec::new();
     for (_, name, label, help) in COUNTERS {
@@ -428,6 +561,11 @@ pub fn docs_markdown() -> String {
     s.push_str(&format!(
         "| `saida_delivery_outcomes_total` | counter | `outcome` | {OUTCOMES_HELP}; counted \
          when the outcome record is committed |\n"
+    ));
+    s.push_str(&format!(
+        "| `saida_destination_outcomes_total` | counter | `destination`, `outcome` | {DEST_HELP}; \
+         counted at the attempt |\n| `saida_tenant_outcomes_total` | counter | `tenant`, `outcome` \
+         | {TENANT_HELP}; counted at the attempt |\n"
     ));
     for (name, help) in GAUGES {
         let l = if *name == "backend_info" {
@@ -446,7 +584,8 @@ pub fn docs_markdown() -> String {
     s.push_str(&format!(
         "\nHistogram buckets (seconds): {}. Latencies are recorded per shard in HDR histograms \
          (1 µs to 1 day, 3 significant digits) and merged at scrape time; `_sum` is the HDR \
-         mean times the count.\n",
+         mean times the count. `destination` and `tenant` labels: the {TOP_LABELS} biggest by volume, \
+         the rest in `other`; at most {TRACKED_KEYS_MAX} keys are tracked.\n",
         bounds.join(", ")
     ));
     s
@@ -464,6 +603,38 @@ mod tests {
             on_disk == docs_markdown(),
             "docs/metrics.md is stale: run `saida metrics-doc > docs/metrics.md`"
         );
+    }
+
+    #[test]
+    fn destinations_beyond_the_top_fold_into_other_and_keys_are_bounded() {
+        let mut t = TopCounts::default();
+        for i in 0..(TRACKED_KEYS_MAX + 5) {
+            t.add(&format!("d{i}.test"), [1, 0, 0]);
+        }
+        t.add("big.test", [100, 5, 1]);
+        assert!(t.counts.len() <= TRACKED_KEYS_MAX);
+        let top = t.top(3);
+        assert_eq!(top.len(), 4);
+        assert_eq!(top[0], ("big.test".to_string(), [100, 5, 1]));
+        let total: u64 = top.iter().map(|(_, c)| c.iter().sum::<u64>()).sum();
+        assert_eq!(
+            total,
+            (TRACKED_KEYS_MAX + 5) as u64 + 106,
+            "nothing is lost by folding"
+        );
+        assert_eq!(top[3].0, "other");
+    }
+
+    #[test]
+    fn recording_can_be_switched_off() {
+        let m = Metrics::with_recording(1, false);
+        m.inc(Counter::MessagesAccepted, 3);
+        m.record(0, Hist::Ack, 100);
+        m.outcomes("a.test", "", [1, 0, 0]);
+        let text = m.render(&RouterStats::default());
+        assert!(text.contains("saida_messages_accepted_total 0"), "{text}");
+        assert!(text.contains("saida_ack_latency_seconds_count 0"), "{text}");
+        assert!(!text.contains("a.test"), "{text}");
     }
 
     #[test]

@@ -1053,6 +1053,15 @@ impl<S: Dial + 'static> Deliverer<S> {
                 });
             }
         }
+        let mut counts = [0u64; 3];
+        for o in &outcomes {
+            match o.state {
+                RcptState::Delivered => counts[0] += 1,
+                RcptState::Deferred => counts[1] += 1,
+                _ => counts[2] += 1,
+            }
+        }
+        self.metrics.outcomes(domain, msg.tenant, counts);
         let out = ShardMsg::Outcomes {
             queue_id: job.queue_id,
             at_micros: now,

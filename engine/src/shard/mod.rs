@@ -349,7 +349,10 @@ impl Server {
         let queued_max = config.delivery.queued_rcpts_max.saturating_mul(shards);
         let (router, inboxes) = Router::new(shards, queued_max);
         let readers: SpoolReaders = Arc::new((0..shards).map(|_| Default::default()).collect());
-        let metrics = Arc::new(crate::metrics::Metrics::new(shards));
+        let metrics = Arc::new(crate::metrics::Metrics::with_recording(
+            shards,
+            config.admin.metrics,
+        ));
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auth_throttle = Arc::new(crate::auth::AuthThrottle::new(cpus));
         let limits = ConnLimits::new(
