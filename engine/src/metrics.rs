@@ -546,7 +546,8 @@ pub fn docs_markdown() -> String {
          when this file is stale.*\n\nServed on `GET /metrics` of the admin endpoint (`[admin] \
          address`, default 127.0.0.1:8025), Prometheus text format. Label sets are bounded: \
          `outcome` (delivered, deferred, failed), `reason` (spool, queue_full), `backend` \
-         (io_uring, epoll), `destination` and `tenant` (top 20 plus `other`).\n\n| metric | type | labels | meaning |\n|---|---|---|---|\n",
+         (io_uring, epoll), `destination` and `tenant` (top 20 plus `other`).\n\n\
+         | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
     let mut seen = Vec::new();
     for (_, name, label, help) in COUNTERS {
@@ -584,7 +585,8 @@ pub fn docs_markdown() -> String {
     s.push_str(&format!(
         "\nHistogram buckets (seconds): {}. Latencies are recorded per shard in HDR histograms \
          (1 µs to 1 day, 3 significant digits) and merged at scrape time; `_sum` is the HDR \
-         mean times the count. `destination` and `tenant` labels: the {TOP_LABELS} biggest by volume, \
+         mean times the count. `destination` and `tenant` labels: the {TOP_LABELS} biggest by \
+         volume, \
          the rest in `other`; at most {TRACKED_KEYS_MAX} keys are tracked.\n",
         bounds.join(", ")
     ));
