@@ -95,6 +95,14 @@ fn metrics_match_the_traffic_and_pass_promtool() {
     assert_eq!(value(&text, "saida_end_to_end_seconds_count"), 81.0);
     assert_eq!(value(&text, "saida_queue_wait_seconds_count"), 82.0);
     assert!(value(&text, "saida_smtp_connections_total") >= 1.0);
+    // Outbound phases: every transaction timed its end of data; every connection its banner.
+    assert!(value(&text, "saida_smtp_end_of_data_seconds_count") >= 81.0);
+    assert!(value(&text, "saida_smtp_banner_seconds_count") >= 1.0);
+    assert_eq!(
+        value(&text, "saida_tls_handshake_seconds_count"),
+        0.0,
+        "the sink offers no TLS"
+    );
     // Per destination (top 20 by volume, here all) and per tenant (no AUTH: `none`).
     assert_eq!(
         value(

@@ -56,6 +56,10 @@ struct Args {
     /// domain, report resident memory per queued recipient and the time to recover them all.
     #[arg(long)]
     queue: Option<usize>,
+    /// Instead of the workloads: W1 (scaled by --scale) through saida with metrics recording on
+    /// and off, alternating, this many rounds each; prints the medians and the difference.
+    #[arg(long)]
+    metrics_overhead: Option<usize>,
     /// Instead of the workloads: saida-blast vs smtp-source into smtp-sink, and smtp-source into
     /// saida-sink vs smtp-sink (this many 2 KB messages each).
     #[arg(long)]
@@ -130,6 +134,28 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = args.tools {
         return tools_bench(&bin, n, args.connections);
     }
+    if let Some(rounds) = args.metrics_overhead {
+        let w = &WORKLOADS[0];
+        let n = ((w.messages as f64 * args.scale) as usize).max(args.connections);
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..rounds.max(1) {
+            on.push(run_target(&bin, w, n, args.connections, Target::Saida(true))?.e2e_rate);
+            off.push(run_target(&bin, w, n, args.connections, Target::Saida(false))?.e2e_rate);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (m_on, m_off) = (median(&mut on.clone()), median(&mut off.clone()));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "metrics-overhead", "workload": "w1", "messages": n,
+                "e2e_per_s_metrics_on": on, "e2e_per_s_metrics_off": off,
+                "median_on": m_on.round(), "median_off": m_off.round(),
+                "drop_percent": ((m_off - m_on) / m_off * 100.0 * 10.0).round() / 10.0})
+        );
+        return Ok(());
+    }
     for b in ["saida-blast"] {
         if !bin.join(b).exists() {
             bail!("{b} is missing: cargo build --release --workspace");
@@ -165,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{}: scaled to {n} messages", w.name);
         }
         let ceiling = run_target(&bin, w, n, args.connections, Target::Ceiling)?;
-        let saida = run_target(&bin, w, n, args.connections, Target::Saida)?;
+        let saida = run_target(&bin, w, n, args.connections, Target::Saida(true))?;
         let postfix = if args.compare.is_some() {
             let pn = ((n as f64 * args.postfix_fraction) as usize).max(args.connections);
             Some(run_target(
@@ -286,7 +312,8 @@ fn update_docs(path: &Path, rows: &[String]) -> anyhow::Result<()> {
 
 enum Target<'a> {
     Ceiling,
-    Saida,
+    /// saida, with metrics recording on or off.
+    Saida(bool),
     Postfix(&'a Path),
 }
 
@@ -313,13 +340,14 @@ fn run_target(
     let mut _saida = None;
     let (name, port) = match target {
         Target::Ceiling => ("ceiling".to_string(), None),
-        Target::Saida => {
+        Target::Saida(metrics) => {
             let port = free_port()?;
             let config = format!(
                 "[server]\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
                  [spool]\ndir = \"{d}/spool\"\n[smtp]\nconnections_per_ip_max = 100000\n\
                  [log]\nlevel = \"warn\"\n[delivery]\nlog_dir = \"{d}/log\"\n\
-                 [admin]\naddress = \"\"\n[[route]]\ndomain = \"*\"\nhosts = [\"{sink_addr}\"]\n",
+                 [admin]\naddress = \"\"\nmetrics = {metrics}\n\
+                 [[route]]\ndomain = \"*\"\nhosts = [\"{sink_addr}\"]\n",
                 d = dir.path().display()
             );
             let path = dir.path().join("saida.toml");

@@ -121,6 +121,13 @@ pub enum Hist {
     Transaction,
     QueueWait,
     EndToEnd,
+    Banner,
+    Ehlo,
+    TlsHandshake,
+    Mail,
+    Rcpt,
+    Data,
+    EndOfData,
 }
 
 /// (histogram, name, help); exported as `saida_<name>_seconds`.
@@ -154,6 +161,41 @@ pub const HISTOGRAMS: &[(Hist, &str, &str)] = &[
         Hist::EndToEnd,
         "end_to_end",
         "Receipt to delivery (2xx) of a recipient",
+    ),
+    (
+        Hist::Banner,
+        "smtp_banner",
+        "Outbound: TCP connected to the greeting",
+    ),
+    (
+        Hist::Ehlo,
+        "smtp_ehlo",
+        "Outbound: EHLO (HELO) to its reply",
+    ),
+    (
+        Hist::TlsHandshake,
+        "tls_handshake",
+        "Outbound: STARTTLS handshake",
+    ),
+    (
+        Hist::Mail,
+        "smtp_mail",
+        "Outbound: envelope written to the MAIL reply (one-write transactions: the whole write)",
+    ),
+    (
+        Hist::Rcpt,
+        "smtp_rcpt",
+        "Outbound: envelope written to the last RCPT reply",
+    ),
+    (
+        Hist::Data,
+        "smtp_data",
+        "Outbound: DATA to its 354 (classic DATA transactions)",
+    ),
+    (
+        Hist::EndOfData,
+        "smtp_end_of_data",
+        "Outbound: content written to the final reply",
     ),
 ];
 

@@ -543,6 +543,22 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
     }
 
+    fn record_phases(&self, p: &crate::smtp::client::session::Phases) {
+        for (h, d) in [
+            (Hist::Banner, p.banner),
+            (Hist::Ehlo, p.ehlo),
+            (Hist::TlsHandshake, p.tls_handshake),
+            (Hist::Mail, p.mail),
+            (Hist::Rcpt, p.rcpt),
+            (Hist::Data, p.data),
+            (Hist::EndOfData, p.end_of_data),
+        ] {
+            if let Some(d) = d {
+                self.metrics.record(self.shard, h, d.as_micros() as u64);
+            }
+        }
+    }
+
     fn count_connected(&self, domain: &str, up: bool) {
         if let Some(q) = self.domains.borrow_mut().get_mut(domain) {
             if up {
@@ -668,6 +684,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 Ok(s) => {
                     let micros = t.elapsed().as_micros() as u64;
                     self.metrics.record(self.shard, Hist::Connect, micros);
+                    self.record_phases(&s.phases);
                     return Ok((s, i));
                 }
                 Err(e) => {
@@ -777,6 +794,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             let result = session.send(&env, msg.body).await;
             let micros = t.elapsed().as_micros() as u64;
             self.metrics.record(self.shard, Hist::Transaction, micros);
+            self.record_phases(&session.phases);
             drop(env);
             sent += 1;
             match result {

@@ -6,7 +6,7 @@
 //! says whether it concerns the connection (try the next MX, retry later) or the message.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::io::tls::TlsStream;
 use crate::io::{Conn, Stream};
@@ -101,6 +101,20 @@ impl ClientError {
     }
 }
 
+/// How long each phase of the last session set-up or transaction took (for the latency
+/// histograms). With a one-write transaction, `mail`, `rcpt` and `end_of_data` count from the end
+/// of the write to each reply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phases {
+    pub banner: Option<Duration>,
+    pub ehlo: Option<Duration>,
+    pub tls_handshake: Option<Duration>,
+    pub mail: Option<Duration>,
+    pub rcpt: Option<Duration>,
+    pub data: Option<Duration>,
+    pub end_of_data: Option<Duration>,
+}
+
 /// The result of one transaction.
 #[derive(Debug)]
 pub struct Delivery {
@@ -116,6 +130,8 @@ pub struct ClientSession<S: Stream> {
     timeouts: Timeouts,
     /// Transactions sent on this connection.
     pub transactions: u64,
+    /// Phase timings of the set-up (after `start`) or of the last transaction (after `send`).
+    pub phases: Phases,
     /// An error left the conversation in an unknown state: the connection must not be reused.
     broken: bool,
 }
@@ -135,13 +151,18 @@ impl<S: Stream> ClientSession<S> {
             caps: Capabilities::default(),
             timeouts: setup.timeouts,
             transactions: 0,
+            phases: Phases::default(),
             broken: false,
         };
+        let t = Instant::now();
         let banner = s.reply("the banner", setup.timeouts.command).await?;
+        s.phases.banner = Some(t.elapsed());
         if banner.code != 220 {
             return Err(ClientError::Refused(banner));
         }
+        let t = Instant::now();
         s.hello(&setup.helo_name).await?;
+        s.phases.ehlo = Some(t.elapsed());
         let plain_allowed = setup.policy == TlsPolicy::Opportunistic;
         let want_tls = !plain_allowed || (s.caps.starttls && setup.use_starttls);
         if want_tls {
@@ -168,9 +189,13 @@ impl<S: Stream> ClientSession<S> {
                 return Err(ClientError::Tls("not a plain connection".into()));
             };
             s.inbuf.clear();
+            let t = Instant::now();
             let handshake = TlsStream::connect(stream, Arc::clone(&setup.tls), name);
             match tokio::time::timeout(setup.timeouts.command, handshake).await {
-                Ok(Ok(t)) => s.conn = Conn::Tls(Box::new(t)),
+                Ok(Ok(tls)) => {
+                    s.phases.tls_handshake = Some(t.elapsed());
+                    s.conn = Conn::Tls(Box::new(tls));
+                }
                 Ok(Err(e)) => return Err(ClientError::Tls(e.to_string())),
                 Err(_) => return Err(ClientError::Timeout("the TLS handshake")),
             }
@@ -243,6 +268,8 @@ impl<S: Stream> ClientSession<S> {
             }
         }
         self.transactions += 1;
+        self.phases = Phases::default();
+        let started = Instant::now();
         let chunking = self.caps.chunking;
         let pipelining = self.caps.pipelining;
         // DATA is pipelined with the envelope only when PIPELINING is offered.
@@ -263,11 +290,15 @@ impl<S: Stream> ClientSession<S> {
                         .await?,
                 );
             }
+            if self.phases.mail.is_none() {
+                self.phases.mail = Some(started.elapsed());
+            }
             if !pipelining && !replies[0].is_positive() {
                 break; // MAIL refused: no RCPT is sent
             }
             i = end;
         }
+        self.phases.rcpt = Some(started.elapsed());
         let mut replies = replies.into_iter();
         let Some(mail) = replies.next() else {
             return Err(ClientError::Refused(ServerReply {
@@ -307,7 +338,10 @@ impl<S: Stream> ClientSession<S> {
             let head = format!("BDAT {} LAST\r\n", message.len()).into_bytes();
             self.write(head).await?;
             self.write_content(message).await?;
-            self.reply("the BDAT reply", self.timeouts.data_end).await?
+            let t = Instant::now();
+            let r = self.reply("the BDAT reply", self.timeouts.data_end).await?;
+            self.phases.end_of_data = Some(t.elapsed());
+            r
         } else {
             if !self.caps.pipelining && proceed {
                 self.write(b"DATA\r\n".to_vec()).await?;
@@ -317,9 +351,11 @@ impl<S: Stream> ClientSession<S> {
                     replies: rcpt_replies,
                 });
             }
+            let t = Instant::now();
             let go = self
                 .reply("the DATA reply", self.timeouts.data_start)
                 .await?;
+            self.phases.data = Some(t.elapsed());
             if go.code != 354 {
                 let replies = rcpt_replies
                     .into_iter()
@@ -341,8 +377,12 @@ impl<S: Stream> ClientSession<S> {
             let mut out = Vec::new();
             dot_stuff(message, &mut out);
             self.write_content(&out).await?;
-            self.reply("the end-of-data reply", self.timeouts.data_end)
-                .await?
+            let t = Instant::now();
+            let r = self
+                .reply("the end-of-data reply", self.timeouts.data_end)
+                .await?;
+            self.phases.end_of_data = Some(t.elapsed());
+            r
         };
         let replies = rcpt_replies
             .into_iter()
@@ -383,6 +423,8 @@ impl<S: Stream> ClientSession<S> {
             self.write(head).await?;
             self.write_content(message).await?;
         }
+        let written = Instant::now();
+        self.phases = Phases::default();
         if rset {
             let r = self.reply("the RSET reply", self.timeouts.command).await?;
             if !r.is_positive() {
@@ -390,12 +432,15 @@ impl<S: Stream> ClientSession<S> {
             }
         }
         let mail = self.reply("the MAIL reply", self.timeouts.command).await?;
+        self.phases.mail = Some(written.elapsed());
         let n = env.recipients.len();
         let mut rcpts = Vec::with_capacity(n);
         for _ in 0..n {
             rcpts.push(self.reply("a RCPT reply", self.timeouts.command).await?);
         }
+        self.phases.rcpt = Some(written.elapsed());
         let last = self.reply("the BDAT reply", self.timeouts.data_end).await?;
+        self.phases.end_of_data = Some(written.elapsed());
         let replies = match match_envelope_replies(mail, rcpts) {
             EnvelopeOutcome::MailRefused(r) => vec![r; n],
             EnvelopeOutcome::Recipients { replies, .. } => replies
