@@ -95,6 +95,15 @@ fn metrics_match_the_traffic_and_pass_promtool() {
     assert_eq!(value(&text, "saida_end_to_end_seconds_count"), 81.0);
     assert_eq!(value(&text, "saida_queue_wait_seconds_count"), 82.0);
     assert!(value(&text, "saida_smtp_connections_total") >= 1.0);
+    assert_eq!(value(&text, "saida_spool_commit_seconds_count"), 41.0);
+    assert!(value(&text, "saida_spool_commits_total") >= 1.0);
+    assert!(value(&text, "saida_spool_records_total") >= 41.0);
+    assert!(
+        text.contains("saida_queue_recipients{state=\"deferred\"}"),
+        "{text}"
+    );
+    assert!(text.contains("saida_destination_queued_recipients{destination=\"other\"}"));
+    assert!(text.contains("# TYPE saida_oldest_message_age_seconds gauge"));
     // Outbound phases: every transaction timed its end of data; every connection its banner.
     assert!(value(&text, "saida_smtp_end_of_data_seconds_count") >= 81.0);
     assert!(value(&text, "saida_smtp_banner_seconds_count") >= 1.0);

@@ -128,6 +128,7 @@ pub enum Hist {
     Rcpt,
     Data,
     EndOfData,
+    SpoolCommit,
 }
 
 /// (histogram, name, help); exported as `saida_<name>_seconds`.
@@ -197,6 +198,11 @@ pub const HISTOGRAMS: &[(Hist, &str, &str)] = &[
         "smtp_end_of_data",
         "Outbound: content written to the final reply",
     ),
+    (
+        Hist::SpoolCommit,
+        "spool_commit",
+        "A message's append to its commit (group commit wait, write and fdatasync)",
+    ),
 ];
 
 /// Gauges computed at scrape time: (name, help).
@@ -222,10 +228,28 @@ pub const GAUGES: &[(&str, &str)] = &[
         "Messages with recipients still to deliver, all shards",
     ),
     (
+        "oldest_message_age_seconds",
+        "Age of the oldest message with recipients still to deliver",
+    ),
+    (
         "backend_info",
         "1 for the I/O backend the shards run on (label `backend`)",
     ),
 ];
+
+/// One shard's delivery queues, for the gauges.
+#[derive(Clone, Debug, Default)]
+pub struct QueueSnapshot {
+    /// Recipients in ready jobs, in deferred jobs, and in suspended domains.
+    pub ready_rcpts: u64,
+    pub deferred_rcpts: u64,
+    pub suspended_rcpts: u64,
+    /// Per domain, the biggest [`TOP_LABELS`] by queued recipients: (domain, queued
+    /// recipients, open connections); `other_*` sums the rest.
+    pub top: Vec<(String, u64, u64)>,
+    pub other_rcpts: u64,
+    pub other_connections: u64,
+}
 
 /// Label values exported per destination and per tenant; the rest is summed as `other`.
 pub const TOP_LABELS: usize = 20;
@@ -293,6 +317,27 @@ impl TopCounts {
     }
 }
 
+const QUEUE_STATE_HELP: &str =
+    "Recipients queued for delivery, by state (ready, deferred, suspended)";
+const DEST_QUEUE_HELP: &str =
+    "Recipients queued per destination (top 20 by queue size, rest `other`)";
+const DEST_CONN_HELP: &str =
+    "Open outbound connections per destination (top 20 by queue size, rest `other`)";
+/// (index in the per-shard spool figures, name, help).
+const SPOOL_COUNTERS: &[(usize, &str, &str)] = &[
+    (
+        3,
+        "spool_commits_total",
+        "Group commits (one fdatasync batch each), all shards",
+    ),
+    (
+        4,
+        "spool_records_total",
+        "Records covered by group commits; batch size = rate of this / rate of commits",
+    ),
+    (5, "spool_syncs_total", "fdatasync calls, all shards"),
+];
+
 /// Outcome counters come from the spool shards' commits (`RouterStats`).
 const OUTCOMES_HELP: &str = "Recipient outcomes journaled in the spool, by outcome";
 
@@ -307,8 +352,11 @@ pub struct Metrics {
     by_tenant: Mutex<TopCounts>,
     /// `[shard][hist]`.
     hists: Vec<Vec<Mutex<Histogram<u64>>>>,
-    /// Per shard: spool bytes, segments, live messages (updated once a second).
-    spool: Vec<[AtomicU64; 3]>,
+    /// Per shard: spool bytes, segments, live messages, group commits, records committed,
+    /// fdatasyncs, and the receipt time of its oldest live message (updated once a second).
+    spool: Vec<[AtomicU64; 7]>,
+    /// Per shard: the delivery queues (updated once a second).
+    queues: Vec<Mutex<QueueSnapshot>>,
     /// Set once every shard serves; cleared at shutdown (`/readyz`).
     pub ready: AtomicBool,
     /// `io_uring` or `epoll`.
@@ -337,6 +385,7 @@ impl Metrics {
                 .map(|_| HISTOGRAMS.iter().map(|_| Mutex::new(new_hist())).collect())
                 .collect(),
             spool: (0..shards).map(|_| Default::default()).collect(),
+            queues: (0..shards).map(|_| Mutex::default()).collect(),
             ready: AtomicBool::new(false),
             backend: Mutex::new(String::new()),
         }
@@ -379,12 +428,19 @@ impl Metrics {
         }
     }
 
-    /// Publishes a shard's spool sizes.
-    pub fn set_spool(&self, shard: u16, bytes: u64, segments: u64, live: u64) {
+    /// Publishes a shard's spool figures (see the `spool` field).
+    pub fn set_spool(&self, shard: u16, values: [u64; 7]) {
         if let Some(s) = self.spool.get(shard as usize) {
-            s[0].store(bytes, Ordering::Relaxed);
-            s[1].store(segments, Ordering::Relaxed);
-            s[2].store(live, Ordering::Relaxed);
+            for (slot, v) in s.iter().zip(values) {
+                slot.store(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Publishes a shard's delivery queues.
+    pub fn set_queues(&self, shard: u16, snapshot: QueueSnapshot) {
+        if let Some(q) = self.queues.get(shard as usize) {
+            *q.lock().unwrap_or_else(|p| p.into_inner()) = snapshot;
         }
     }
 
@@ -430,6 +486,21 @@ impl Metrics {
             sum(1),
             sum(2),
         ];
+        let oldest = self
+            .spool
+            .iter()
+            .map(|s| s[6].load(Ordering::Relaxed))
+            .filter(|t| *t > 0)
+            .min();
+        let now = queue_format::now_micros();
+        let gauges = [
+            gauges[0],
+            gauges[1],
+            gauges[2],
+            gauges[3],
+            gauges[4],
+            oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e6),
+        ];
         for ((name, help), v) in GAUGES.iter().zip(gauges) {
             push(
                 &mut families,
@@ -451,6 +522,59 @@ impl Metrics {
                 help,
                 MetricType::GAUGE,
                 gauge(1.0, &[("backend", &backend)]),
+            );
+        }
+        let snaps: Vec<QueueSnapshot> = self
+            .queues
+            .iter()
+            .map(|q| q.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        for (state, v) in [
+            ("ready", snaps.iter().map(|s| s.ready_rcpts).sum::<u64>()),
+            ("deferred", snaps.iter().map(|s| s.deferred_rcpts).sum()),
+            ("suspended", snaps.iter().map(|s| s.suspended_rcpts).sum()),
+        ] {
+            let m = gauge(v as f64, &[("state", state)]);
+            let name = "saida_queue_recipients";
+            push(&mut families, name, QUEUE_STATE_HELP, MetricType::GAUGE, m);
+        }
+        let mut per_domain: Vec<(String, u64, u64)> =
+            snaps.iter().flat_map(|s| s.top.iter().cloned()).collect();
+        per_domain.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let (mut other_q, mut other_c) = (0, 0);
+        for s in &snaps {
+            other_q += s.other_rcpts;
+            other_c += s.other_connections;
+        }
+        let mut rows = Vec::new();
+        for (i, (d, q, c)) in per_domain.into_iter().enumerate() {
+            if i < TOP_LABELS {
+                rows.push((d, q, c));
+            } else {
+                other_q += q;
+                other_c += c;
+            }
+        }
+        rows.push(("other".into(), other_q, other_c));
+        for (d, q, c) in rows {
+            let label = [("destination", d.as_str())];
+            let (qn, cn) = (
+                "saida_destination_queued_recipients",
+                "saida_destination_connections",
+            );
+            let mq = gauge(q as f64, &label);
+            push(&mut families, qn, DEST_QUEUE_HELP, MetricType::GAUGE, mq);
+            let mc = gauge(c as f64, &label);
+            push(&mut families, cn, DEST_CONN_HELP, MetricType::GAUGE, mc);
+        }
+        for (k, name, help) in SPOOL_COUNTERS {
+            let full = format!("saida_{name}");
+            push(
+                &mut families,
+                &full,
+                help,
+                MetricType::COUNTER,
+                counter(sum(*k), &[]),
             );
         }
         for (table, label, name, help) in [
@@ -610,6 +734,14 @@ pub fn docs_markdown() -> String {
          counted at the attempt |\n| `saida_tenant_outcomes_total` | counter | `tenant`, `outcome` \
          | {TENANT_HELP}; counted at the attempt |\n"
     ));
+    s.push_str(&format!(
+        "| `saida_queue_recipients` | gauge | `state` | {QUEUE_STATE_HELP} |\n\
+         | `saida_destination_queued_recipients` | gauge | `destination` | {DEST_QUEUE_HELP} |\n\
+         | `saida_destination_connections` | gauge | `destination` | {DEST_CONN_HELP} |\n"
+    ));
+    for (_, name, help) in SPOOL_COUNTERS {
+        s.push_str(&format!("| `saida_{name}` | counter | | {help} |\n"));
+    }
     for (name, help) in GAUGES {
         let l = if *name == "backend_info" {
             "`backend`"

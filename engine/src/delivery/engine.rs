@@ -1372,6 +1372,33 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
     }
 
+    /// The queues for the gauges: recipients by state, and the biggest domains.
+    pub fn queue_snapshot(&self) -> crate::metrics::QueueSnapshot {
+        let mut snap = crate::metrics::QueueSnapshot::default();
+        let mut all: Vec<(String, u64, u64)> = Vec::new();
+        for (d, q) in self.domains.borrow().iter() {
+            let queued = q.queued_rcpts() as u64;
+            if q.suspended {
+                snap.suspended_rcpts += queued;
+            } else {
+                let (ready, deferred) = q.rcpts_by_state();
+                snap.ready_rcpts += ready as u64;
+                snap.deferred_rcpts += deferred as u64;
+            }
+            all.push((d.to_string(), queued, q.workers as u64));
+        }
+        all.sort_by(|a, b| b.1.cmp(&a.1));
+        for (i, row) in all.into_iter().enumerate() {
+            if i < crate::metrics::TOP_LABELS {
+                snap.top.push(row);
+            } else {
+                snap.other_rcpts += row.1;
+                snap.other_connections += row.2;
+            }
+        }
+        snap
+    }
+
     /// Flushes the delivery log (at shutdown).
     pub fn close(&self) {
         if let Some(log) = self.log.borrow_mut().as_mut() {

@@ -213,6 +213,12 @@ impl DomainQueue {
         self.rcpts
     }
 
+    /// Recipients in the ready queue and in the retry heap.
+    pub fn rcpts_by_state(&self) -> (usize, usize) {
+        let ready: usize = self.ready.iter().map(|j| j.rcpts.len()).sum();
+        (ready, self.rcpts.saturating_sub(ready))
+    }
+
     /// Receipt time of the oldest queued message.
     pub fn oldest_received_micros(&self) -> Option<u64> {
         let r = self.ready.iter().map(|j| j.received_at_micros);

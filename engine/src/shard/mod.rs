@@ -632,6 +632,8 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     // Maintenance: reclaim spool space once a second.
     let maint_spool = Rc::clone(&spool);
     let maint_metrics = Arc::clone(&metrics);
+    let maint_deliverer = Rc::clone(&deliverer);
+    let (mut ticks, mut oldest) = (0u64, 0u64);
     let mut maint_shutdown = shutdown.clone();
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -643,13 +645,30 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
             if let Err(e) = maint_spool.borrow_mut().reclaim() {
                 tracing::error!(shard, error = %e, "spool reclamation failed");
             }
-            let usage = maint_spool.borrow().usage();
-            maint_metrics.set_spool(
-                shard,
-                usage.bytes_on_disk,
-                usage.segments,
-                usage.live_messages,
-            );
+            {
+                let spool = maint_spool.borrow();
+                let usage = spool.usage();
+                let log = spool.log_stats();
+                // The oldest live message: a scan of the index, every 10 s (O(live messages)).
+                if ticks % 10 == 0 {
+                    let live = spool.live().map(|(_, m)| m.received_at_micros);
+                    oldest = live.min().unwrap_or(0);
+                }
+                maint_metrics.set_spool(
+                    shard,
+                    [
+                        usage.bytes_on_disk,
+                        usage.segments,
+                        usage.live_messages,
+                        log.commits,
+                        log.records,
+                        log.syncs,
+                        oldest,
+                    ],
+                );
+            }
+            ticks += 1;
+            maint_metrics.set_queues(shard, maint_deliverer.queue_snapshot());
             if *maint_shutdown.borrow() {
                 return;
             }

@@ -586,11 +586,17 @@ impl<S: Stream> Session<S> {
                 .collect(),
             body: &body,
         };
+        let appended = std::time::Instant::now();
         let ticket = spool.borrow_mut().accept(&message);
         let result = match ticket {
             Ok(t) => t.await,
             Err(e) => Err(e),
         };
+        self.ctx.metrics.record(
+            self.ctx.shard,
+            crate::metrics::Hist::SpoolCommit,
+            appended.elapsed().as_micros() as u64,
+        );
         match result {
             Ok(base) => {
                 let m = &self.ctx.metrics;
