@@ -357,7 +357,8 @@ impl<S: Dial + 'static> Deliverer<S> {
     fn read_job(self: &Rc<Self>, domain: &str, job: &Job) -> Option<MessageRef> {
         let rcpts = job.rcpts.iter().map(|r| r.index).collect();
         match self.read(job.queue_id, job.spool_shard, job.base, rcpts) {
-            Ok(m) if m.message().is_ok() => Some(m),
+            // `read` already decoded and checked the record, so `message()` cannot fail.
+            Ok(m) => Some(m),
             Err(ReadFailure::Moved) => None,
             _ => {
                 let now = now_micros();
