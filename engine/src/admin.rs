@@ -253,7 +253,17 @@ fn handle(
         ("GET", "/metrics") => Some(plain(200, metrics.render(&router.stats))),
         ("GET", "/healthz") => Some(plain(200, "ok\n".into())),
         ("GET", "/readyz") if metrics.ready.load(std::sync::atomic::Ordering::Relaxed) => {
-            Some(plain(200, "ready\n".into()))
+            // A spool that cannot commit makes the node unready: it answers 451/452 to new mail.
+            let bad = metrics.unhealthy_spools();
+            if bad.is_empty() {
+                Some(plain(200, "ready\n".into()))
+            } else {
+                let mut text = String::from("not ready: spool cannot commit\n");
+                for (shard, why) in bad {
+                    text.push_str(&format!("shard {shard}: {why}\n"));
+                }
+                Some(plain(503, text))
+            }
         }
         ("GET", "/readyz") => Some(plain(503, "not ready\n".into())),
         _ => None,

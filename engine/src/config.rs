@@ -569,6 +569,7 @@ impl Config {
             sync: parse_sync(&self.spool.sync).map_err(bad)?,
             append_method: parse_method(&self.spool.append_method).map_err(bad)?,
             pending_bytes_max: self.spool.pending_bytes_max,
+            disk: queue_format::disk::real(),
         };
         let config = queue_format::SpoolConfig {
             log,

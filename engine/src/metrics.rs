@@ -352,9 +352,11 @@ pub struct Metrics {
     by_tenant: Mutex<TopCounts>,
     /// `[shard][hist]`.
     hists: Vec<Vec<Mutex<Histogram<u64>>>>,
-    /// Per shard: spool bytes, segments, live messages, group commits, records committed,
-    /// fdatasyncs, and the receipt time of its oldest live message (updated once a second).
-    spool: Vec<[AtomicU64; 7]>,
+    /// Per shard: its spool's figures and health, read live at every scrape (set once the spool
+    /// is open).
+    spools: Vec<std::sync::OnceLock<queue_format::SpoolWatch>>,
+    /// Per shard: the receipt time of its oldest live message (a scan, every 10 s).
+    oldest: Vec<AtomicU64>,
     /// Per shard: the delivery queues (updated once a second).
     queues: Vec<Mutex<QueueSnapshot>>,
     /// Set once every shard serves; cleared at shutdown (`/readyz`).
@@ -384,7 +386,8 @@ impl Metrics {
             hists: (0..shards)
                 .map(|_| HISTOGRAMS.iter().map(|_| Mutex::new(new_hist())).collect())
                 .collect(),
-            spool: (0..shards).map(|_| Default::default()).collect(),
+            spools: (0..shards).map(|_| Default::default()).collect(),
+            oldest: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             queues: (0..shards).map(|_| Mutex::default()).collect(),
             ready: AtomicBool::new(false),
             backend: Mutex::new(String::new()),
@@ -428,13 +431,46 @@ impl Metrics {
         }
     }
 
-    /// Publishes a shard's spool figures (see the `spool` field).
-    pub fn set_spool(&self, shard: u16, values: [u64; 7]) {
-        if let Some(s) = self.spool.get(shard as usize) {
-            for (slot, v) in s.iter().zip(values) {
-                slot.store(v, Ordering::Relaxed);
-            }
+    /// Registers a shard's spool, read at every scrape from then on.
+    pub fn watch_spool(&self, shard: u16, watch: queue_format::SpoolWatch) {
+        if let Some(slot) = self.spools.get(shard as usize) {
+            let _ = slot.set(watch);
         }
+    }
+
+    /// Publishes the receipt time of a shard's oldest live message (0: none).
+    pub fn set_oldest(&self, shard: u16, received_at_micros: u64) {
+        if let Some(slot) = self.oldest.get(shard as usize) {
+            slot.store(received_at_micros, Ordering::Relaxed);
+        }
+    }
+
+    /// Spools that cannot commit now: (shard, why). `/readyz` fails while any is listed.
+    pub fn unhealthy_spools(&self) -> Vec<(usize, String)> {
+        self.spools
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| Some((i, w.get()?.unhealthy()?)))
+            .collect()
+    }
+
+    /// Per shard: bytes on disk, segments, live messages, commits, records, syncs (live).
+    fn spool_figures(&self) -> Vec<[u64; 6]> {
+        self.spools
+            .iter()
+            .filter_map(|w| w.get())
+            .map(|w| {
+                let (u, l) = (w.usage(), w.log_stats());
+                [
+                    u.bytes_on_disk,
+                    u.segments,
+                    u.live_messages,
+                    l.commits,
+                    l.records,
+                    l.syncs,
+                ]
+            })
+            .collect()
     }
 
     /// Publishes a shard's delivery queues.
@@ -473,12 +509,8 @@ impl Metrics {
                 m,
             );
         }
-        let sum = |k: usize| -> f64 {
-            self.spool
-                .iter()
-                .map(|s| s[k].load(Ordering::Relaxed) as f64)
-                .sum()
-        };
+        let figures = self.spool_figures();
+        let sum = |k: usize| -> f64 { figures.iter().map(|s| s[k] as f64).sum() };
         let gauges = [
             stats.queued_rcpts.load(Ordering::Relaxed) as f64,
             stats.workers.load(Ordering::Relaxed) as f64,
@@ -487,9 +519,9 @@ impl Metrics {
             sum(2),
         ];
         let oldest = self
-            .spool
+            .oldest
             .iter()
-            .map(|s| s[6].load(Ordering::Relaxed))
+            .map(|s| s.load(Ordering::Relaxed))
             .filter(|t| *t > 0)
             .min();
         let now = queue_format::now_micros();

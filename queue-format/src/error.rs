@@ -61,6 +61,8 @@ pub enum IoOp {
     Rename,
     Remove,
     Metadata,
+    Lock,
+    Read,
 }
 
 impl fmt::Display for IoOp {
@@ -78,6 +80,8 @@ impl fmt::Display for IoOp {
             IoOp::Rename => "rename",
             IoOp::Remove => "remove",
             IoOp::Metadata => "stat",
+            IoOp::Lock => "lock",
+            IoOp::Read => "read",
         };
         f.write_str(s)
     }
@@ -156,6 +160,11 @@ pub enum SpoolError {
     /// A queue id or location that the spool does not hold (stale reference).
     #[error("no such record: {0}")]
     NotFound(String),
+    /// Another process holds the spool directory's lock (a second saida on the same spool).
+    /// The spool is not opened and nothing in it is touched.
+    #[error("spool directory {} is in use by another process{}", dir.display(),
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked { dir: PathBuf, holder: Option<u32> },
     /// The configuration is outside its documented bounds.
     #[error("invalid spool configuration: {0}")]
     Config(String),
@@ -174,6 +183,7 @@ impl SpoolError {
             | SpoolError::FutureFormat { .. }
             | SpoolError::Unreadable { .. }
             | SpoolError::NotFound(_)
+            | SpoolError::Locked { .. }
             | SpoolError::Config(_) => (451, "4.3.0", "Local error in processing"),
         }
     }

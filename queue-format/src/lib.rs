@@ -6,6 +6,8 @@
 //! - [`codec`]: record frames and payloads, pure (no I/O, never panics on input);
 //! - [`segment`]: segment header and file names, pure;
 //! - [`mmap`]: read-only maps of segments (the one module allowed `unsafe`);
+//! - [`disk`]: the I/O seam under the log and recovery, with a fault-injecting disk for tests;
+//! - [`lock`]: the exclusive lock on a spool directory (one process per spool);
 //! - [`log`]: the append-only writer with group commit on a sync thread;
 //! - [`recovery`]: the scan that checks every CRC, repairs a torn tail and reports damage;
 //! - [`spool`]: the per-shard spool (log + index + reclamation + compaction);
@@ -17,8 +19,10 @@
 #![deny(unsafe_code)]
 
 pub mod codec;
+pub mod disk;
 pub mod error;
 pub mod fuzzing;
+pub mod lock;
 pub mod log;
 pub mod mmap;
 pub mod recovery;
@@ -31,9 +35,11 @@ pub use codec::{
 };
 pub use error::{DecodeError, IoFailure, IoOp, SpoolError};
 pub use log::{
-    AppendMethod, CommitTicket, Location, LogConfig, LogStats, SegmentLog, SyncPolicy, now_micros,
+    AppendMethod, CommitTicket, Location, LogConfig, LogStats, LogWatch, SegmentLog, SyncPolicy,
+    now_micros,
 };
 pub use recovery::{Damage, RecoveryReport, TornTail};
 pub use spool::{
-    LiveMessage, MessageRef, RcptStatus, ReclaimReport, Spool, SpoolConfig, SpoolReader, SpoolUsage,
+    LiveMessage, MessageRef, RcptStatus, ReclaimReport, Spool, SpoolConfig, SpoolReader,
+    SpoolUsage, SpoolWatch,
 };

@@ -47,7 +47,6 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::mem;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -56,6 +55,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::codec::Record;
+use crate::disk::Disk;
 use crate::error::{IoFailure, IoOp, SpoolError, io_err};
 use crate::mmap::SegmentMapMut;
 use crate::segment::{
@@ -112,6 +112,9 @@ pub struct LogConfig {
     pub append_method: AppendMethod,
     /// Bound on bytes appended but not yet handed to the sync thread.
     pub pending_bytes_max: usize,
+    /// Where writes, syncs and recovery reads go ([`crate::disk::RealDisk`] unless a test
+    /// injects faults).
+    pub disk: Arc<dyn Disk>,
 }
 
 impl LogConfig {
@@ -124,6 +127,7 @@ impl LogConfig {
             sync: SyncPolicy::EveryCommit,
             append_method: AppendMethod::Pwrite,
             pending_bytes_max: PENDING_BYTES_MAX_DEFAULT,
+            disk: crate::disk::real(),
         }
     }
 
@@ -183,6 +187,31 @@ pub struct LogStats {
     pub syncs: u64,
 }
 
+/// Reads a log's counters and health from any thread ([`SegmentLog::watch`]).
+#[derive(Clone)]
+pub struct LogWatch(Arc<Shared>);
+
+impl LogWatch {
+    /// Counters as of now.
+    pub fn stats(&self) -> LogStats {
+        self.0.lock().stats
+    }
+
+    /// Why the log cannot commit right now, if it cannot: the last write or sync failed and no
+    /// commit has succeeded since, or no segment can be preallocated.
+    pub fn unhealthy(&self) -> Option<String> {
+        let st = self.0.lock();
+        if let Some(f) = &st.last_failure {
+            return Some(f.clone());
+        }
+        let stuck = st.standby.is_none() && st.active_next + 4096 > self.0.config.segment_bytes;
+        match &st.standby_failure {
+            Some((f, _)) if stuck || f.is_no_space() => Some(f.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// The appending side of one shard's spool.
 pub struct SegmentLog {
     shared: Arc<Shared>,
@@ -216,8 +245,17 @@ struct State {
     /// once, a later `fdatasync` of the same file can return success without the data being
     /// durable.
     failed_segments: Vec<u64>,
+    /// The failure of the last batch, until a batch commits again (`/readyz`).
+    last_failure: Option<String>,
     closed: bool,
     stats: LogStats,
+}
+
+impl State {
+    /// Notes how a batch ended, for [`LogWatch::unhealthy`].
+    fn note_result(&mut self, result: &Result<(), SpoolError>) {
+        self.last_failure = result.as_ref().err().map(|e| e.to_string());
+    }
 }
 
 struct Batch {
@@ -325,6 +363,7 @@ impl SegmentLog {
             spare: Vec::new(),
             roll_requested: false,
             failed_segments: Vec::new(),
+            last_failure: None,
             closed: false,
             stats: LogStats::default(),
         };
@@ -475,6 +514,12 @@ impl SegmentLog {
         self.lock().stats
     }
 
+    /// A handle that reads the counters and health from another thread, at any time (a metrics
+    /// scrape, a readiness probe).
+    pub fn watch(&self) -> LogWatch {
+        LogWatch(Arc::clone(&self.shared))
+    }
+
     /// The segment currently receiving appends.
     pub fn active_segment(&self) -> u64 {
         self.lock().active
@@ -572,7 +617,7 @@ impl SyncStage {
             let mut results: Vec<(u64, Result<(), SpoolError>)> = Vec::with_capacity(files.len());
             for (segment, file, path) in &files {
                 let result = shared.check_healthy(*segment, IoOp::Sync).and_then(|()| {
-                    file.sync_data().map_err(|e| {
+                    shared.config.disk.sync_data(file, path).map_err(|e| {
                         shared.poison(*segment);
                         SpoolError::Io(IoFailure::new(IoOp::Sync, *path, &e))
                     })
@@ -588,6 +633,9 @@ impl SyncStage {
             {
                 let mut st = shared.lock();
                 st.stats.syncs += files.len() as u64;
+                for b in &batches {
+                    st.note_result(&result_of(b.segment));
+                }
                 for b in batches.iter().filter(|b| result_of(b.segment).is_ok()) {
                     st.stats.commits += 1;
                     st.stats.records += b.records;
@@ -829,8 +877,12 @@ impl SyncThread {
                 if let Some((stage, _)) = &self.stage {
                     stage.drain();
                 }
+                // A previous segment that failed is not synced again: its tickets have failed
+                // already, and nothing more is acknowledged from it. Syncing it would fail every
+                // later batch too and wedge the log.
                 if let Some(prev) = self.last_segment {
-                    if self.files.contains_key(&prev) {
+                    let failed = self.lock_state().failed_segments.contains(&prev);
+                    if self.files.contains_key(&prev) && !failed {
                         self.sync_segment(prev)?;
                     }
                 }
@@ -861,11 +913,11 @@ impl SyncThread {
 
     fn write_chunk_unchecked(&mut self, chunk: &Chunk) -> Result<(), SpoolError> {
         let method = self.shared.config.append_method;
+        let disk = Arc::clone(&self.shared.config.disk);
         let seg = self.segment(chunk.segment)?;
         match method {
-            AppendMethod::Pwrite => seg
-                .file
-                .write_all_at(&chunk.bytes, chunk.offset)
+            AppendMethod::Pwrite => disk
+                .write_at(&seg.file, &seg.path, &chunk.bytes, chunk.offset)
                 .map_err(io_err(IoOp::Write, &seg.path)),
             AppendMethod::MmapMsync => {
                 let path = seg.path.clone();
@@ -881,9 +933,10 @@ impl SyncThread {
     fn sync_segment(&mut self, id: u64) -> Result<(), SpoolError> {
         self.shared.check_healthy(id, IoOp::Sync)?;
         let method = self.shared.config.append_method;
+        let disk = Arc::clone(&self.shared.config.disk);
         let seg = self.segment(id)?;
         if method == AppendMethod::Pwrite {
-            if let Err(e) = seg.file.sync_data() {
+            if let Err(e) = disk.sync_data(&seg.file, &seg.path) {
                 let failure = SpoolError::Io(IoFailure::new(IoOp::Sync, &seg.path, &e));
                 self.shared.poison(id);
                 return Err(failure);
@@ -898,7 +951,7 @@ impl SyncThread {
         let mut result = Ok(());
         for id in ids {
             if let Some(seg) = self.files.get(&id) {
-                if let Err(e) = seg.file.sync_data() {
+                if let Err(e) = self.shared.config.disk.sync_data(&seg.file, &seg.path) {
                     result = Err(SpoolError::Io(IoFailure::new(IoOp::Sync, &seg.path, &e)));
                 }
             }
@@ -911,6 +964,7 @@ impl SyncThread {
         let bytes: u64 = batch.chunks.iter().map(|c| c.bytes.len() as u64).sum();
         {
             let mut st = self.lock_state();
+            st.note_result(&result);
             if result.is_ok() {
                 st.stats.commits += 1;
                 st.stats.records += batch.records;
@@ -959,28 +1013,31 @@ fn create_segment(config: &LogConfig, id: u64) -> Result<OpenSegment, SpoolError
             .create_new(true)
             .open(&tmp)
             .map_err(io_err(IoOp::Create, &tmp))?;
-        rustix::fs::fallocate(
-            &file,
-            rustix::fs::FallocateFlags::empty(),
-            0,
-            config.segment_bytes,
-        )
-        .map_err(|e| {
-            let failure = IoFailure::new(IoOp::Preallocate, &tmp, &e.into());
-            if failure.is_no_space() {
-                SpoolError::Full(failure)
-            } else {
-                SpoolError::Io(failure)
-            }
-        })?;
+        config
+            .disk
+            .preallocate(&file, &tmp, config.segment_bytes)
+            .map_err(|e| {
+                let failure = IoFailure::new(IoOp::Preallocate, &tmp, &e);
+                if failure.is_no_space() {
+                    SpoolError::Full(failure)
+                } else {
+                    SpoolError::Io(failure)
+                }
+            })?;
         let header = SegmentHeader {
             format_version: FORMAT_VERSION,
             segment_id: id,
             created_micros: now_micros(),
             shard: config.shard,
         };
-        file.write_all_at(&header.encode(), 0)
+        config
+            .disk
+            .write_at(&file, &tmp, &header.encode(), 0)
             .map_err(io_err(IoOp::Write, &tmp))?;
+        config
+            .disk
+            .sync_data(&file, &tmp)
+            .map_err(io_err(IoOp::Sync, &tmp))?;
         file.sync_all().map_err(io_err(IoOp::Sync, &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(IoOp::Rename, &tmp))?;
         sync_dir(&config.dir)?;
@@ -1164,6 +1221,42 @@ mod tests {
             })
             .collect();
         assert!(locs.last().unwrap().segment > 1, "{locs:?}");
+    }
+
+    /// One failed write or fdatasync fails its batch only: the log moves to a fresh segment and
+    /// commits again, and its watch reports the failure until then.
+    #[test]
+    fn one_io_error_fails_one_batch_and_the_log_goes_on_in_a_fresh_segment() {
+        use crate::disk::{DiskOp, FaultyDisk};
+        for op in [DiskOp::Write, DiskOp::Sync] {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = FaultyDisk::new();
+            let config = LogConfig {
+                disk: disk.clone(),
+                ..small_config(dir.path())
+            };
+            let log = SegmentLog::open(config, 1, false).unwrap();
+            let watch = log.watch();
+            let first = log.append(&rec(1)).unwrap().wait().unwrap();
+            assert_eq!(watch.unhealthy(), None);
+            disk.fail_next(op, 0);
+            let failed = log.append(&rec(2)).unwrap().wait();
+            assert!(
+                matches!(failed, Err(SpoolError::Io(_))),
+                "{op:?}: {failed:?}"
+            );
+            assert!(
+                watch.unhealthy().is_some(),
+                "{op:?}: the failure is reported"
+            );
+            for i in 3..20 {
+                let loc = log.append(&rec(i)).unwrap().wait();
+                let loc = loc.unwrap_or_else(|e| panic!("{op:?}: append {i} after one error: {e}"));
+                assert!(loc.segment > first.segment, "{op:?}: a fresh segment");
+            }
+            assert_eq!(watch.unhealthy(), None, "{op:?}: healthy again");
+            assert_eq!(disk.faults_injected(), 1);
+        }
     }
 
     #[test]

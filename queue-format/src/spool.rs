@@ -29,12 +29,15 @@
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::codec::{Message, OutcomeEntry, Outcomes, QueueId, RcptState, Record};
 use crate::error::{IoOp, SpoolError, io_err};
-use crate::log::{CommitTicket, Location, LogConfig, LogStats, SegmentLog, now_micros, sync_dir};
+use crate::log::{
+    CommitTicket, Location, LogConfig, LogStats, LogWatch, SegmentLog, now_micros, sync_dir,
+};
 use crate::mmap::SegmentMap;
 use crate::recovery::{RecoveryReport, recover_dir};
 use crate::segment::segment_file_name;
@@ -165,6 +168,45 @@ pub struct SpoolUsage {
     pub live_messages: u64,
 }
 
+/// Figures a spool publishes as they change, readable from any thread ([`Spool::watch`]).
+#[derive(Default, Debug)]
+struct Published {
+    segments: AtomicU64,
+    live_messages: AtomicU64,
+    live_bytes: AtomicU64,
+}
+
+/// A spool's figures and health, read live from another thread (metrics scrape, `/readyz`).
+#[derive(Clone)]
+pub struct SpoolWatch {
+    log: LogWatch,
+    published: Arc<Published>,
+    segment_bytes: u64,
+}
+
+impl SpoolWatch {
+    /// Sizes as of the spool's last change.
+    pub fn usage(&self) -> SpoolUsage {
+        let segments = self.published.segments.load(Ordering::Relaxed);
+        SpoolUsage {
+            segments,
+            bytes_on_disk: segments * self.segment_bytes,
+            live_bytes: self.published.live_bytes.load(Ordering::Relaxed),
+            live_messages: self.published.live_messages.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Log counters as of now.
+    pub fn log_stats(&self) -> LogStats {
+        self.log.stats()
+    }
+
+    /// Why the spool cannot commit right now, if it cannot.
+    pub fn unhealthy(&self) -> Option<String> {
+        self.log.unhealthy()
+    }
+}
+
 /// One shard's spool. See the module docs.
 pub struct Spool {
     config: SpoolConfig,
@@ -178,12 +220,17 @@ pub struct Spool {
     finishing: Vec<(CommitTicket, QueueId)>,
     /// Segment maps shared with other shards ([`SpoolReader`]).
     registry: MapRegistry,
+    published: Arc<Published>,
+    /// Held while the spool is open (dropped after the log has closed).
+    _lock: crate::lock::DirLock,
 }
 
 impl Spool {
     /// Recovers the spool directory and opens a fresh active segment after the newest one.
     pub fn open(config: SpoolConfig) -> Result<(Spool, RecoveryReport), SpoolError> {
         config.validate()?;
+        // Before anything is read or repaired: a live spool is never recovered under its owner.
+        let lock = crate::lock::DirLock::acquire(&config.log.dir)?;
         let mut builder = IndexBuilder::default();
         let (recovered, report) = recover_dir(&config.log.dir, |loc, rec| builder.apply(loc, rec))?;
         let mut segments = BTreeMap::new();
@@ -246,8 +293,30 @@ impl Spool {
             rehoming: Vec::new(),
             finishing: Vec::new(),
             registry,
+            published: Arc::default(),
+            _lock: lock,
         };
+        spool.publish();
         Ok((spool, report))
+    }
+
+    /// A handle on this spool's figures and health for other threads.
+    pub fn watch(&self) -> SpoolWatch {
+        SpoolWatch {
+            log: self.log.watch(),
+            published: Arc::clone(&self.published),
+            segment_bytes: self.config.log.segment_bytes,
+        }
+    }
+
+    /// Publishes the sizes to watchers (a few relaxed stores; called after every change).
+    fn publish(&self) {
+        let p = &self.published;
+        p.segments
+            .store(self.segments.len() as u64, Ordering::Relaxed);
+        p.live_messages
+            .store(self.messages.len() as u64, Ordering::Relaxed);
+        p.live_bytes.store(self.live_bytes, Ordering::Relaxed);
     }
 
     /// The configuration in force.
@@ -289,6 +358,7 @@ impl Spool {
         } else {
             self.messages.insert(message.queue_id, live);
         }
+        self.publish();
         Ok(ticket)
     }
 
@@ -318,6 +388,7 @@ impl Spool {
         if let Ok(ticket) = self.log.append(&record) {
             self.track(ticket.location());
         }
+        self.publish();
     }
 
     /// Journals outcomes for recipients of a live message and applies them to the index.
@@ -360,6 +431,7 @@ impl Spool {
             // until then its segment must not be reclaimed.
             self.finishing.push((ticket.clone(), queue_id));
         }
+        self.publish();
         Ok(ticket)
     }
 
@@ -428,6 +500,12 @@ impl Spool {
     /// the oldest on, and compacts at most one segment. Cheap when there is nothing to do; call
     /// it periodically (the engine does every second).
     pub fn reclaim(&mut self) -> Result<ReclaimReport, SpoolError> {
+        let report = self.reclaim_step();
+        self.publish();
+        report
+    }
+
+    fn reclaim_step(&mut self) -> Result<ReclaimReport, SpoolError> {
         let mut report = ReclaimReport::default();
         self.settle();
         if !self.settle_rehomes() {
@@ -549,6 +627,7 @@ impl Spool {
                 }
             }
         }
+        self.publish();
     }
 
     /// Processes completed compaction copies; returns true when none is pending. A failed copy

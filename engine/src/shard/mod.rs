@@ -330,12 +330,16 @@ pub struct Server {
     pub router_stats: Arc<RouterStats>,
     pub router: Router,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The spool directory's lock, released when the server is dropped.
+    _spool_lock: queue_format::lock::DirLock,
 }
 
 impl Server {
     /// Binds every listener on every shard, opens every spool, starts the shards; returns once
     /// all are ready (or the first failure).
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        // One saida per spool: taken before any listener is bound or any spool recovered.
+        let spool_lock = queue_format::lock::DirLock::acquire(&config.spool.dir)?;
         let config = Arc::new(config);
         let credentials = match &config.auth.credentials_file {
             Some(p) => {
@@ -423,6 +427,7 @@ impl Server {
             router_stats: Arc::clone(&router.stats),
             router,
             metrics,
+            _spool_lock: spool_lock,
         })
     }
 
@@ -584,6 +589,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     if let Some(slot) = readers.get(shard as usize) {
         let _ = slot.set(spool.reader());
     }
+    metrics.watch_spool(shard, spool.watch());
     let spool = Rc::new(RefCell::new(spool));
     let deliverer = match Deliverer::<A::S>::new(
         shard,
@@ -633,7 +639,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     let maint_spool = Rc::clone(&spool);
     let maint_metrics = Arc::clone(&metrics);
     let maint_deliverer = Rc::clone(&deliverer);
-    let (mut ticks, mut oldest) = (0u64, 0u64);
+    let mut ticks = 0u64;
     let mut maint_shutdown = shutdown.clone();
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -645,27 +651,12 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
             if let Err(e) = maint_spool.borrow_mut().reclaim() {
                 tracing::error!(shard, error = %e, "spool reclamation failed");
             }
-            {
+            // The oldest live message: a scan of the index, every 10 s (O(live messages)). The
+            // other spool figures are read live at each scrape.
+            if ticks % 10 == 0 {
                 let spool = maint_spool.borrow();
-                let usage = spool.usage();
-                let log = spool.log_stats();
-                // The oldest live message: a scan of the index, every 10 s (O(live messages)).
-                if ticks % 10 == 0 {
-                    let live = spool.live().map(|(_, m)| m.received_at_micros);
-                    oldest = live.min().unwrap_or(0);
-                }
-                maint_metrics.set_spool(
-                    shard,
-                    [
-                        usage.bytes_on_disk,
-                        usage.segments,
-                        usage.live_messages,
-                        log.commits,
-                        log.records,
-                        log.syncs,
-                        oldest,
-                    ],
-                );
+                let live = spool.live().map(|(_, m)| m.received_at_micros);
+                maint_metrics.set_oldest(shard, live.min().unwrap_or(0));
             }
             ticks += 1;
             maint_metrics.set_queues(shard, maint_deliverer.queue_snapshot());
