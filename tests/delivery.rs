@@ -488,3 +488,53 @@ fn a_421_sends_only_the_refused_recipients_to_the_next_host() {
         "the refused recipient went to the next host"
     );
 }
+
+#[test]
+fn a_huge_reply_is_truncated_and_a_2xx_to_data_is_not_a_delivery() {
+    let port = free_port();
+    let profile = tempfile::NamedTempFile::new().unwrap();
+    // No CHUNKING, so the content goes over DATA (where a 250 instead of 354 can happen).
+    std::fs::write(profile.path(), "[default]\nchunking = false\n").unwrap();
+    let sink = Sink::start(
+        &[format!("127.0.0.2:{port}")],
+        &["--profile", profile.path().to_str().unwrap()],
+    );
+    let config = delivery(&format!(
+        "[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.2:{port}\"]\nretry_delays_secs = [60]\n"
+    ));
+    let d = Daemon::start("epoll", &config);
+    let msgs = vec![
+        ("s@origin.test", vec!["hugereply1@x.test".to_string()]),
+        ("s@origin.test", vec!["data2501@y.test".to_string()]),
+        ("s@origin.test", vec!["ok1@z.test".to_string()]),
+    ];
+    assert_eq!(send_messages(d.port, &msgs), 3);
+    let log = wait_log(&d, "three outcomes", |l| {
+        ["hugereply1@x.test", "data2501@y.test", "ok1@z.test"]
+            .iter()
+            .all(|r| l.iter().any(|x| x["recipient"] == *r))
+    });
+    let of = |r: &str| log.iter().find(|x| x["recipient"] == r).unwrap().clone();
+    // A 100 KB reply: the recipient fails with the reply cut to a journal-safe length.
+    let huge = of("hugereply1@x.test");
+    assert_eq!(huge["outcome"], "failed", "{huge}");
+    let text = huge["reply"].as_str().unwrap();
+    assert!(
+        text.len() <= 1000 && text.starts_with("550 5.1.1") && text.ends_with("[truncated]"),
+        "{text}"
+    );
+    // 250 to DATA: the content was never sent; deferred, never counted as delivered.
+    let data = of("data2501@y.test");
+    assert_eq!(data["outcome"], "deferred", "{data}");
+    assert!(data["reply"].as_str().unwrap().contains("DATA"), "{data}");
+    assert_eq!(of("ok1@z.test")["outcome"], "delivered");
+    let got: Vec<String> = rcpts(&sink.records())
+        .into_iter()
+        .filter(|r| r != "s@origin.test")
+        .collect();
+    assert_eq!(got, vec!["ok1@z.test".to_string()]);
+    // The bounce for the huge reply quotes the cut text and is itself delivered.
+    sink.wait_until(20, "the bounce", |r| {
+        r.iter().any(|x| x["rcpt"] == "s@origin.test")
+    });
+}

@@ -238,7 +238,26 @@ fn http_injection_is_durable_idempotent_and_needs_the_token() {
     assert_eq!(again["queue_ids"], first["queue_ids"]);
     assert_eq!(again["repeated"], true);
     let records = sink.wait_until(20, "both messages", |r| r.len() >= 2);
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait for the state that settles the question: nothing left in the spool. A message queued
+    // again by the repeated key would still be live, or delivered and counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let delivered = loop {
+        let (_, text) = get(&format!("http://{admin}/metrics"));
+        let live = value(&text, "saida_spool_live_messages");
+        let delivered = value(
+            &text,
+            "saida_delivery_outcomes_total{outcome=\"delivered\"}",
+        );
+        if live == 0.0 && delivered >= 2.0 {
+            break delivered;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spool never drained:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(delivered, 2.0, "a repeated key queued again");
     assert_eq!(sink.records().len(), 2, "a repeated key queued again");
     let bob = records.iter().find(|r| r["rcpt"] == "bob@b.test").unwrap();
     let text = bob["body"].as_str().unwrap();

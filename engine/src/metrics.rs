@@ -340,6 +340,9 @@ const SPOOL_COUNTERS: &[(usize, &str, &str)] = &[
 
 /// Outcome counters come from the spool shards' commits (`RouterStats`).
 const OUTCOMES_HELP: &str = "Recipient outcomes journaled in the spool, by outcome";
+/// Back-pressure between shards (`RouterStats`).
+const INBOX_WAITS_HELP: &str =
+    "Hand-offs and outcomes that found a shard's inbox full and waited for room (never dropped)";
 
 /// Everything a scrape reads.
 pub struct Metrics {
@@ -509,6 +512,14 @@ impl Metrics {
                 m,
             );
         }
+        let waits = stats.inbox_full_waits.load(Ordering::Relaxed) as f64;
+        push(
+            &mut families,
+            "saida_shard_inbox_full_waits_total",
+            INBOX_WAITS_HELP,
+            MetricType::COUNTER,
+            counter(waits, &[]),
+        );
         let figures = self.spool_figures();
         let sum = |k: usize| -> f64 { figures.iter().map(|s| s[k] as f64).sum() };
         let gauges = [
@@ -770,6 +781,9 @@ pub fn docs_markdown() -> String {
         "| `saida_queue_recipients` | gauge | `state` | {QUEUE_STATE_HELP} |\n\
          | `saida_destination_queued_recipients` | gauge | `destination` | {DEST_QUEUE_HELP} |\n\
          | `saida_destination_connections` | gauge | `destination` | {DEST_CONN_HELP} |\n"
+    ));
+    s.push_str(&format!(
+        "| `saida_shard_inbox_full_waits_total` | counter | | {INBOX_WAITS_HELP} |\n"
     ));
     for (_, name, help) in SPOOL_COUNTERS {
         s.push_str(&format!("| `saida_{name}` | counter | | {help} |\n"));

@@ -64,12 +64,16 @@ pub struct Verdict {
     pub text: String,
 }
 
+/// Longest reply text kept for a recipient (journaled in the spool, logged, quoted in bounces).
+/// A server may send up to 128 lines of 4 KiB; the journal holds at most 64 KiB per field.
+pub const VERDICT_TEXT_BYTES_MAX: usize = 1000;
+
 impl Verdict {
     fn local(code: u16, enhanced: &str, why: impl std::fmt::Display) -> Verdict {
         Verdict {
             code,
             enhanced: Some(enhanced.into()),
-            text: format!("{code} {enhanced} {why}"),
+            text: bounded_text(format!("{code} {enhanced} {why}")),
         }
     }
 
@@ -77,9 +81,23 @@ impl Verdict {
         Verdict {
             code: r.code,
             enhanced: r.enhanced.clone(),
-            text: r.summary(),
+            text: bounded_text(r.summary()),
         }
     }
+}
+
+/// Cuts `text` to [`VERDICT_TEXT_BYTES_MAX`] bytes at a character boundary, marking the cut.
+fn bounded_text(mut text: String) -> String {
+    if text.len() <= VERDICT_TEXT_BYTES_MAX {
+        return text;
+    }
+    let mut cut = VERDICT_TEXT_BYTES_MAX - " [truncated]".len();
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(" [truncated]");
+    text
 }
 
 /// Where an attempt went, for the delivery log and bounces.

@@ -12,7 +12,9 @@
 //! outcome per address:
 //! `reject…` → `550 5.1.1`, `defer…` → `451 4.3.0` every time, `busy…` → `421 4.7.0`,
 //! `grey…` → `451 4.7.1` on the first attempt of a (sender, recipient) pair and accepted
-//! after. `--greet-421 ADDR` makes a
+//! after. `hugereply…` → a `550 5.1.1` of 100 lines of 1,000 bytes (a reply too long to journal
+//! whole); `data250…` → accepted, but `DATA` is answered `250` instead of `354` (a broken server
+//! that never receives the content). `--greet-421 ADDR` makes a
 //! listener refuse every session with a `421` greeting (for failover tests).
 //!
 //! `--record FILE` appends one JSON line per accepted recipient (connection number, transaction
@@ -537,6 +539,8 @@ struct Txn {
     from: Option<String>,
     rcpts: Vec<String>,
     chunks: Vec<u8>,
+    /// A `data250…` recipient was accepted: answer DATA with 250.
+    data_250: bool,
 }
 
 fn address(arg: &str) -> String {
@@ -657,6 +661,12 @@ async fn converse(
                 delay(&rb.rcpt_delay_ms).await;
                 if local.starts_with("reject") {
                     c.reply("550 5.1.1 no such user here");
+                } else if local.starts_with("hugereply") {
+                    let line = "x".repeat(1000);
+                    for _ in 0..99 {
+                        c.reply(&format!("550-5.1.1 {line}"));
+                    }
+                    c.reply(&format!("550 5.1.1 {line}"));
                 } else if local.starts_with("defer") {
                     c.reply("451 4.3.0 try again later");
                 } else if local.starts_with("busy") {
@@ -668,6 +678,7 @@ async fn converse(
                 } else if let Some(r) = Behaviour::roll(&rb.rcpt_reply_mix, uniform() * 100.0) {
                     c.reply(r);
                 } else {
+                    txn.data_250 |= local.starts_with("data250");
                     txn.rcpts.push(rcpt);
                     c.reply("250 2.1.5 ok");
                 }
@@ -676,6 +687,13 @@ async fn converse(
                 if txn.rcpts.is_empty() {
                     c.reply("554 5.5.1 no valid recipients");
                     continue;
+                }
+                if txn.data_250 {
+                    // Broken on purpose: "accepted" without the content. The client must not
+                    // count it as delivered; the session ends here.
+                    c.reply("250 2.0.0 ok");
+                    c.flush().await?;
+                    return Ok(());
                 }
                 c.reply("354 go ahead");
                 c.flush().await?;

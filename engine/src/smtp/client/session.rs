@@ -86,6 +86,13 @@ pub enum ClientError {
     /// The envelope cannot be sent to this server (size, SMTPUTF8, address).
     #[error("{0}")]
     Envelope(#[from] EnvelopeError),
+    /// A reply that the command cannot have (a `2xx` to `DATA` instead of `354`): the server's
+    /// state is unknown, nothing counts as delivered, and the connection is dropped.
+    #[error("unexpected reply to {command}: {}", .reply.summary())]
+    Unexpected {
+        command: &'static str,
+        reply: ServerReply,
+    },
 }
 
 impl ClientError {
@@ -356,6 +363,13 @@ impl<S: Stream> ClientSession<S> {
                 .reply("the DATA reply", self.timeouts.data_start)
                 .await?;
             self.phases.data = Some(t.elapsed());
+            if go.is_positive() {
+                // "Accepted" without the content ever being sent: not a delivery.
+                return Err(ClientError::Unexpected {
+                    command: "DATA",
+                    reply: go,
+                });
+            }
             if go.code != 354 {
                 let replies = rcpt_replies
                     .into_iter()
