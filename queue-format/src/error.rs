@@ -41,6 +41,13 @@ pub enum DecodeError {
     /// The segment header does not start with the spool magic.
     #[error("not a saida segment (bad magic)")]
     BadMagic,
+    /// A stretch of zeros where a frame should be, with valid frames after it (a block lost or
+    /// zeroed in the middle of a segment).
+    #[error("zeroed bytes where a frame should be")]
+    Zeroed,
+    /// The bytes could not be read from the device (`EIO` and the like).
+    #[error("cannot be read: {0}")]
+    ReadFailed(String),
     /// The segment was written by a newer format version than this code reads.
     #[error("segment format version {version} is newer than supported {supported}")]
     FutureFormat { version: u16, supported: u16 },

@@ -5,16 +5,19 @@
 //! row has a test (here for the pure scan, in `tests/recovery_cases.rs` for files).
 //!
 //! [`scan_segment`] is pure (bytes in, findings out). [`recover_dir`] does the I/O: lists the
-//! directory, removes `.seg.tmp` leftovers, maps each segment read-only, and zeroes the torn
+//! directory, removes `.seg.tmp` leftovers, reads each segment with `pread` (through the
+//! [`Disk`] seam; never through a map, where a media error would raise `SIGBUS` and crash-loop
+//! the daemon), quarantines a segment that cannot be read (renamed `*.damaged`, reported, the
+//! rest of the spool serves), maps each kept segment read-only for serving, and zeroes the torn
 //! tail of the newest segment with `pwrite` + `fdatasync` (never by truncating, so maps stay
 //! valid). It refuses to touch anything when a segment comes from a newer format version.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{FRAME_ALIGN, FRAME_HEADER_LEN, FramePos, FrameRead, Record, decode_frame};
+use crate::disk::Disk;
 use crate::error::{DecodeError, IoOp, SpoolError, io_err};
 use crate::log::{Location, sync_dir};
 use crate::mmap::SegmentMap;
@@ -69,7 +72,18 @@ pub fn scan_segment<'a>(
                 offset: pos as u64,
             },
         ) {
-            Ok(FrameRead::End) => break,
+            // A zero header ends the data, unless valid frames follow a zeroed stretch (a block
+            // lost mid-segment): those are replayed and the stretch is reported.
+            Ok(FrameRead::End) => match last_nonzero(&bytes[pos..])
+                .and_then(|_| resync(bytes, segment, pos + FRAME_ALIGN))
+            {
+                Some(next) => {
+                    scan.damage
+                        .push((pos as u64, (next - pos) as u64, DecodeError::Zeroed));
+                    pos = next;
+                }
+                None => break,
+            },
             Ok(FrameRead::Frame(f)) => {
                 match f.record() {
                     Ok(rec) => {
@@ -211,6 +225,7 @@ impl RecoveryReport {
 /// record in write order (segment id, then offset). Returns the kept segments and the report.
 pub fn recover_dir(
     dir: &Path,
+    disk: &dyn Disk,
     mut visit: impl FnMut(Location, &Record<'_>),
 ) -> Result<(Vec<RecoveredSegment>, RecoveryReport), SpoolError> {
     std::fs::create_dir_all(dir).map_err(io_err(IoOp::CreateDir, dir))?;
@@ -243,11 +258,25 @@ pub fn recover_dir(
             .map_err(io_err(IoOp::Metadata, &path))?
             .len();
         if len < SEGMENT_HEADER_LEN as u64 {
-            opened.push((id, path, file, None, None));
+            let e = DecodeError::Short {
+                needed: SEGMENT_HEADER_LEN,
+                available: len as usize,
+            };
+            opened.push((id, path, file, len, Err(e)));
             continue;
         }
-        let map = SegmentMap::open(&file, &path)?;
-        let header = match SegmentHeader::decode(map.bytes()) {
+        let mut head = [0u8; SEGMENT_HEADER_LEN];
+        if let Err(e) = disk.read_at(&file, &path, &mut head, 0) {
+            opened.push((
+                id,
+                path,
+                file,
+                len,
+                Err(DecodeError::ReadFailed(e.to_string())),
+            ));
+            continue;
+        }
+        let header = match SegmentHeader::decode(&head) {
             Ok(h) if h.segment_id == id => Ok(h),
             Ok(h) => Err(DecodeError::InvalidValue {
                 field: "segment_id",
@@ -262,31 +291,44 @@ pub fn recover_dir(
             }
             Err(e) => Err(e),
         };
-        opened.push((id, path, file, Some(map), Some(header)));
+        opened.push((id, path, file, len, Ok(header)));
     }
 
     // Pass 2: scan. Records are visited as found; torn-tail decisions need the whole picture.
     let mut scanned: Vec<(RecoveredSegment, File, SegmentScan)> = Vec::new();
-    for (id, path, file, map, header) in opened {
-        let Some(map) = map else {
-            let damaged = path.with_extension("damaged");
-            std::fs::rename(&path, &damaged).map_err(io_err(IoOp::Rename, &path))?;
-            let e = DecodeError::Short {
-                needed: SEGMENT_HEADER_LEN,
-                available: 0,
-            };
-            report.damage(Damage {
-                segment: id,
-                offset: 0,
-                len: 0,
-                error: e,
-            });
-            report.quarantined.push(damaged);
-            continue;
+    // One buffer, reused for every segment (a segment is at most 1 GiB, 64 MiB by default).
+    let mut bytes = Vec::new();
+    for (id, path, file, len, header) in opened {
+        // Unreadable (too short, or a media error): quarantined, reported; the rest serves.
+        let read = match header {
+            Err(e) => Err(e),
+            Ok(h) => {
+                bytes.resize(len as usize, 0);
+                match disk.read_at(&file, &path, &mut bytes, 0) {
+                    Ok(n) => {
+                        bytes.truncate(n);
+                        Ok(h)
+                    }
+                    Err(e) => Err(DecodeError::ReadFailed(e.to_string())),
+                }
+            }
+        };
+        let header = match read {
+            Ok(h) => h,
+            Err(e) => {
+                report.quarantined.push(quarantine(&path)?);
+                report.damage(Damage {
+                    segment: id,
+                    offset: 0,
+                    len,
+                    error: e,
+                });
+                continue;
+            }
         };
         let header = match header {
-            Some(Ok(h)) => Some(h),
-            Some(Err(e)) => {
+            Ok(h) => Some(h),
+            Err(e) => {
                 // The frames check themselves: a damaged header costs the header, not the data.
                 let len = SEGMENT_HEADER_LEN as u64;
                 report.damage(Damage {
@@ -297,10 +339,8 @@ pub fn recover_dir(
                 });
                 None
             }
-            None => None,
         };
-        let bytes = map.bytes();
-        let scan = scan_segment(bytes, id, |offset, len, rec| {
+        let scan = scan_segment(&bytes, id, |offset, len, rec| {
             visit(
                 Location {
                     segment: id,
@@ -327,6 +367,8 @@ pub fn recover_dir(
                 error: error.clone(),
             });
         }
+        // Mapped for serving bodies; mapping reads nothing.
+        let map = SegmentMap::open(&file, &path)?;
         let seg = RecoveredSegment {
             id,
             path,
@@ -349,7 +391,7 @@ pub fn recover_dir(
             continue;
         };
         if Some(i) == tail {
-            zero_range(file, &seg.path, scan.end, *garbage_end)?;
+            zero_range(disk, file, &seg.path, scan.end, *garbage_end)?;
             report.torn_tail = Some(TornTail {
                 segment: seg.id,
                 offset: scan.end,
@@ -380,19 +422,32 @@ pub fn recover_dir(
     Ok((scanned.into_iter().map(|(s, _, _)| s).collect(), report))
 }
 
+/// Renames a segment to `*.damaged`, out of the spool's way (kept for the operator).
+fn quarantine(path: &Path) -> Result<PathBuf, SpoolError> {
+    let damaged = path.with_extension("damaged");
+    std::fs::rename(path, &damaged).map_err(io_err(IoOp::Rename, path))?;
+    Ok(damaged)
+}
+
 /// Overwrites `[from, to)` with zeros and syncs, so that unacknowledged bytes of a torn write can
 /// never be read as records later.
-fn zero_range(file: &File, path: &Path, from: u64, to: u64) -> Result<(), SpoolError> {
+fn zero_range(
+    disk: &dyn Disk,
+    file: &File,
+    path: &Path,
+    from: u64,
+    to: u64,
+) -> Result<(), SpoolError> {
     const CHUNK: usize = 1 << 20;
     let zeros = vec![0u8; CHUNK];
     let mut pos = from;
     while pos < to {
         let n = ((to - pos) as usize).min(CHUNK);
-        file.write_all_at(&zeros[..n], pos)
+        disk.write_at(file, path, &zeros[..n], pos)
             .map_err(io_err(IoOp::Write, path))?;
         pos += n as u64;
     }
-    file.sync_data().map_err(io_err(IoOp::Sync, path))
+    disk.sync_data(file, path).map_err(io_err(IoOp::Sync, path))
 }
 
 #[cfg(test)]

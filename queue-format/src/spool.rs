@@ -232,7 +232,9 @@ impl Spool {
         // Before anything is read or repaired: a live spool is never recovered under its owner.
         let lock = crate::lock::DirLock::acquire(&config.log.dir)?;
         let mut builder = IndexBuilder::default();
-        let (recovered, report) = recover_dir(&config.log.dir, |loc, rec| builder.apply(loc, rec))?;
+        let (recovered, report) = recover_dir(&config.log.dir, &*config.log.disk, |loc, rec| {
+            builder.apply(loc, rec)
+        })?;
         let mut segments = BTreeMap::new();
         let registry: MapRegistry = Arc::default();
         let mut next_id: u64 = 1;

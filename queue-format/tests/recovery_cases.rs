@@ -113,6 +113,68 @@ fn zero_filled_tail_is_a_normal_end() {
 }
 
 #[test]
+fn zeroed_block_mid_segment_is_reported_and_the_frames_after_it_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fill(dir.path(), 20, 3000);
+    let seg = &segments(dir.path())[0];
+    let offs = frame_offsets(seg);
+    // Frames 5 and 6 (and the start of 7) become zeros, as a lost block would leave them.
+    patch(seg, offs[5], |b| {
+        b[..(offs[7] - offs[5]) as usize + 100].fill(0)
+    });
+    let (spool, report) = Spool::open(small_config(dir.path())).unwrap();
+    // One stretch, from the zeros to the next valid frame (the cut frame 7 included).
+    assert_eq!(report.damage_count, 1, "{report:?}");
+    assert_eq!(report.damage[0].offset, offs[5]);
+    assert_eq!(report.damage[0].len, offs[8] - offs[5]);
+    assert_eq!(report.damage[0].error, DecodeError::Zeroed);
+    assert!(report.torn_tail.is_none(), "nothing zeroed: {report:?}");
+    assert_eq!(spool.len(), 17);
+    for (i, qid) in ids.iter().enumerate() {
+        if (5..=7).contains(&i) {
+            assert!(spool.get(*qid).is_none());
+        } else {
+            assert_eq!(spool.message(*qid).unwrap().body, &body(i as u64, 3000)[..]);
+        }
+    }
+    drop(spool);
+    // Still there at the next start: recovery never zeroed the frames after the hole.
+    let (spool, _) = Spool::open(small_config(dir.path())).unwrap();
+    assert_eq!(spool.len(), 17);
+}
+
+#[test]
+fn segment_that_cannot_be_read_is_quarantined_and_the_rest_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough for two segments of 1 MiB.
+    let ids = fill(dir.path(), 400, 3000);
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+    let bad = segs[0].clone();
+    let disk = queue_format::disk::FaultyDisk::new();
+    disk.make_unreadable(&bad);
+    let mut config = small_config(dir.path());
+    config.log.disk = disk.clone();
+    let (spool, report) = Spool::open(config).unwrap();
+    assert_eq!(report.quarantined, vec![bad.with_extension("damaged")]);
+    assert!(
+        matches!(report.damage[0].error, DecodeError::ReadFailed(_)),
+        "{report:?}"
+    );
+    assert!(!bad.exists() && bad.with_extension("damaged").exists());
+    // The messages of the other segments serve, bodies intact.
+    let kept: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| spool.get(**q).is_some())
+        .collect();
+    assert!(!kept.is_empty() && kept.len() < ids.len());
+    for (i, qid) in kept {
+        assert_eq!(spool.message(*qid).unwrap().body, &body(i as u64, 3000)[..]);
+    }
+}
+
+#[test]
 fn flipped_bit_mid_segment_is_reported_and_the_rest_kept() {
     let dir = tempfile::tempdir().unwrap();
     let ids = fill(dir.path(), 20, 3000);

@@ -50,3 +50,14 @@ pub fn body(seed: u64, len: usize) -> Vec<u8> {
     }
     out
 }
+
+/// Segment files in a spool directory (the lock file and quarantined files not counted).
+pub fn segment_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
