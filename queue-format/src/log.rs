@@ -34,6 +34,14 @@
 //! away, nothing written is touched, and the sync thread retries every `standby_retry` until
 //! space returns.
 //!
+//! # The reserve segment
+//! Besides the standby, the sync thread keeps a second preallocated segment, the *reserve*, that
+//! only records other than new messages (outcomes, compaction copies) may roll into. On a disk
+//! that the spool itself filled, new messages are refused (`452 4.3.1`) while outcomes still
+//! have a whole segment to go to: deliveries go on, outcomes make old segments dead,
+//! reclamation deletes them, and space returns. Without it the spool could never drain.
+//! A restart hands both empty segments back ([`SegmentLog::open`]'s `spares`).
+//!
 //! # I/O errors
 //! When a write or sync fails, every ticket of that batch fails, and the next append starts a
 //! fresh segment: after `fdatasync` reports an error the kernel may have dropped the dirty pages,
@@ -232,6 +240,12 @@ struct State {
     active_next: u64,
     /// A preallocated segment ready to become active.
     standby: Option<u64>,
+    /// A preallocated segment that only records other than new messages may roll into. Segment
+    /// ids must follow write order (recovery replays in id order), so when both spares exist a
+    /// roll takes the older one and the newer one stays the reserve.
+    reserve: Option<u64>,
+    /// The active segment is the reserve: new messages must roll out of it.
+    active_is_reserve: bool,
     /// Why the last standby could not be created, and when to retry.
     standby_failure: Option<(IoFailure, Instant)>,
     next_id: u64,
@@ -320,24 +334,41 @@ impl SegmentLog {
     /// `reuse`d (an existing, empty, preallocated segment: recovery hands back the previous run's
     /// standby so that a restart on a full disk still has room). Starts the sync thread, which
     /// prepares the next segment at once.
+    ///
+    /// `spares` are more existing empty preallocated segments after `first_segment` (the previous
+    /// run's standby and reserve), taken as standby and reserve again.
+    ///
+    /// A reused segment is appended to from `first_offset` (the header's end for an empty one;
+    /// past the last record when recovery resumes the newest segment on a full disk, which then
+    /// takes only records other than new messages, like the reserve).
     pub fn open(
         config: LogConfig,
         first_segment: u64,
         reuse: bool,
+        first_offset: u64,
+        spares: &[u64],
     ) -> Result<SegmentLog, SpoolError> {
         config.validate()?;
-        let first = if reuse {
-            let path = config.dir.join(segment_file_name(first_segment));
+        let spares = &spares[..spares.len().min(2)];
+        let open_existing = |id: u64| -> Result<OpenSegment, SpoolError> {
+            let path = config.dir.join(segment_file_name(id));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(io_err(IoOp::Open, &path))?;
-            Some(OpenSegment {
+            Ok(OpenSegment {
                 file: Arc::new(file),
                 path,
                 map: None,
             })
+        };
+        let mut spare_files = Vec::new();
+        for &id in spares {
+            spare_files.push((id, open_existing(id)?));
+        }
+        let first = if reuse {
+            Some(open_existing(first_segment)?)
         } else {
             match create_segment(&config, first_segment) {
                 Ok(seg) => Some(seg),
@@ -351,13 +382,25 @@ impl SegmentLog {
             active: first_segment,
             // Without a first segment, the first append has to roll (and finds no standby yet).
             active_next: if first.is_some() {
-                SEGMENT_HEADER_LEN as u64
+                first_offset.max(SEGMENT_HEADER_LEN as u64)
             } else {
                 config.segment_bytes
             },
-            standby: None,
+            standby: if spares.len() == 2 {
+                spares.first().copied()
+            } else {
+                None
+            },
+            reserve: spares.last().copied(),
+            active_is_reserve: reuse && spares.is_empty(),
             standby_failure: None,
-            next_id: first_segment + 1,
+            next_id: spares
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(first_segment)
+                .max(first_segment)
+                + 1,
             pending: Batch::new(),
             pending_bytes: 0,
             spare: Vec::new(),
@@ -377,6 +420,7 @@ impl SegmentLog {
         if let Some(first) = first {
             files.insert(first_segment, first);
         }
+        files.extend(spare_files);
         let writer = SyncThread::new(Arc::clone(&shared), files)?;
         let name = format!("spool-sync-{}", shared.config.shard);
         let thread = std::thread::Builder::new()
@@ -417,8 +461,10 @@ impl SegmentLog {
                 max: pending_max,
             });
         }
-        if st.roll_requested || st.active_next + len as u64 > self.shared.config.segment_bytes {
-            st = self.roll(st)?;
+        let is_message = matches!(record, Record::Message(_));
+        let full = st.active_next + len as u64 > self.shared.config.segment_bytes;
+        if st.roll_requested || full || (is_message && st.active_is_reserve) {
+            st = self.roll(st, !is_message)?;
         }
         let (segment, offset) = (st.active, st.active_next);
         let st_ref = &mut *st;
@@ -471,12 +517,31 @@ impl SegmentLog {
     }
 
     /// Switches to the standby segment, waiting for it if the sync thread is still creating it.
+    /// A record that is not a new message (`control`) may take the reserve segment instead.
     fn roll<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
+        control: bool,
     ) -> Result<MutexGuard<'a, State>, SpoolError> {
         loop {
-            if let Some(id) = st.standby.take() {
+            let next = match (st.standby, st.reserve) {
+                (Some(s), Some(r)) => {
+                    st.standby = None;
+                    st.reserve = Some(s.max(r));
+                    Some((s.min(r), false))
+                }
+                (Some(s), None) => {
+                    st.standby = None;
+                    Some((s, false))
+                }
+                (None, Some(r)) if control => {
+                    st.reserve = None;
+                    Some((r, true))
+                }
+                _ => None,
+            };
+            if let Some((id, is_reserve)) = next {
+                st.active_is_reserve = is_reserve;
                 st.active = id;
                 st.active_next = SEGMENT_HEADER_LEN as u64;
                 st.roll_requested = false;
@@ -814,7 +879,7 @@ impl SyncThread {
             }
             let now = Instant::now();
             let retry_due = st.standby_failure.as_ref().is_none_or(|(_, at)| now >= *at);
-            if st.standby.is_none() && retry_due {
+            if (st.standby.is_none() || st.reserve.is_none()) && retry_due {
                 let id = st.next_id;
                 st.next_id += 1;
                 return Work::CreateStandby(id);
@@ -847,7 +912,12 @@ impl SyncThread {
         match result {
             Ok(seg) => {
                 self.files.insert(id, seg);
-                st.standby = Some(id);
+                // The reserve is refilled first: it is what lets a full spool drain.
+                if st.reserve.is_none() {
+                    st.reserve = Some(id);
+                } else {
+                    st.standby = Some(id);
+                }
                 st.standby_failure = None;
             }
             Err(SpoolError::Full(f) | SpoolError::Io(f)) => {
@@ -989,7 +1059,7 @@ impl SyncThread {
         // Keep what may still be written: the active and standby segments, segments the next
         // batch already refers to, segments awaiting an interval sync, and the last one written
         // (a roll syncs it). The sync stage holds its own handles.
-        let keep = [Some(st.active), st.standby, self.last_segment];
+        let keep = [Some(st.active), st.standby, st.reserve, self.last_segment];
         let unsynced = &self.unsynced;
         let pending = &st.pending.chunks;
         self.files.retain(|id, _| {
@@ -1195,7 +1265,7 @@ mod tests {
     #[test]
     fn tickets_complete_in_order_with_distinct_locations() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false, 0, &[]).unwrap();
         let tickets: Vec<_> = (0..100).map(|i| log.append(&rec(i)).unwrap()).collect();
         let locs: Vec<_> = tickets.into_iter().map(|t| t.wait().unwrap()).collect();
         for w in locs.windows(2) {
@@ -1209,7 +1279,7 @@ mod tests {
     #[test]
     fn rolls_to_a_new_segment_when_full() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false, 0, &[]).unwrap();
         let body = vec![b'x'; 300 << 10];
         let m = bare_message(&body);
         let locs: Vec<_> = (0..8)
@@ -1235,7 +1305,7 @@ mod tests {
                 disk: disk.clone(),
                 ..small_config(dir.path())
             };
-            let log = SegmentLog::open(config, 1, false).unwrap();
+            let log = SegmentLog::open(config, 1, false, 0, &[]).unwrap();
             let watch = log.watch();
             let first = log.append(&rec(1)).unwrap().wait().unwrap();
             assert_eq!(watch.unhealthy(), None);
@@ -1262,7 +1332,7 @@ mod tests {
     #[test]
     fn oversized_record_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false, 0, &[]).unwrap();
         let body = vec![0u8; SEGMENT_BYTES_MIN as usize];
         let m = bare_message(&body);
         assert!(matches!(
@@ -1274,7 +1344,7 @@ mod tests {
     #[test]
     fn appends_after_close_are_refused_and_pending_is_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SegmentLog::open(small_config(dir.path()), 1, false).unwrap();
+        let log = SegmentLog::open(small_config(dir.path()), 1, false, 0, &[]).unwrap();
         let t = log.append(&rec(1)).unwrap();
         let shared = Arc::clone(&log.shared);
         log.close();

@@ -244,17 +244,30 @@ impl Spool {
                 next_id = next_id.max(id.saturating_add(1));
             }
         }
-        // The previous run's standby (newest, empty, intact) becomes the active segment again.
-        let reuse = recovered
-            .last()
-            .filter(|s| {
+        // The previous run's standby and reserve (the newest segments, empty and intact) become
+        // the active segment and the spares again: a restart on a full disk still has room.
+        let mut empties: Vec<u64> = recovered
+            .iter()
+            .rev()
+            .take_while(|s| {
                 s.records == 0
                     && s.header.is_some()
                     && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
                     && report.torn_tail.as_ref().is_none_or(|t| t.segment != s.id)
                     && s.map.bytes().len() as u64 == config.log.segment_bytes
             })
-            .map(|s| s.id);
+            .take(3)
+            .map(|s| s.id)
+            .collect();
+        empties.reverse();
+        let tail = recovered
+            .last()
+            .filter(|s| {
+                s.header.is_some()
+                    && s.map.bytes().len() as u64 == config.log.segment_bytes
+                    && s.end + 4096 <= config.log.segment_bytes
+            })
+            .map(|s| (s.id, s.end));
         for seg in recovered {
             next_id = next_id.max(seg.id.saturating_add(1));
             let created = seg.header.map_or(0, |h| h.created_micros);
@@ -280,11 +293,21 @@ impl Spool {
                 "segment ids are exhausted (u64::MAX)".into(),
             ));
         }
-        let (first, reuse) = match reuse {
-            Some(id) if id.saturating_add(1) == next_id => (id, true),
-            _ => (next_id, false),
+        // Without one, the newest segment is appended to past its last record when it has room,
+        // for records other than new messages only (it may have been the reserve): on a full
+        // disk, outcomes can then still be journaled after a restart.
+        let tail = tail.filter(|(id, _)| id.saturating_add(1) == next_id);
+        let header_end = crate::segment::SEGMENT_HEADER_LEN as u64;
+        let (first, reuse, offset, spares) = match (empties.split_first(), tail) {
+            (Some((&id, spares)), _)
+                if empties.last().map(|l| l.saturating_add(1)) == Some(next_id) =>
+            {
+                (id, true, header_end, spares)
+            }
+            (None, Some((id, end))) => (id, true, end, &[][..]),
+            _ => (next_id, false, header_end, &[][..]),
         };
-        let log = SegmentLog::open(config.log.clone(), first, reuse)?;
+        let log = SegmentLog::open(config.log.clone(), first, reuse, offset, spares)?;
         let spool = Spool {
             config,
             log,

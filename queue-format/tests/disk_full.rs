@@ -114,3 +114,73 @@ fn full_disk_gives_452_damages_nothing_and_recovers_when_space_returns() {
     assert_eq!(spool.len(), acked.len());
     check_all(&spool, &acked);
 }
+
+/// The spool fills the disk with small messages; outcome records must still be admitted (the
+/// reserve segment), so that delivered mail frees its segments and new mail is taken again,
+/// without any space coming from outside.
+#[test]
+fn a_disk_filled_by_the_spool_admits_outcomes_and_recovers_by_reclamation() {
+    let fs = Tmpfs::mount("5m");
+    let spool_dir = fs.0.join("spool");
+    let cfg = small_config(Path::new(&spool_dir));
+    let (mut spool, _) = Spool::open(cfg.clone()).unwrap();
+    let small = |spool: &mut Spool, seed: u64| -> Result<QueueId, SpoolError> {
+        let qid = spool.next_queue_id(1);
+        let b = body(seed, 1000);
+        spool.accept(&message(qid, &["r@x.test"], &b))?.wait()?;
+        Ok(qid)
+    };
+    let mut acked = vec![];
+    let err = loop {
+        match small(&mut spool, acked.len() as u64) {
+            Ok(qid) => acked.push(qid),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 100_000, "the disk never filled");
+    };
+    assert!(matches!(err, SpoolError::Full(_)), "{err}");
+    assert!(acked.len() > 1000, "only {} messages fit", acked.len());
+    let deliver = |spool: &mut Spool, qids: &[QueueId]| {
+        for qid in qids {
+            let e = queue_format::OutcomeEntry {
+                rcpt_index: 0,
+                state: queue_format::RcptState::Delivered,
+                attempts: 1,
+                next_attempt_micros: 0,
+                reply: "250 2.0.0 ok",
+            };
+            spool
+                .record_outcomes(*qid, 2, &[e])
+                .unwrap_or_else(|e| panic!("outcome refused on a full disk: {e}"))
+                .wait()
+                .unwrap_or_else(|e| panic!("outcome not committed on a full disk: {e}"));
+        }
+    };
+    // Half delivered now: far more outcome bytes than the active segment had left.
+    let (first, second) = acked.split_at(acked.len() / 2);
+    deliver(&mut spool, first);
+    assert!(matches!(small(&mut spool, 1), Err(SpoolError::Full(_))));
+    // Restart on the full disk: it opens, and outcomes still go in.
+    spool.close();
+    let (mut spool, report) = Spool::open(cfg.clone()).expect("open on a full disk");
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(spool.len(), second.len());
+    assert!(matches!(small(&mut spool, 1), Err(SpoolError::Full(_))));
+    deliver(&mut spool, second);
+    // Reclamation frees the delivered segments; new mail is taken again (the sync thread
+    // retries preallocation every 500 ms: wait for that state, bounded).
+    spool.reclaim().unwrap();
+    assert_eq!(spool.len(), 0);
+    let start = Instant::now();
+    loop {
+        match small(&mut spool, 7) {
+            Ok(_) => break,
+            Err(SpoolError::Full(_)) if start.elapsed() < Duration::from_secs(10) => {
+                spool.reclaim().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the spool never took mail again: {e}"),
+        }
+    }
+    spool.close();
+}
