@@ -45,6 +45,10 @@ pub enum DecodeError {
     /// zeroed in the middle of a segment).
     #[error("zeroed bytes where a frame should be")]
     Zeroed,
+    /// Bytes written after a failed write or `fdatasync` of their segment: never acknowledged,
+    /// and possibly not on the device; recovery ignores them.
+    #[error("written after an I/O error of this segment; ignored")]
+    Unsynced,
     /// The bytes could not be read from the device (`EIO` and the like).
     #[error("cannot be read: {0}")]
     ReadFailed(String),

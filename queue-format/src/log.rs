@@ -47,6 +47,14 @@
 //! fresh segment: after `fdatasync` reports an error the kernel may have dropped the dirty pages,
 //! so nothing more is written into that file.
 //!
+//! # Untrusted tails
+//! After a failed write or `fdatasync`, bytes of that segment past its last successful sync
+//! may still be read back (from the page cache) by a later start, yet be lost at the next
+//! crash. Acting on them could delete the durable copy of a message (compaction) or forget an
+//! outcome. So at the failure the log records, durably, in the spool directory's
+//! [`UNTRUSTED_FILE`], the segment and the offset up to which it was synced; recovery ignores
+//! that segment's bytes from there on (they were never acknowledged) and never appends to it.
+//!
 //! # Shutdown
 //! [`SegmentLog::close`] (and `Drop`) writes and syncs what is pending, completes its tickets and
 //! joins the thread. Appends after that fail with [`SpoolError::Closed`].
@@ -82,6 +90,11 @@ pub const PENDING_BYTES_MAX_DEFAULT: usize = 64 << 20;
 const STANDBY_RETRY: Duration = Duration::from_millis(500);
 /// Failed segments remembered (older ones were rolled away from long ago and are closed).
 const FAILED_SEGMENTS_MAX: usize = 16;
+/// Name of the file listing segments whose tails are untrusted (see the module docs): one line
+/// `<segment id in hex> <offset>` each.
+pub const UNTRUSTED_FILE: &str = "untrusted";
+/// Entries kept in that file (the oldest are dropped; their segments are long reclaimed).
+const UNTRUSTED_MAX: usize = 4096;
 /// Spare batch buffers kept for reuse.
 const SPARE_BUFFERS_MAX: usize = 4;
 
@@ -261,6 +274,10 @@ struct State {
     failed_segments: Vec<u64>,
     /// The failure of the last batch, until a batch commits again (`/readyz`).
     last_failure: Option<String>,
+    /// Per segment: the end of the bytes covered by its last successful sync.
+    durable_end: HashMap<u64, u64>,
+    /// Segments with an untrusted tail, and where it starts (persisted in [`UNTRUSTED_FILE`]).
+    untrusted: Vec<(u64, u64)>,
     closed: bool,
     stats: LogStats,
 }
@@ -304,6 +321,21 @@ impl Shared {
     /// appends move to a fresh segment.
     fn poison(&self, segment: u64) {
         let mut st = self.lock();
+        if !st.untrusted.iter().any(|(s, _)| *s == segment) {
+            let from = st
+                .durable_end
+                .get(&segment)
+                .copied()
+                .unwrap_or(SEGMENT_HEADER_LEN as u64);
+            if st.untrusted.len() >= UNTRUSTED_MAX {
+                st.untrusted.remove(0);
+            }
+            st.untrusted.push((segment, from));
+            if let Err(e) = write_untrusted(&self.config.dir, &st.untrusted) {
+                // Nothing more can be done here: the batch fails either way.
+                st.last_failure = Some(format!("recording an untrusted segment tail: {e}"));
+            }
+        }
         if !st.failed_segments.contains(&segment) {
             if st.failed_segments.len() == FAILED_SEGMENTS_MAX {
                 st.failed_segments.remove(0);
@@ -372,9 +404,10 @@ impl SegmentLog {
         } else {
             match create_segment(&config, first_segment) {
                 Ok(seg) => Some(seg),
-                // A full disk must not stop the spool from opening: queued mail still has to be
-                // delivered to free space. Appends fail with `Full` until a segment can be made.
-                Err(SpoolError::Full(_)) => None,
+                // A full disk (or a failing preallocation) must not stop the spool from opening:
+                // queued mail still has to be delivered to free space. Appends fail with `Full`
+                // (or the I/O error) until a segment can be made.
+                Err(SpoolError::Full(_) | SpoolError::Io(_)) => None,
                 Err(e) => return Err(e),
             }
         };
@@ -407,6 +440,9 @@ impl SegmentLog {
             roll_requested: false,
             failed_segments: Vec::new(),
             last_failure: None,
+            // A resumed segment is durable up to where recovery found its last record.
+            durable_end: HashMap::from([(first_segment, first_offset)]),
+            untrusted: read_untrusted(&config.dir),
             closed: false,
             stats: LogStats::default(),
         };
@@ -651,6 +687,8 @@ struct WrittenBatch {
     bytes: u64,
     /// The segment the batch ended in (earlier segments of the batch were synced at the change).
     segment: u64,
+    /// End of what had been written to that segment when the batch was handed over.
+    end: u64,
     file: Arc<File>,
     path: PathBuf,
 }
@@ -698,6 +736,10 @@ impl SyncStage {
             {
                 let mut st = shared.lock();
                 st.stats.syncs += files.len() as u64;
+                for b in batches.iter().filter(|b| result_of(b.segment).is_ok()) {
+                    let d = st.durable_end.entry(b.segment).or_insert(0);
+                    *d = (*d).max(b.end);
+                }
                 for b in &batches {
                     st.note_result(&result_of(b.segment));
                 }
@@ -747,6 +789,8 @@ struct SyncThread {
     unsynced: Vec<u64>,
     /// The segment the last chunk went to.
     last_segment: Option<u64>,
+    /// Per segment: the end of what has been written to it.
+    written_end: HashMap<u64, u64>,
     /// The pipelined sync stage and its thread, for `every-commit` with `pwrite`.
     stage: Option<(Arc<SyncStage>, JoinHandle<()>)>,
 }
@@ -787,6 +831,7 @@ impl SyncThread {
             files,
             unsynced: Vec::new(),
             last_segment: None,
+            written_end: HashMap::new(),
             stage,
         })
     }
@@ -853,6 +898,7 @@ impl SyncThread {
             records: batch.records,
             bytes: batch.chunks.iter().map(|c| c.bytes.len() as u64).sum(),
             segment,
+            end: self.written_end.get(&segment).copied().unwrap_or(0),
             file: Arc::clone(&seg.file),
             path: seg.path.clone(),
         };
@@ -975,8 +1021,20 @@ impl SyncThread {
     fn write_chunk(&mut self, chunk: &Chunk) -> Result<(), SpoolError> {
         self.shared.check_healthy(chunk.segment, IoOp::Write)?;
         let result = self.write_chunk_unchecked(chunk);
-        if result.is_err() {
-            self.shared.poison(chunk.segment);
+        match &result {
+            Ok(()) => {
+                let end = chunk.offset + chunk.bytes.len() as u64;
+                let e = self.written_end.entry(chunk.segment).or_insert(0);
+                *e = (*e).max(end);
+                if self.shared.config.sync != SyncPolicy::EveryCommit {
+                    // Acknowledged at the write under these (unsafe) policies: only what comes
+                    // after a failure is untrusted.
+                    let mut st = self.lock_state();
+                    let d = st.durable_end.entry(chunk.segment).or_insert(0);
+                    *d = (*d).max(end);
+                }
+            }
+            Err(_) => self.shared.poison(chunk.segment),
         }
         result
     }
@@ -1012,7 +1070,11 @@ impl SyncThread {
                 return Err(failure);
             }
         }
-        self.lock_state().stats.syncs += 1;
+        let end = self.written_end.get(&id).copied().unwrap_or(0);
+        let mut st = self.lock_state();
+        st.stats.syncs += 1;
+        let d = st.durable_end.entry(id).or_insert(0);
+        *d = (*d).max(end);
         Ok(())
     }
 
@@ -1068,6 +1130,35 @@ impl SyncThread {
                 || pending.iter().any(|c| c.segment == *id)
         });
     }
+}
+
+/// Reads [`UNTRUSTED_FILE`] (missing: none). Lines that do not parse are skipped.
+pub fn read_untrusted(dir: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(dir.join(UNTRUSTED_FILE)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (seg, off) = l.split_once(' ')?;
+            Some((u64::from_str_radix(seg, 16).ok()?, off.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Replaces [`UNTRUSTED_FILE`] atomically and durably (temporary file, sync, rename, directory
+/// sync).
+pub(crate) fn write_untrusted(dir: &Path, entries: &[(u64, u64)]) -> Result<(), SpoolError> {
+    use std::io::Write;
+    let path = dir.join(UNTRUSTED_FILE);
+    let tmp = dir.join(format!("{UNTRUSTED_FILE}.tmp"));
+    let text: String = entries
+        .iter()
+        .map(|(s, o)| format!("{s:016x} {o}\n"))
+        .collect();
+    let mut f = File::create(&tmp).map_err(io_err(IoOp::Create, &tmp))?;
+    f.write_all(text.as_bytes())
+        .map_err(io_err(IoOp::Write, &tmp))?;
+    f.sync_all().map_err(io_err(IoOp::Sync, &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(IoOp::Rename, &tmp))?;
+    sync_dir(dir)
 }
 
 /// Creates a segment atomically: a `.seg.tmp` file is preallocated, given its header, synced,

@@ -223,9 +223,13 @@ impl RecoveryReport {
 
 /// Recovers the spool directory `dir` (created if missing), calling `visit` for every valid
 /// record in write order (segment id, then offset). Returns the kept segments and the report.
+///
+/// `untrusted` lists segments whose bytes from an offset on are not to be believed (written
+/// after an I/O error, never acknowledged; see [`crate::log`]): they are not scanned there.
 pub fn recover_dir(
     dir: &Path,
     disk: &dyn Disk,
+    untrusted: &[(u64, u64)],
     mut visit: impl FnMut(Location, &Record<'_>),
 ) -> Result<(Vec<RecoveredSegment>, RecoveryReport), SpoolError> {
     std::fs::create_dir_all(dir).map_err(io_err(IoOp::CreateDir, dir))?;
@@ -340,7 +344,19 @@ pub fn recover_dir(
                 None
             }
         };
-        let scan = scan_segment(&bytes, id, |offset, len, rec| {
+        let limit = untrusted
+            .iter()
+            .find(|(s, _)| *s == id)
+            .map_or(bytes.len(), |(_, from)| (*from as usize).min(bytes.len()));
+        if let Some(i) = last_nonzero(&bytes[limit..]) {
+            report.damage(Damage {
+                segment: id,
+                offset: limit as u64,
+                len: (i + 1) as u64,
+                error: DecodeError::Unsynced,
+            });
+        }
+        let scan = scan_segment(&bytes[..limit], id, |offset, len, rec| {
             visit(
                 Location {
                     segment: id,

@@ -232,9 +232,22 @@ impl Spool {
         // Before anything is read or repaired: a live spool is never recovered under its owner.
         let lock = crate::lock::DirLock::acquire(&config.log.dir)?;
         let mut builder = IndexBuilder::default();
-        let (recovered, report) = recover_dir(&config.log.dir, &*config.log.disk, |loc, rec| {
-            builder.apply(loc, rec)
-        })?;
+        let untrusted = crate::log::read_untrusted(&config.log.dir);
+        let (recovered, report) = recover_dir(
+            &config.log.dir,
+            &*config.log.disk,
+            &untrusted,
+            |loc, rec| builder.apply(loc, rec),
+        )?;
+        // Entries for segments that are gone are dropped (their ids are never used again).
+        let kept: Vec<(u64, u64)> = untrusted
+            .iter()
+            .copied()
+            .filter(|(s, _)| recovered.iter().any(|r| r.id == *s))
+            .collect();
+        if kept.len() != untrusted.len() {
+            crate::log::write_untrusted(&config.log.dir, &kept)?;
+        }
         let mut segments = BTreeMap::new();
         let registry: MapRegistry = Arc::default();
         let mut next_id: u64 = 1;
@@ -250,7 +263,8 @@ impl Spool {
             .iter()
             .rev()
             .take_while(|s| {
-                s.records == 0
+                !kept.iter().any(|(id, _)| *id == s.id)
+                    && s.records == 0
                     && s.header.is_some()
                     && s.end == crate::segment::SEGMENT_HEADER_LEN as u64
                     && report.torn_tail.as_ref().is_none_or(|t| t.segment != s.id)
@@ -266,6 +280,7 @@ impl Spool {
                 s.header.is_some()
                     && s.map.bytes().len() as u64 == config.log.segment_bytes
                     && s.end + 4096 <= config.log.segment_bytes
+                    && !kept.iter().any(|(id, _)| *id == s.id)
             })
             .map(|s| (s.id, s.end));
         for seg in recovered {
