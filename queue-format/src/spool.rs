@@ -751,6 +751,16 @@ impl Spool {
     pub fn close(self) {
         self.log.close();
     }
+
+    /// Closes a spool that is to be removed: its readers forget every segment map too (so the
+    /// files' space is freed once they are deleted), then [`Spool::close`].
+    pub fn retire(self) {
+        self.registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.close();
+    }
 }
 
 /// Decodes the base record at `loc` through the segment's map (mapped on first use).

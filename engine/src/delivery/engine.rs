@@ -354,11 +354,12 @@ impl<S: Dial + 'static> Deliverer<S> {
                 let (router, owner) = (self.router.clone(), self.shard);
                 tokio::task::spawn_local(async move {
                     let msg = ShardMsg::Reoffer {
+                        spool: spool_shard,
                         queue_id,
                         owner,
                         rcpts,
                     };
-                    let _ = router.send(spool_shard as usize, msg).await;
+                    let _ = router.send_to_spool(spool_shard, msg).await;
                 });
                 Err(ReadFailure::Moved)
             }
@@ -1100,13 +1101,14 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
         self.metrics.outcomes(domain, msg.tenant, counts);
         let out = ShardMsg::Outcomes {
+            spool: job.spool_shard,
             queue_id: job.queue_id,
             at_micros: now,
             outcomes,
         };
         if self
             .router
-            .send(job.spool_shard as usize, out)
+            .send_to_spool(job.spool_shard, out)
             .await
             .is_err()
         {
@@ -1383,11 +1385,12 @@ impl<S: Dial + 'static> Deliverer<S> {
                 })
                 .collect();
             let msg = ShardMsg::Outcomes {
+                spool: job.spool_shard,
                 queue_id: job.queue_id,
                 at_micros: now_micros(),
                 outcomes,
             };
-            let _ = self.router.send(job.spool_shard as usize, msg).await;
+            let _ = self.router.send_to_spool(job.spool_shard, msg).await;
         }
     }
 

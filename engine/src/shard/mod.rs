@@ -8,6 +8,15 @@
 //! (asynchronously, without blocking its shard) until there is room, and the wait is counted;
 //! nothing is ever dropped while the receiving shard runs.
 //!
+//! # Adopted spools
+//! A spool is a directory `shard-N` under `[spool] dir`, and `N` is the spool's id (written
+//! into its segment headers and queue ids). When the shard count shrinks (`shards`, or the CPU
+//! count under `shards = 0`), spools `shard-N` with `N >= shards` have no shard of their own:
+//! at start, shard `N % shards` *adopts* each one. It recovers it, hands its recipients to their
+//! domains' owners like its own, journals their outcomes there, and takes no new mail into it;
+//! once nothing in it is live it is closed and its directory removed. Messages always stay in
+//! the spool that took them: [`Router::send_to_spool`] finds the shard hosting a spool id.
+//!
 //! # Backends
 //! `backend = "auto"` tries io_uring (`tokio_uring::Runtime::new`, which reports an error where
 //! the kernel or a seccomp filter refuses io_uring) and falls back to epoll; the log says which
@@ -89,6 +98,8 @@ pub enum ShardMsg {
     Deliver(Handoff),
     /// To the spool's shard: journal these outcomes of one message.
     Outcomes {
+        /// The spool holding the message (its host may hold several: adopted spools).
+        spool: u16,
         queue_id: QueueId,
         at_micros: u64,
         outcomes: Vec<Outcome>,
@@ -96,6 +107,7 @@ pub enum ShardMsg {
     /// To the spool's shard: the owner could not read the message at the location it was given
     /// (compaction moved it); hand the owner these recipients again, those still non-terminal.
     Reoffer {
+        spool: u16,
         queue_id: QueueId,
         owner: u16,
         rcpts: Vec<u32>,
@@ -163,6 +175,17 @@ impl Router {
 
     pub fn shards(&self) -> usize {
         self.senders.len()
+    }
+
+    /// The shard hosting spool `spool`: its own shard, or the adopter of a spool left by a
+    /// larger shard count.
+    pub fn host_of(&self, spool: u16) -> usize {
+        spool as usize % self.senders.len()
+    }
+
+    /// Sends to the shard hosting spool `spool` (see [`Router::send`]).
+    pub async fn send_to_spool(&self, spool: u16, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.send(self.host_of(spool), msg).await
     }
 
     /// True when the delivery queues are full: new mail should wait (`452 4.3.1`).
@@ -321,6 +344,8 @@ pub enum RunningBackend {
 /// Everything a shard thread needs, moved into it.
 struct ShardSetup {
     shard: u16,
+    /// Spools of a larger shard count that this shard hosts until they drain.
+    adopt: Vec<u16>,
     config: Arc<Config>,
     credentials: Option<Arc<Credentials>>,
     auth_throttle: Arc<crate::auth::AuthThrottle>,
@@ -365,7 +390,21 @@ impl Server {
         let shards = config.shard_count();
         let queued_max = config.delivery.queued_rcpts_max.saturating_mul(shards);
         let (router, inboxes) = Router::new(shards, queued_max);
-        let readers: SpoolReaders = Arc::new((0..shards).map(|_| Default::default()).collect());
+        let orphans = orphan_spools(&config.spool.dir, shards)?;
+        let slots = orphans
+            .iter()
+            .map(|id| *id as usize + 1)
+            .max()
+            .unwrap_or(0)
+            .max(shards);
+        let readers: SpoolReaders = Arc::new((0..slots).map(|_| Default::default()).collect());
+        if !orphans.is_empty() {
+            tracing::warn!(
+                shards,
+                spools = ?orphans,
+                "spools of a larger shard count found; adopting them until they drain"
+            );
+        }
         let metrics = Arc::new(crate::metrics::Metrics::with_recording(
             shards,
             config.admin.metrics,
@@ -395,8 +434,14 @@ impl Server {
             }
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             readies.push(ready_rx);
+            let adopt: Vec<u16> = orphans
+                .iter()
+                .copied()
+                .filter(|id| *id as usize % shards == shard)
+                .collect();
             let setup = ShardSetup {
                 shard: shard as u16,
+                adopt,
                 config: Arc::clone(&config),
                 credentials: credentials.clone(),
                 auth_throttle: Arc::clone(&auth_throttle),
@@ -544,6 +589,7 @@ impl Acceptor for UringAcceptor {
 async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     let ShardSetup {
         shard,
+        adopt,
         config,
         credentials,
         auth_throttle,
@@ -603,7 +649,39 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         let _ = slot.set(spool.reader());
     }
     metrics.watch_spool(shard, spool.watch());
+    let mut adopted = Vec::new();
+    for id in adopt {
+        let opened = config
+            .spool_config(id)
+            .and_then(Spool::open)
+            .map_err(|e| e.to_string());
+        match opened {
+            Ok((s, report)) => {
+                tracing::warn!(
+                    shard,
+                    spool = id,
+                    live = s.len(),
+                    records = report.records,
+                    damage = report.damage_count,
+                    "adopted spool recovered; its mail is delivered, then it is removed"
+                );
+                if let Some(slot) = readers.get(id as usize) {
+                    let _ = slot.set(s.reader());
+                }
+                adopted.push((id, Rc::new(RefCell::new(s))));
+            }
+            Err(e) => {
+                let _ = ready.send(Err(format!("adopted spool shard-{id}: {e}")));
+                return;
+            }
+        }
+    }
     let spool = Rc::new(RefCell::new(spool));
+    let spools: SpoolSet = Rc::new(RefCell::new(
+        std::iter::once((shard, Rc::clone(&spool)))
+            .chain(adopted.iter().cloned())
+            .collect(),
+    ));
     let deliverer = match Deliverer::<A::S>::new(
         shard,
         Arc::clone(&config),
@@ -639,7 +717,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     tokio::task::spawn_local(drain_inbox(
         inbox,
         Rc::clone(&deliverer),
-        Rc::clone(&spool),
+        Rc::clone(&spools),
         router.clone(),
         shard,
         Rc::clone(&inbox_done),
@@ -648,10 +726,16 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         tokio::task::spawn_local(Rc::clone(&deliverer).run_scheduler());
     }
     tokio::task::spawn_local(requeue_recovered(Rc::clone(&spool), router.clone(), shard));
+    for (id, s) in &adopted {
+        tokio::task::spawn_local(requeue_recovered(Rc::clone(s), router.clone(), *id));
+    }
+    drop(adopted);
     // Maintenance: reclaim spool space once a second.
     let maint_spool = Rc::clone(&spool);
     let maint_metrics = Arc::clone(&metrics);
     let maint_deliverer = Rc::clone(&deliverer);
+    let maint_spools = Rc::clone(&spools);
+    let maint_config = Arc::clone(&config);
     let mut ticks = 0u64;
     let mut maint_shutdown = shutdown.clone();
     tokio::task::spawn_local(async move {
@@ -664,6 +748,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
             if let Err(e) = maint_spool.borrow_mut().reclaim() {
                 tracing::error!(shard, error = %e, "spool reclamation failed");
             }
+            retire_drained(&maint_spools, shard, &maint_config);
             // The oldest live message: a scan of the index, every 10 s (O(live messages)). The
             // other spool figures are read live at each scrape.
             if ticks % 10 == 0 {
@@ -799,11 +884,25 @@ async fn accept_loop<A: Acceptor>(
 async fn drain_inbox<S: crate::io::Dial + 'static>(
     inbox: Receiver<ShardMsg>,
     deliverer: Rc<Deliverer<S>>,
-    spool: Rc<RefCell<Spool>>,
+    spools: SpoolSet,
     router: Router,
     shard: u16,
     done: Rc<Cell<bool>>,
 ) {
+    let Some(spool) = spools.borrow().get(&shard).cloned() else {
+        return;
+    };
+    let spool_of = |id: u16| {
+        let found = spools.borrow().get(&id).cloned();
+        if found.is_none() {
+            tracing::warn!(
+                shard,
+                spool = id,
+                "message for a spool this shard does not host"
+            );
+        }
+        found
+    };
     let enabled = deliverer.enabled();
     let mut pause = Duration::from_micros(50);
     loop {
@@ -817,15 +916,25 @@ async fn drain_inbox<S: crate::io::Dial + 'static>(
                     }
                 }
                 ShardMsg::Outcomes {
+                    spool: id,
                     queue_id,
                     at_micros,
                     outcomes,
-                } => journal_outcomes(&spool, &router, queue_id, at_micros, &outcomes),
+                } => {
+                    if let Some(sp) = spool_of(id) {
+                        journal_outcomes(&sp, &router, queue_id, at_micros, &outcomes)
+                    }
+                }
                 ShardMsg::Reoffer {
+                    spool: id,
                     queue_id,
                     owner,
                     rcpts,
-                } => reoffer(&spool, &router, shard, queue_id, owner, &rcpts),
+                } => {
+                    if let Some(sp) = spool_of(id) {
+                        reoffer(&sp, &router, id, queue_id, owner, &rcpts)
+                    }
+                }
                 ShardMsg::Admin(req, reply) => {
                     let _ = reply.send(deliverer.admin(&req));
                 }
@@ -848,6 +957,84 @@ async fn drain_inbox<S: crate::io::Dial + 'static>(
         } else {
             pause = Duration::from_micros(50);
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// The spools a shard hosts by id: its own and those it adopted.
+type SpoolSet = Rc<RefCell<HashMap<u16, Rc<RefCell<Spool>>>>>;
+
+/// Spool directories `shard-N` under `dir` with `N >= shards`: left by a larger shard count.
+fn orphan_spools(dir: &std::path::Path, shards: usize) -> anyhow::Result<Vec<u16>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "reading the spool directory {}: {e}",
+                dir.display()
+            ));
+        }
+    };
+    let mut ids = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(n) = name.to_str().and_then(|n| n.strip_prefix("shard-")) else {
+            continue;
+        };
+        if let Ok(id) = n.parse::<u16>() {
+            if id as usize >= shards && entry.path().is_dir() {
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Reclaims the adopted spools; closes and removes each that holds nothing live any more.
+fn retire_drained(spools: &SpoolSet, shard: u16, config: &Config) {
+    let adopted: Vec<(u16, Rc<RefCell<Spool>>)> = spools
+        .borrow()
+        .iter()
+        .filter(|(id, _)| **id != shard)
+        .map(|(id, s)| (*id, Rc::clone(s)))
+        .collect();
+    for (id, s) in adopted {
+        let drained = {
+            let mut sp = s.borrow_mut();
+            if let Err(e) = sp.reclaim() {
+                tracing::error!(shard, spool = id, error = %e, "adopted spool reclamation failed");
+            }
+            sp.is_empty()
+        };
+        if !drained {
+            continue;
+        }
+        spools.borrow_mut().remove(&id);
+        match Rc::try_unwrap(s) {
+            Ok(sp) => {
+                sp.into_inner().retire();
+                let dir = config.spool.dir.join(format!("shard-{id}"));
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => tracing::warn!(
+                        shard,
+                        spool = id,
+                        dir = %dir.display(),
+                        "adopted spool drained and removed"
+                    ),
+                    Err(e) => tracing::error!(
+                        shard,
+                        dir = %dir.display(),
+                        error = %e,
+                        "adopted spool drained but its directory could not be removed"
+                    ),
+                }
+            }
+            // Still in use by a task: put back, tried again at the next tick.
+            Err(s) => {
+                spools.borrow_mut().insert(id, s);
+            }
         }
     }
 }
