@@ -139,6 +139,13 @@ impl SegmentEntry {
     }
 }
 
+struct OutcomeInFlight {
+    ticket: CommitTicket,
+    queue_id: QueueId,
+    /// (recipient index, state before, state after).
+    changes: Vec<(usize, RcptStatus, RcptStatus)>,
+}
+
 struct Rehome {
     ticket: CommitTicket,
     queue_id: QueueId,
@@ -218,6 +225,12 @@ pub struct Spool {
     rehoming: Vec<Rehome>,
     /// Messages whose last outcome makes them terminal, until that outcome is committed.
     finishing: Vec<(CommitTicket, QueueId)>,
+    /// Outcome records not yet committed, with each recipient's state before and after: a
+    /// failed commit puts the state back, so that nothing unacknowledged is ever copied into
+    /// a compaction record as if it were durable.
+    outcomes_in_flight: Vec<OutcomeInFlight>,
+    /// Per message: outcome records in flight (compaction leaves such messages for later).
+    in_flight: HashMap<QueueId, u32>,
     /// Segment maps shared with other shards ([`SpoolReader`]).
     registry: MapRegistry,
     published: Arc<Published>,
@@ -332,6 +345,8 @@ impl Spool {
             counter: random_u64() & COUNTER_MASK,
             rehoming: Vec::new(),
             finishing: Vec::new(),
+            outcomes_in_flight: Vec::new(),
+            in_flight: HashMap::new(),
             registry,
             published: Arc::default(),
             _lock: lock,
@@ -461,10 +476,20 @@ impl Spool {
             .messages
             .get_mut(&queue_id)
             .expect("checked above, nothing removed since");
+        let mut changes = Vec::with_capacity(entries.len());
         for e in entries {
-            live.rcpts[e.rcpt_index as usize] = RcptStatus::from_outcome(e);
+            let i = e.rcpt_index as usize;
+            let new = RcptStatus::from_outcome(e);
+            let old = std::mem::replace(&mut live.rcpts[i], new.clone());
+            changes.push((i, old, new));
         }
         let terminal = live.is_terminal();
+        *self.in_flight.entry(queue_id).or_insert(0) += 1;
+        self.outcomes_in_flight.push(OutcomeInFlight {
+            ticket: ticket.clone(),
+            queue_id,
+            changes,
+        });
         self.track(ticket.location());
         if terminal {
             // The message leaves the index only once this record is durable (see `settle`):
@@ -606,6 +631,10 @@ impl Spool {
             .collect();
         let (mut moved, mut stuck) = (0, 0);
         for queue_id in &ids {
+            if self.in_flight.contains_key(queue_id) {
+                // Its state in memory is not all durable yet: moved at a later step.
+                continue;
+            }
             let live = &self.messages[queue_id];
             let Ok(mut message) = read_base(
                 &self.config.log.dir,
@@ -651,6 +680,30 @@ impl Spool {
     /// segments can be reclaimed. Cheap; `reclaim` calls it, and callers may call it after
     /// waiting on an outcome ticket.
     pub fn settle(&mut self) {
+        let mut i = 0;
+        while i < self.outcomes_in_flight.len() {
+            let Some(result) = self.outcomes_in_flight[i].ticket.try_result() else {
+                i += 1;
+                continue;
+            };
+            let done = self.outcomes_in_flight.swap_remove(i);
+            if let Some(n) = self.in_flight.get_mut(&done.queue_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight.remove(&done.queue_id);
+                }
+            }
+            if result.is_err() {
+                // Not on disk: back to the state before, unless a later outcome replaced it.
+                if let Some(m) = self.messages.get_mut(&done.queue_id) {
+                    for (r, old, new) in done.changes {
+                        if m.rcpts.get(r) == Some(&new) {
+                            m.rcpts[r] = old;
+                        }
+                    }
+                }
+            }
+        }
         let mut i = 0;
         while i < self.finishing.len() {
             match self.finishing[i].0.try_result() {
