@@ -128,3 +128,79 @@ fn growing_from_one_shard_to_two_delivers_everything() {
 fn shrinking_from_four_shards_to_two_delivers_everything() {
     change_shard_count(4, 2);
 }
+
+/// SIGTERM during a transaction: the transaction finishes (250, and the message is kept), the
+/// next MAIL is refused with 421, and the daemon then exits cleanly.
+#[test]
+fn sigterm_lets_a_running_transaction_finish_and_refuses_new_ones() {
+    use std::io::{BufRead, Write};
+    let mut d = Daemon::start("epoll", "");
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test")
+s.mail("a@origin.test"); s.rcpt("b@x.test")
+print("in-transaction", flush=True)
+sys.stdin.readline()
+code, _ = s.data(b"Subject: deploy\r\n\r\nsent during shutdown\r\n")
+print("data", code, flush=True)
+try:
+    code, msg = s.mail("a@origin.test")
+    print("mail", code, msg.decode(), flush=True)
+except smtplib.SMTPServerDisconnected:
+    print("mail closed", flush=True)
+"#;
+    let mut py = std::process::Command::new("python3")
+        .args(["-c", script, &d.port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = std::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "in-transaction");
+    let pid = d.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Wait for the state: the daemon has begun its shutdown.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !d.log().contains("shutting down") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no shutdown:\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    py.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    for _ in 0..2 {
+        out.read_line(&mut rest).unwrap();
+    }
+    assert!(
+        rest.contains("data 250"),
+        "the running transaction was cut:\n{rest}"
+    );
+    assert!(
+        rest.contains("mail 421") || rest.contains("mail closed"),
+        "a new transaction was started during shutdown:\n{rest}"
+    );
+    let _ = py.wait();
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{}", d.log());
+    // The message taken during shutdown is in the spool at the next start.
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    let cfg = std::fs::read_to_string(dir.path().join("saida.toml")).unwrap();
+    let d2 = Daemon::start_in(dir, d.port, &cfg);
+    assert!(
+        d2.log().contains("live=1") || d2.log().contains("live: 1"),
+        "{}",
+        d2.log()
+    );
+}

@@ -23,9 +23,11 @@
 //! runs. `"io_uring"` fails instead of falling back; `"epoll"` never tries io_uring.
 //!
 //! # Shutdown
-//! On SIGTERM or SIGINT the shards stop accepting, give sessions `shutdown_grace_secs` to
-//! finish, answer `421 4.3.2` to those still waiting for a command, then close their spools
-//! (which commits everything pending) and exit.
+//! On SIGTERM or SIGINT the shards stop accepting and start no new transaction: an SMTP
+//! session between transactions is answered `421 4.3.2`, one inside a transaction may finish
+//! it (a new `MAIL` then gets `421`), and outbound connections finish the transaction they are
+//! in and send no other. All of it within `shutdown_grace_secs`; then the spools are closed
+//! (which commits everything pending) and the process exits.
 
 pub mod route;
 

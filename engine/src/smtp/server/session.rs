@@ -318,6 +318,11 @@ impl<S: Stream> Session<S> {
     }
 
     fn mail(&mut self, from: &str, p: crate::smtp::command::MailParams<'_>) -> Result<(), Stop> {
+        if *self.ctx.shutdown.borrow() {
+            // No new transaction once shutdown has begun.
+            self.reply(Reply::new(421, "4.3.2", "Service shutting down"));
+            return Err(Stop::Close);
+        }
         if self.helo.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
         }
@@ -844,14 +849,22 @@ impl<S: Stream> Session<S> {
                 discarding = true;
                 self.pos = self.inbuf.len();
             }
-            if *self.ctx.shutdown.borrow() {
+            // At shutdown a transaction under way is let finish (within the grace period); a
+            // session between transactions is told 421.
+            let in_transaction = self.tx.is_some();
+            if !in_transaction && *self.ctx.shutdown.borrow() {
                 return LineRead::Shutdown;
             }
             if self.flush().await.is_err() {
                 return LineRead::Eof;
             }
             let timeout = self.config().smtp.command_timeout_secs;
-            match self.read_more_cancellable(timeout).await {
+            let read = if in_transaction {
+                self.read_some(timeout).await
+            } else {
+                self.read_more_cancellable(timeout).await
+            };
+            match read {
                 ReadResult::Data => {}
                 ReadResult::Eof => return LineRead::Eof,
                 ReadResult::Timeout => return LineRead::Timeout,
