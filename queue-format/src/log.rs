@@ -988,20 +988,30 @@ impl SyncThread {
     /// newest segment holding data can end in a torn write; recovery relies on it.
     fn write_batch(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         let every_commit = self.shared.config.sync == SyncPolicy::EveryCommit;
+        // Segments this batch has written to: its tickets cover them all.
+        let mut written: Vec<u64> = Vec::new();
         for chunk in &batch.chunks {
             if every_commit && self.last_segment.is_some_and(|p| p != chunk.segment) {
                 if let Some((stage, _)) = &self.stage {
                     stage.drain();
                 }
-                // A previous segment that failed is not synced again: its tickets have failed
-                // already, and nothing more is acknowledged from it. Syncing it would fail every
-                // later batch too and wedge the log.
                 if let Some(prev) = self.last_segment {
                     let failed = self.lock_state().failed_segments.contains(&prev);
+                    if failed && written.contains(&prev) {
+                        // Part of this batch went into a segment that failed meanwhile: the
+                        // whole batch fails (its bytes there are not durable).
+                        self.shared.check_healthy(prev, IoOp::Sync)?;
+                    }
+                    // A failed previous segment that this batch did not write to is not synced
+                    // again: its own tickets have failed already, and syncing it would fail
+                    // every later batch too and wedge the log.
                     if self.files.contains_key(&prev) && !failed {
                         self.sync_segment(prev)?;
                     }
                 }
+            }
+            if !written.contains(&chunk.segment) {
+                written.push(chunk.segment);
             }
             self.last_segment = Some(chunk.segment);
             self.write_chunk(chunk)?;

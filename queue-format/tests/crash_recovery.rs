@@ -15,21 +15,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{body, message, small_config};
+use common::{Rng, body, message, small_config};
 use queue_format::{OutcomeEntry, QueueId, RcptState, Spool};
 
 const KILLS: usize = 25;
 const CHILD_ENV: &str = "SAIDA_CRASH_CHILD_DIR";
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn body_len(seed: u64) -> usize {
     // Mostly small, sometimes large enough to cross 1 MiB segment boundaries often.

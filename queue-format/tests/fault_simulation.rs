@@ -15,27 +15,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{body, message, small_config};
+use common::{Rng, body, message, small_config};
 use queue_format::disk::{DiskOp, FaultyDisk};
 use queue_format::{OutcomeEntry, QueueId, RcptState, Spool, SpoolConfig};
 
 /// Operations per seed.
 const OPS: usize = 3000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// What one recipient may be after recovery: its acknowledged state, or one written after it
 /// whose commit failed (it may have reached the disk anyway).
