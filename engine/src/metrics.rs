@@ -817,6 +817,55 @@ pub fn docs_markdown() -> String {
 mod tests {
     use super::*;
 
+    /// `/readyz` reads this: a spool whose commit failed is listed until one succeeds again,
+    /// and the scraped commit counter is current without any periodic task.
+    #[test]
+    fn a_spool_that_cannot_commit_is_reported_and_figures_are_live() {
+        use queue_format::disk::{DiskOp, FaultyDisk};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FaultyDisk::new();
+        let mut config = queue_format::SpoolConfig::new(dir.path());
+        config.log.segment_bytes = 1 << 20;
+        config.log.disk = disk.clone();
+        let (mut spool, _) = queue_format::Spool::open(config).unwrap();
+        let metrics = Metrics::new(1);
+        metrics.watch_spool(0, spool.watch());
+        let stats = RouterStats::default();
+        let mut accept = |spool: &mut queue_format::Spool| {
+            let queue_id = spool.next_queue_id(1);
+            let m = queue_format::Message {
+                queue_id,
+                received_at_micros: 1,
+                flags: 0,
+                dsn_ret: queue_format::DsnRet::Unspecified,
+                tenant: "",
+                sender: "a@b.test",
+                envid: "",
+                recipients: vec![queue_format::Recipient::new("c@d.test")],
+                body: b"hello",
+            };
+            let r = spool.accept(&m).and_then(|t| t.wait());
+            if r.is_err() {
+                spool.abandon(queue_id);
+            }
+            r
+        };
+        accept(&mut spool).unwrap();
+        assert!(metrics.unhealthy_spools().is_empty());
+        assert!(
+            metrics
+                .render(&stats)
+                .contains("saida_spool_commits_total 1\n")
+        );
+        disk.fail_next(DiskOp::Sync, 0);
+        assert!(accept(&mut spool).is_err());
+        let bad = metrics.unhealthy_spools();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].1.contains("fdatasync"), "{bad:?}");
+        accept(&mut spool).unwrap();
+        assert!(metrics.unhealthy_spools().is_empty());
+    }
+
     #[test]
     fn docs_metrics_md_is_generated_from_the_declarations() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
