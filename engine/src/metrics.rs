@@ -831,7 +831,7 @@ mod tests {
         let metrics = Metrics::new(1);
         metrics.watch_spool(0, spool.watch());
         let stats = RouterStats::default();
-        let mut accept = |spool: &mut queue_format::Spool| {
+        let accept = |spool: &mut queue_format::Spool| {
             let queue_id = spool.next_queue_id(1);
             let m = queue_format::Message {
                 queue_id,
