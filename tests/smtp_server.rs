@@ -368,3 +368,63 @@ print(sum(1 for _ in range(2000) if f.readline().startswith(b"250 2.0.0")))
         );
     }
 }
+
+/// A message that already went through too many hops (a mail loop) is refused with
+/// `554 5.4.6` at SMTP and at HTTP intake; one under the bound is taken.
+#[test]
+fn a_looping_message_is_refused_at_smtp_and_http_intake() {
+    let admin = format!("127.0.0.1:{}", saida_e2e::free_port());
+    let d = Daemon::start(
+        "epoll",
+        &format!(
+            "[smtp]\nreceived_headers_max = 5\n\n[admin]\naddress = \"{admin}\"\n\
+             token = \"token-0123456789abcdef\"\n"
+        ),
+    );
+    let out = python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.ehlo("client.test")
+for hops in (4, 5):
+    hdrs = "".join("Received: from hop%d.test by relay.test; Thu, 3 Dec 2026 00:00:00 +0000\r\n" % i for i in range(hops))
+    s.mail("a@origin.test"); s.rcpt("b@x.test")
+    try:
+        code, msg = s.data((hdrs + "Subject: loop\r\n\r\nbody\r\n").encode())
+    except smtplib.SMTPDataError as e:
+        code, msg = e.smtp_code, e.smtp_error
+    print(hops, code, msg.decode())
+s.quit()
+"#,
+        &[&d.port.to_string()],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("4 250"), "{out}");
+    assert!(
+        lines[1].starts_with("5 554") && lines[1].contains("5.4.6"),
+        "{out}"
+    );
+    let hops: Vec<serde_json::Value> = (0..5)
+        .map(|i| serde_json::json!(["Received", format!("from hop{i}.test by relay.test")]))
+        .collect();
+    let body = serde_json::json!({"from": "a@origin.test", "to": ["b@x.test"],
+        "headers": hops, "body": "loop"})
+    .to_string();
+    let out = python(
+        r#"
+import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method="POST")
+req.add_header("Authorization", "Bearer token-0123456789abcdef")
+req.add_header("Content-Type", "application/json")
+try:
+    r = urllib.request.urlopen(req, timeout=20); print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+"#,
+        &[&format!("http://{admin}/messages"), &body],
+    );
+    assert!(
+        out.contains("5.4.6"),
+        "HTTP intake took a looping message: {out}"
+    );
+}

@@ -175,6 +175,9 @@ pub struct Smtp {
     pub data_timeout_secs: u64,
     pub bare_line_ends: BareLineEnds,
     pub add_message_id: bool,
+    /// A message already carrying this many `Received:` fields is refused (`554 5.4.6`): a
+    /// mail loop.
+    pub received_headers_max: usize,
 }
 
 impl Default for Smtp {
@@ -194,6 +197,7 @@ impl Default for Smtp {
             data_timeout_secs: 180,
             bare_line_ends: BareLineEnds::Reject,
             add_message_id: true,
+            received_headers_max: 50,
         }
     }
 }
@@ -482,6 +486,7 @@ impl Config {
             10,
             10_000_000,
         )?;
+        range("smtp.received_headers_max", s.received_headers_max, 1, 1000)?;
         range(
             "smtp.errors_per_session_max",
             s.errors_per_session_max,

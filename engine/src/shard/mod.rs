@@ -1063,6 +1063,11 @@ async fn inject(
                 "552 5.3.4 message too large; queued so far: {ids:?}"
             ));
         }
+        let hops = headers::received_count(&m.content);
+        if hops >= config.smtp.received_headers_max {
+            let why = headers::loop_refusal(hops);
+            return Err(format!("554 5.4.6 {why}; queued so far: {ids:?}"));
+        }
         let now = queue_format::now_micros();
         let queue_id = spool.borrow_mut().next_queue_id(now);
         let qid = queue_id.to_string();

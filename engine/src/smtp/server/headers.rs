@@ -48,6 +48,22 @@ pub fn received(r: &ReceivedInfo<'_>) -> String {
     h
 }
 
+/// Number of `Received:` fields in the header section of `message` (each hop adds one; a
+/// count past `[smtp] received_headers_max` means a mail loop).
+pub fn received_count(message: &[u8]) -> usize {
+    message
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
+        .count()
+}
+
+/// The `554 5.4.6` text for a message refused as looping.
+pub fn loop_refusal(count: usize) -> String {
+    format!("Too many Received headers ({count}): mail loop detected")
+}
+
 /// True when the header section of `message` has a `Message-ID:` field.
 pub fn has_message_id(message: &[u8]) -> bool {
     find_message_id(message).is_some()

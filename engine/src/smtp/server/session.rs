@@ -521,6 +521,17 @@ impl<S: Stream> Session<S> {
             return Ok(());
         };
         let eod = std::time::Instant::now();
+        let hops = headers::received_count(&content);
+        if hops >= self.config().smtp.received_headers_max {
+            tracing::warn!(
+                client = %self.info.peer.ip(),
+                sender = %tx.from,
+                hops,
+                "message refused: mail loop"
+            );
+            self.reply(Reply::owned(554, "5.4.6", headers::loop_refusal(hops)));
+            return Ok(());
+        }
         if self.ctx.router.queues_full() {
             self.ctx
                 .metrics
