@@ -538,3 +538,37 @@ fn a_huge_reply_is_truncated_and_a_2xx_to_data_is_not_a_delivery() {
         r.iter().any(|x| x["rcpt"] == "s@origin.test")
     });
 }
+
+#[test]
+fn a_route_back_to_this_server_is_a_mail_loop_and_is_deferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = format!(
+        "[server]\nhostname = \"saida.test\"\nshards = 1\nbackend = \"epoll\"\n\
+         shutdown_grace_secs = 2\n\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
+         [spool]\ndir = \"{d}/spool\"\n\n[delivery]\nlog_dir = \"{d}/log\"\n\
+         retry_delays_secs = [60]\n\n[admin]\naddress = \"\"\n\n\
+         [relay]\nnetworks = [\"127.0.0.0/8\"]\n\n\
+         [[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:{port}\"]\n",
+        d = dir.path().display()
+    );
+    let d = Daemon::start_in(dir, port, &cfg);
+    assert_eq!(
+        send_messages(d.port, &[("a@origin.test", vec!["b@loop.test".into()])]),
+        1
+    );
+    let log = wait_log(&d, "the loop deferral", |l| {
+        l.iter().any(|x| x["recipient"] == "b@loop.test")
+    });
+    let entry = log
+        .iter()
+        .find(|x| x["recipient"] == "b@loop.test")
+        .unwrap();
+    assert_eq!(entry["outcome"], "deferred", "{entry}");
+    assert!(
+        entry["reply"].as_str().unwrap_or("").contains("mail loop"),
+        "{entry}"
+    );
+    // The looping copy was never accepted: one message in the whole log.
+    assert_eq!(log.len(), 1, "{log:?}");
+}

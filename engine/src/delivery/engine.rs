@@ -743,6 +743,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         };
         let setup = ClientSetup {
             helo_name: self.helo.clone(),
+            own_name: self.config.server.hostname.clone(),
             policy: policy.tls,
             tls: if policy.tls == TlsPolicy::Verified {
                 Arc::clone(&self.tls_verified)

@@ -53,6 +53,9 @@ pub enum TlsPolicy {
 /// How to set up a connection.
 pub struct ClientSetup {
     pub helo_name: String,
+    /// This server's own host name (its banner's): a peer greeting with it, or with
+    /// `helo_name`, is this server (a mail loop).
+    pub own_name: String,
     pub policy: TlsPolicy,
     /// Client TLS configuration matching the policy (see `io::tls::client_config_*`).
     pub tls: Arc<rustls::ClientConfig>,
@@ -86,6 +89,10 @@ pub enum ClientError {
     /// The envelope cannot be sent to this server (size, SMTPUTF8, address).
     #[error("{0}")]
     Envelope(#[from] EnvelopeError),
+    /// The peer greets with our own host name: a route or MX points back at this server (a
+    /// mail loop). Nothing is sent; the recipients are deferred with this reason.
+    #[error("mail loop: {what} names this server ({name})")]
+    Loop { what: &'static str, name: String },
     /// A reply that the command cannot have (a `2xx` to `DATA` instead of `354`): the server's
     /// state is unknown, nothing counts as delivered, and the connection is dropped.
     #[error("unexpected reply to {command}: {}", .reply.summary())]
@@ -149,6 +156,23 @@ const RCPTS_PER_WRITE_MAX: usize = 100;
 /// Content is written in pieces of this size, each under its own data-block timeout.
 const DATA_WRITE_BYTES: usize = 64 << 10;
 
+/// Fails with [`ClientError::Loop`] when the first word of `reply` (the server's name in a
+/// banner or an EHLO greeting) is `own` (this server's host name).
+fn check_not_self(reply: &ServerReply, what: &'static str, own: &str) -> Result<(), ClientError> {
+    let name = reply
+        .lines
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("");
+    if !own.is_empty() && name.eq_ignore_ascii_case(own) {
+        return Err(ClientError::Loop {
+            what,
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
 impl<S: Stream> ClientSession<S> {
     /// Reads the banner, says EHLO (HELO if EHLO is refused) and applies the TLS policy.
     pub async fn start(stream: S, setup: &ClientSetup) -> Result<Self, ClientError> {
@@ -167,6 +191,8 @@ impl<S: Stream> ClientSession<S> {
         if banner.code != 220 {
             return Err(ClientError::Refused(banner));
         }
+        check_not_self(&banner, "the banner", &setup.own_name)?;
+        check_not_self(&banner, "the banner", &setup.helo_name)?;
         let t = Instant::now();
         s.hello(&setup.helo_name).await?;
         s.phases.ehlo = Some(t.elapsed());
@@ -220,6 +246,7 @@ impl<S: Stream> ClientSession<S> {
         self.write(format!("EHLO {name}\r\n").into_bytes()).await?;
         let r = self.reply("the EHLO reply", self.timeouts.command).await?;
         if r.is_positive() {
+            check_not_self(&r, "the EHLO reply", name)?;
             self.caps = Capabilities::from_ehlo(&r);
             return Ok(());
         }
@@ -610,6 +637,7 @@ mod tests {
 
     fn setup(policy: TlsPolicy, tls: Arc<rustls::ClientConfig>) -> ClientSetup {
         ClientSetup {
+            own_name: String::new(),
             helo_name: "client.test".into(),
             policy,
             tls,
