@@ -136,6 +136,31 @@ except smtplib.SMTPAuthenticationError as e:
             &[&d.port.to_string()],
         );
         assert!(out.starts_with("535 5.7.8"), "{out}");
+        // A user name carrying a line break cannot forge a log line.
+        let out = python(
+            r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.starttls(context=ctx); s.ehlo("c.test")
+try:
+    s.login("eve\nFORGED authenticated user=root", "x"); print("ACCEPTED")
+except smtplib.SMTPAuthenticationError as e:
+    print(e.smtp_code)
+"#,
+            &[&d.port.to_string()],
+        );
+        assert!(out.starts_with("535"), "{out}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !d.log().contains("authentication failed") || !d.log().contains("FORGED") {
+            assert!(std::time::Instant::now() < deadline, "{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !d.log().lines().any(|l| l.starts_with("FORGED")),
+            "a forged log line:\n{}",
+            d.log()
+        );
         // Without TLS, AUTH is neither offered nor accepted, and relaying is refused.
         let out = python(
             r#"

@@ -780,7 +780,7 @@ impl<S: Stream> Session<S> {
         };
         if ok {
             self.ctx.auth_throttle.clear(ip);
-            tracing::info!(client = %ip, user = %user, "authenticated");
+            tracing::info!(client = %ip, user = ?user, "authenticated");
             self.user = Some(user);
             self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
             return Ok(());
@@ -789,7 +789,7 @@ impl<S: Stream> Session<S> {
         self.ctx
             .metrics
             .inc(crate::metrics::Counter::AuthFailures, 1);
-        tracing::warn!(client = %ip, user = %user, failures, "authentication failed");
+        tracing::warn!(client = %ip, user = ?user, failures, "authentication failed");
         // A delay that doubles with each failure from this address slows guessing down.
         let base = self.config().auth.failure_delay_ms;
         let delay = base.saturating_mul(1 << failures.min(6).saturating_sub(1));
