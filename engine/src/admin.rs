@@ -156,6 +156,13 @@ pub struct Answer {
 }
 
 /// Serves the endpoint on its own thread until the process ends.
+/// Compares a presented token with the configured one in constant time (no timing oracle on
+/// how many leading characters were right).
+fn token_matches(given: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    given.as_bytes().ct_eq(token.as_bytes()).into()
+}
+
 pub fn serve(
     config: &AdminConfig,
     router: crate::shard::Router,
@@ -234,7 +241,9 @@ fn handle(
         || lines.any(|l| {
             l.split_once(':').is_some_and(|(k, v)| {
                 k.eq_ignore_ascii_case("authorization")
-                    && v.trim().strip_prefix("Bearer ").map(str::trim) == Some(token)
+                    && v.trim()
+                        .strip_prefix("Bearer ")
+                        .is_some_and(|given| token_matches(given.trim(), token))
             })
         });
     let plain = |status: u16, body: String| {
@@ -492,6 +501,20 @@ mod tests {
             route("POST", "/queue/domains/x/explode").unwrap_err().0,
             404
         );
+    }
+
+    #[test]
+    fn tokens_are_compared_whole() {
+        assert!(token_matches(
+            "token-0123456789abcdef",
+            "token-0123456789abcdef"
+        ));
+        assert!(!token_matches(
+            "token-0123456789abcdeX",
+            "token-0123456789abcdef"
+        ));
+        assert!(!token_matches("token", "token-0123456789abcdef"));
+        assert!(!token_matches("", "token-0123456789abcdef"));
     }
 
     #[test]
