@@ -44,6 +44,8 @@ impl RcptModel {
 struct MessageModel {
     seed: u64,
     len: usize,
+    /// Where the accepted record went (for a failure's report).
+    at: Option<queue_format::Location>,
     rcpts: Vec<RcptModel>,
 }
 
@@ -59,11 +61,13 @@ struct Run {
     /// map order would make a seed's run depend on them).
     order: Vec<QueueId>,
     recoveries: u64,
+    last_report: String,
 }
 
 impl Run {
     fn open(&mut self) -> Spool {
         let (spool, report) = Spool::open(self.config.clone()).expect("the spool opens");
+        self.last_report = format!("{report:?}");
         if std::env::var("SAIDA_FAULT_TRACE").is_ok() {
             eprintln!("opened: {report:?}");
         }
@@ -77,7 +81,9 @@ impl Run {
             let Some(live) = spool.get(*qid) else {
                 assert!(
                     m.rcpts.iter().all(RcptModel::may_be_terminal),
-                    "{context}: acknowledged {qid} lost ({m:?})"
+                    "{context}: acknowledged {qid} lost (accepted at {:?}; {m:?}); recovery: {}",
+                    m.at,
+                    self.last_report
                 );
                 continue;
             };
@@ -121,6 +127,7 @@ impl Run {
         let model = MessageModel {
             seed,
             len,
+            at: None,
             rcpts: vec![
                 RcptModel {
                     acked: (RcptState::Pending, 0),
@@ -136,8 +143,14 @@ impl Run {
             eprintln!("accept {qid}: {committed:?}");
         }
         match committed {
-            Ok(_) => {
-                self.acked.insert(qid, model);
+            Ok(at) => {
+                self.acked.insert(
+                    qid,
+                    MessageModel {
+                        at: Some(at),
+                        ..model
+                    },
+                );
                 self.order.push(qid);
             }
             Err(_) => {
@@ -269,9 +282,11 @@ fn acknowledged_mail_survives_random_faults_and_crashes() {
     let mut seed = first;
     loop {
         eprintln!("fault simulation: seed {seed}");
-        let dir = tempfile::tempdir().unwrap();
+        // Kept on failure (the panic skips the removal) for a post-mortem with saida-spool.
+        let dir = tempfile::tempdir().unwrap().keep();
+        eprintln!("fault simulation: spool {}", dir.display());
         let disk = FaultyDisk::new();
-        let mut config = small_config(dir.path());
+        let mut config = small_config(&dir);
         config.log.disk = disk.clone();
         let mut run = Run {
             rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
@@ -281,8 +296,10 @@ fn acknowledged_mail_survives_random_faults_and_crashes() {
             unknown: BTreeMap::new(),
             order: Vec::new(),
             recoveries: 0,
+            last_report: String::new(),
         };
         run.run(seed);
+        let _ = std::fs::remove_dir_all(&dir);
         seeds += 1;
         recoveries += run.recoveries;
         faults += disk.faults_injected();
