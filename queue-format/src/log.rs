@@ -347,6 +347,26 @@ impl Shared {
         }
     }
 
+    /// After a successful sync of `segment` covering its bytes up to `end`: records that end as
+    /// durable, unless the segment was poisoned while the sync ran (another thread's write
+    /// failed). The untrusted offset recorded then does not cover these bytes, so they must not
+    /// be acknowledged: the error. One critical section with [`Shared::poison`], so one of the
+    /// two always sees the other.
+    fn confirm_sync(&self, segment: u64, end: u64) -> Result<(), SpoolError> {
+        let mut st = self.lock();
+        if st.failed_segments.contains(&segment) {
+            return Err(SpoolError::Io(IoFailure {
+                op: IoOp::Sync,
+                path: self.config.dir.join(segment_file_name(segment)),
+                kind: std::io::ErrorKind::Other,
+                message: "another write to this segment failed during the sync".into(),
+            }));
+        }
+        let d = st.durable_end.entry(segment).or_insert(0);
+        *d = (*d).max(end);
+        Ok(())
+    }
+
     /// The error for work on a segment that failed before, if `segment` did.
     fn check_healthy(&self, segment: u64, op: IoOp) -> Result<(), SpoolError> {
         if !self.lock().failed_segments.contains(&segment) {
@@ -725,6 +745,13 @@ impl SyncStage {
                         SpoolError::Io(IoFailure::new(IoOp::Sync, *path, &e))
                     })
                 });
+                let end = batches
+                    .iter()
+                    .filter(|b| b.segment == *segment)
+                    .map(|b| b.end)
+                    .max()
+                    .unwrap_or(0);
+                let result = result.and_then(|()| shared.confirm_sync(*segment, end));
                 results.push((*segment, result));
             }
             let result_of = |segment: u64| {
@@ -736,10 +763,6 @@ impl SyncStage {
             {
                 let mut st = shared.lock();
                 st.stats.syncs += files.len() as u64;
-                for b in batches.iter().filter(|b| result_of(b.segment).is_ok()) {
-                    let d = st.durable_end.entry(b.segment).or_insert(0);
-                    *d = (*d).max(b.end);
-                }
                 for b in &batches {
                     st.note_result(&result_of(b.segment));
                 }
@@ -1081,11 +1104,8 @@ impl SyncThread {
             }
         }
         let end = self.written_end.get(&id).copied().unwrap_or(0);
-        let mut st = self.lock_state();
-        st.stats.syncs += 1;
-        let d = st.durable_end.entry(id).or_insert(0);
-        *d = (*d).max(end);
-        Ok(())
+        self.lock_state().stats.syncs += 1;
+        self.shared.confirm_sync(id, end)
     }
 
     fn sync_unsynced(&mut self) -> Result<(), SpoolError> {
