@@ -412,7 +412,8 @@ import smtplib, sys
 s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
 s.ehlo("client.test")
 for hops in (4, 5):
-    hdrs = "".join("Received: from hop%d.test by relay.test; Thu, 3 Dec 2026 00:00:00 +0000\r\n" % i for i in range(hops))
+    hop = "Received: from hop%d.test by relay.test; Thu, 3 Dec 2026 00:00:00 +0000\r\n"
+    hdrs = "".join(hop % i for i in range(hops))
     s.mail("a@origin.test"); s.rcpt("b@x.test")
     try:
         code, msg = s.data((hdrs + "Subject: loop\r\n\r\nbody\r\n").encode())
