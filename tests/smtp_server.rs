@@ -90,6 +90,23 @@ fn smtplib_messages_are_queued_durably_on_both_backends() {
     }
 }
 
+/// STARTTLS, then AUTH with smtplib; prints `ACCEPTED` or the refusal's code and text.
+fn login_after_starttls(port: u16, user: &str, password: &str) -> String {
+    python(
+        r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.starttls(context=ctx); s.ehlo("c.test")
+try:
+    s.login(sys.argv[2], sys.argv[3]); print("ACCEPTED")
+except smtplib.SMTPAuthenticationError as e:
+    print(e.smtp_code, e.smtp_error.decode())
+"#,
+        &[&port.to_string(), user, password],
+    )
+}
+
 #[test]
 fn starttls_implicit_tls_and_auth_work_with_real_handshakes() {
     for backend in BACKENDS {
@@ -122,34 +139,10 @@ fn starttls_implicit_tls_and_auth_work_with_real_handshakes() {
         send(d.port, 3, "starttls", "alice", "s3cret");
         send(implicit, 3, "implicit", "alice", "s3cret");
         // A wrong password is refused with 535 5.7.8.
-        let out = python(
-            r#"
-import smtplib, ssl, sys
-ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
-s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
-s.starttls(context=ctx); s.ehlo("c.test")
-try:
-    s.login("alice", "wrong"); print("ACCEPTED")
-except smtplib.SMTPAuthenticationError as e:
-    print(e.smtp_code, e.smtp_error.decode())
-"#,
-            &[&d.port.to_string()],
-        );
+        let out = login_after_starttls(d.port, "alice", "wrong");
         assert!(out.starts_with("535 5.7.8"), "{out}");
         // A user name carrying a line break cannot forge a log line.
-        let out = python(
-            r#"
-import smtplib, ssl, sys
-ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
-s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
-s.starttls(context=ctx); s.ehlo("c.test")
-try:
-    s.login("eve\nFORGED authenticated user=root", "x"); print("ACCEPTED")
-except smtplib.SMTPAuthenticationError as e:
-    print(e.smtp_code)
-"#,
-            &[&d.port.to_string()],
-        );
+        let out = login_after_starttls(d.port, "eve\nFORGED authenticated user=root", "x");
         assert!(out.starts_with("535"), "{out}");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !d.log().contains("authentication failed") || !d.log().contains("FORGED") {
