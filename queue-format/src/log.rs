@@ -1011,8 +1011,9 @@ impl SyncThread {
     /// newest segment holding data can end in a torn write; recovery relies on it.
     fn write_batch(&mut self, batch: &Batch) -> Result<(), SpoolError> {
         let every_commit = self.shared.config.sync == SyncPolicy::EveryCommit;
-        // Segments this batch has written to: its tickets cover them all.
-        let mut written: Vec<u64> = Vec::new();
+        // Chunks are in segment order, so once this batch has written a chunk, the previous
+        // segment at a change is one it wrote to (its tickets cover it).
+        let mut wrote_any = false;
         for chunk in &batch.chunks {
             if every_commit && self.last_segment.is_some_and(|p| p != chunk.segment) {
                 if let Some((stage, _)) = &self.stage {
@@ -1020,7 +1021,7 @@ impl SyncThread {
                 }
                 if let Some(prev) = self.last_segment {
                     let failed = self.lock_state().failed_segments.contains(&prev);
-                    if failed && written.contains(&prev) {
+                    if failed && wrote_any {
                         // Part of this batch went into a segment that failed meanwhile: the
                         // whole batch fails (its bytes there are not durable).
                         self.shared.check_healthy(prev, IoOp::Sync)?;
@@ -1033,11 +1034,10 @@ impl SyncThread {
                     }
                 }
             }
-            if !written.contains(&chunk.segment) {
-                written.push(chunk.segment);
-            }
+
             self.last_segment = Some(chunk.segment);
             self.write_chunk(chunk)?;
+            wrote_any = true;
             if !every_commit && !self.unsynced.contains(&chunk.segment) {
                 self.unsynced.push(chunk.segment);
             }
