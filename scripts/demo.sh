@@ -66,7 +66,7 @@ grep -q "saida running" "$work/saida.log" || { cat "$work/saida.log"; exit 1; }
 
 echo "saida on 127.0.0.1:2525 (log: $work/saida.log, delivery log: $work/log/)"
 echo "sink on 127.0.0.1:2600, its counters at http://127.0.0.1:9101/metrics"
-echo "queue while it runs: $bin/saida queue summary"
+echo "queue while it runs: $bin/saida queue --config $work/saida.toml summary"
 echo
 echo "injecting $count x 2 KB messages over 50 connections into saida..."
 t0=$(date +%s.%N)

@@ -161,7 +161,7 @@ fn temporary_failure_is_retried_and_permanent_failure_bounces() {
 }
 
 #[test]
-fn mx_failover_null_mx_and_nxdomain() {
+fn mx_failover_null_mx_nxdomain_and_loopback_refused() {
     let port = free_port();
     // 127.0.0.3 has nothing listening; 127.0.0.4 greets with 421; 127.0.0.2 accepts.
     let good = format!("127.0.0.2:{port}");
@@ -182,9 +182,13 @@ fn mx_failover_null_mx_and_nxdomain() {
         "--dns-rr=nullmx.test,15,000000".into(),
         "--mx-host=origin.test,mx.origin.test,10".into(),
         "--host-record=mx.origin.test,127.0.0.2".into(),
+        // Outside the loopback addresses this test bed allows: refused as a mail loop.
+        "--mx-host=loop.test,mx.loop.test,10".into(),
+        "--host-record=mx.loop.test,127.0.0.5".into(),
     ]);
     let config = format!(
-        "{}mx_port = {port}\n\n[dns]\nnameservers = [\"127.0.0.1:{}\"]\n",
+        "{}mx_port = {port}\n\n[dns]\nnameservers = [\"127.0.0.1:{}\"]\n\
+         local_networks_allowed = [\"127.0.0.2/31\", \"127.0.0.4/32\"]\n",
         delivery(""),
         dns.port
     );
@@ -194,8 +198,9 @@ fn mx_failover_null_mx_and_nxdomain() {
         ("a@origin.test", vec!["y@busy.test".to_string()]),
         ("a@origin.test", vec!["z@nullmx.test".to_string()]),
         ("a@origin.test", vec!["w@nx.test".to_string()]),
+        ("a@origin.test", vec!["q@loop.test".to_string()]),
     ];
-    assert_eq!(send_messages(d.port, &msgs), 4);
+    assert_eq!(send_messages(d.port, &msgs), 5);
     let records = sink.wait_until(30, "failover deliveries and two bounces", |r| {
         let got = rcpts(r);
         got.contains(&"x@fo.test".into())
@@ -203,10 +208,16 @@ fn mx_failover_null_mx_and_nxdomain() {
             && got.iter().filter(|x| *x == "a@origin.test").count() == 2
     });
     assert!(records.iter().all(|r| r["listener"] == good.as_str()));
-    let log = wait_log(&d, "four outcomes", |l| {
-        ["x@fo.test", "y@busy.test", "z@nullmx.test", "w@nx.test"]
-            .iter()
-            .all(|r| count(l, "recipient", r) > 0)
+    let log = wait_log(&d, "five outcomes", |l| {
+        [
+            "x@fo.test",
+            "y@busy.test",
+            "z@nullmx.test",
+            "w@nx.test",
+            "q@loop.test",
+        ]
+        .iter()
+        .all(|r| count(l, "recipient", r) > 0)
     });
     let failed = |rcpt: &str| {
         log.iter()
@@ -219,6 +230,11 @@ fn mx_failover_null_mx_and_nxdomain() {
     );
     assert_eq!(failed("w@nx.test"), Some(("failed".into(), "5.1.2".into())));
     assert_eq!(failed("x@fo.test").unwrap().0, "delivered");
+    assert_eq!(
+        failed("q@loop.test"),
+        Some(("deferred".into(), "4.4.6".into())),
+        "an MX on a loopback address is a loop"
+    );
 }
 
 #[test]
@@ -444,7 +460,14 @@ fn queue_admin_summary_suspend_resume_delete_and_bounce() {
     assert!(rcpts(&records).iter().all(|r| !r.ends_with("@gone.test")));
     // State changes need the token.
     let out = std::process::Command::new(saida_e2e::binary("saida"))
-        .args(["queue", "--admin", &admin, "suspend", "x.test"])
+        .args([
+            "queue",
+            "--admin",
+            &admin,
+            "--token",
+            "wrong-token-0123456789",
+        ])
+        .args(["suspend", "x.test"])
         .env_remove("SAIDA_ADMIN_TOKEN")
         .output()
         .unwrap();

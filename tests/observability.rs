@@ -194,6 +194,8 @@ fn http(method: &str, url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, 
 import json, sys, urllib.request, urllib.error
 method, url, body, headers = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 req = urllib.request.Request(url, data=body.encode() if body else None, method=method)
+if body:
+    req.add_header("Content-Type", "application/json")
 for k, v in headers:
     req.add_header(k, v)
 try:
@@ -224,9 +226,16 @@ fn http_injection_is_durable_idempotent_and_needs_the_token() {
         "headers":{"Subject":"Hello {{name}}"},"body":"Dear {{name}},\nhi.",
         "vars":[{"name":"Ann"},{"name":"Bob"}],"idempotency_key":"batch-1"}"#;
     let auth = ("Authorization", "Bearer token-0123456789abcdef");
-    // Without the token: refused, nothing queued.
+    // Without the token, with a wrong one, from a browser page, or not as JSON: refused,
+    // nothing queued.
     let (code, _) = http("POST", &url, body, &[]);
     assert_eq!(code, 401);
+    let wrong = ("Authorization", "Bearer token-0123456789abcdeX");
+    assert_eq!(http("POST", &url, body, &[wrong]).0, 401);
+    let origin = ("Origin", "https://evil.example");
+    assert_eq!(http("POST", &url, body, &[auth, origin]).0, 403);
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    assert_eq!(http("POST", &url, body, &[auth, form]).0, 415);
     let (code, first) = http("POST", &url, body, &[auth]);
     assert_eq!(code, 200, "{first}");
     let first: serde_json::Value = serde_json::from_str(&first).unwrap();
@@ -271,11 +280,67 @@ fn http_injection_is_durable_idempotent_and_needs_the_token() {
     assert!(err.contains("from"), "{err}");
     // Status of a message by queue id (it may already be delivered and forgotten: 200 either way).
     let id = first["queue_ids"][0].as_str().unwrap();
-    let (code, _) = http(
-        "GET",
-        &format!("http://{admin}/queue/messages/{id}"),
-        "",
-        &[],
+    let status_url = format!("http://{admin}/queue/messages/{id}");
+    assert_eq!(
+        http("GET", &status_url, "", &[]).0,
+        401,
+        "status needs the token"
     );
-    assert_eq!(code, 200);
+    assert_eq!(http("GET", &status_url, "", &[auth]).0, 200);
+}
+
+#[test]
+fn admin_endpoint_is_concurrent_bounded_and_uses_a_generated_token() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start("epoll", &format!("[admin]\naddress = \"{admin}\"\n"));
+    // The token was generated at first start, kept with mode 0600 and printed once.
+    let file = d.dir.path().join("spool/admin.token");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    assert!(
+        d.log().contains(&token),
+        "the token is printed at generation"
+    );
+    // Idle connections and a request whose head never ends do not hold the endpoint up.
+    let idle: Vec<_> = (0..10)
+        .map(|_| std::net::TcpStream::connect(&admin).unwrap())
+        .collect();
+    let mut slow = std::net::TcpStream::connect(&admin).unwrap();
+    slow.write_all(b"GET /queue HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert_eq!(get(&format!("http://{admin}/healthz")).0, 200);
+    assert_eq!(get(&format!("http://{admin}/metrics")).0, 200);
+    // `saida queue` finds the token through the configuration; without it, 401.
+    let config = d.dir.path().join("saida.toml");
+    let out = std::process::Command::new(saida_e2e::binary("saida"))
+        .args(["queue", "--config"])
+        .arg(&config)
+        .arg("summary")
+        .env_remove("SAIDA_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("domain"));
+    assert_eq!(
+        http("GET", &format!("http://{admin}/queue"), "", &[]).0,
+        401
+    );
+    // The dribbling request is cut off by the head deadline: its connection ends.
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = slow.read_to_end(&mut rest);
+    assert!(
+        ended.is_ok(),
+        "the slow connection was not closed: {ended:?}"
+    );
+    drop(idle);
 }

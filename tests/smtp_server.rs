@@ -248,7 +248,11 @@ fn swaks_sends_with_starttls_and_pipelining() {
 
 #[test]
 fn connections_beyond_the_per_ip_limit_get_421() {
-    let d = Daemon::start("epoll", "[smtp]\nconnections_per_ip_max = 2\n");
+    // Relay networks are not limited per address: loopback is not one here.
+    let d = Daemon::start(
+        "epoll",
+        "[smtp]\nconnections_per_ip_max = 2\n\n[relay]\nnetworks = [\"10.0.0.0/8\"]\n",
+    );
     let mut held = Vec::new();
     for _ in 0..2 {
         let s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
@@ -446,4 +450,299 @@ except urllib.error.HTTPError as e:
         out.contains("5.4.6"),
         "HTTP intake took a looping message: {out}"
     );
+}
+
+/// Sends `bytes` one at a time, `gap` apart, until the server answers or closes; returns the
+/// reply and how many bytes went out before it.
+fn trickle(s: &mut TcpStream, bytes: &[u8], gap: Duration) -> (String, usize) {
+    s.set_nonblocking(false).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    r.get_ref().set_read_timeout(Some(gap)).unwrap();
+    for (i, b) in bytes.iter().enumerate() {
+        if s.write_all(&[*b]).is_err() {
+            return (String::new(), i);
+        }
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) => return (line, i + 1),
+            Ok(_) => return (line, i + 1),
+            Err(_) => continue,
+        }
+    }
+    (String::new(), bytes.len())
+}
+
+/// Connects, reads the greeting and sends `setup`, reading one reply per line of it.
+fn session_after(port: u16, setup: &[&str]) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    assert!(reply(&mut r).starts_with("220 "));
+    let mut w = s.try_clone().unwrap();
+    for cmd in setup {
+        w.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        let got = reply(&mut r);
+        assert!(got.starts_with('2') || got.starts_with('3'), "{cmd}: {got}");
+    }
+    s
+}
+
+#[test]
+fn a_trickled_command_line_is_cut_off_by_its_deadline() {
+    let d = Daemon::start("epoll", "[smtp]\ncommand_timeout_secs = 2\n");
+    let mut s = session_after(d.port, &[]);
+    // One byte every 200 ms never trips a per-read timeout of 2 s; the whole line must still
+    // arrive within 2 s.
+    let line = format!("EHLO {}\r\n", "c".repeat(100));
+    let (got, sent) = trickle(&mut s, line.as_bytes(), Duration::from_millis(200));
+    assert!(got.starts_with("421 4.4.2"), "{got:?} after {sent} bytes");
+    assert!(sent < line.len(), "the whole line went out: no deadline");
+}
+
+#[test]
+fn a_trickled_message_is_cut_off_at_the_minimum_rate() {
+    let d = Daemon::start(
+        "epoll",
+        "[smtp]\ndata_timeout_secs = 2\ndata_rate_min_bytes_per_sec = 100\n",
+    );
+    let mut s = session_after(
+        d.port,
+        &[
+            "EHLO c.test",
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<b@x.test>",
+            "DATA",
+        ],
+    );
+    // 5 bytes a second against a floor of 100: cut off a little after the 2 s grace.
+    let body = "x".repeat(200);
+    let (got, sent) = trickle(&mut s, body.as_bytes(), Duration::from_millis(200));
+    assert!(
+        got.starts_with("421 4.4.2 Message transfer too slow"),
+        "{got:?}"
+    );
+    assert!(sent < body.len());
+}
+
+#[test]
+fn a_session_ends_at_its_lifetime() {
+    let d = Daemon::start("epoll", "[smtp]\nsession_lifetime_secs = 2\n");
+    let s = session_after(d.port, &["EHLO c.test"]);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    // A busy, well-behaved client still ends: NOOPs until the server says goodbye.
+    loop {
+        w.write_all(b"NOOP\r\n").unwrap();
+        let got = reply(&mut r);
+        if got.starts_with("250") {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        assert!(
+            got.starts_with("421 4.4.2 Session lasted too long"),
+            "{got:?}"
+        );
+        break;
+    }
+}
+
+#[test]
+fn the_connection_reserve_is_kept_for_clients_that_authenticate() {
+    // 3 slots, the last one reserved; loopback is not a relay network here.
+    let d = Daemon::start(
+        "epoll",
+        "[smtp]\nconnections_max = 3\nconnections_reserved = 1\nreserved_slot_auth_secs = 1\n\n\
+         [relay]\nnetworks = [\"10.0.0.0/8\"]\n",
+    );
+    let _a = session_after(d.port, &["EHLO a.test"]);
+    let _b = session_after(d.port, &["EHLO b.test"]);
+    // The third gets the reserved slot: it must authenticate, and does not.
+    let c = session_after(d.port, &["EHLO c.test"]);
+    let mut r = BufReader::new(c);
+    let got = reply(&mut r);
+    assert!(got.starts_with("421 4.7.0 Server busy"), "{got:?}");
+    // Once the slot is free (the session's end releases it), the next client gets it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let got = reply(&mut BufReader::new(s.try_clone().unwrap()));
+        if got.starts_with("220 ") {
+            break s;
+        }
+        assert_eq!(got.trim_end(), "421 4.7.0 Too many connections");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reserved slot was never freed"
+        );
+    };
+    // All three slots taken: the next one is refused outright.
+    let s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut r = BufReader::new(s);
+    assert_eq!(reply(&mut r).trim_end(), "421 4.7.0 Too many connections");
+    drop(held);
+}
+
+/// A credentials file line for `user` made by `saida passwd`.
+fn passwd_line(user: &str, password: &str) -> Vec<u8> {
+    let out = std::process::Command::new(saida_e2e::binary("saida"))
+        .args(["passwd", user])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{password}\n").as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn parallel_auth_guesses_are_counted_before_verification() {
+    let admin = format!("127.0.0.1:{}", saida_e2e::free_port());
+    let tmp = tempfile::tempdir().unwrap();
+    let users = tmp.path().join("users");
+    std::fs::write(&users, passwd_line("alice", "s3cret")).unwrap();
+    let d = Daemon::start(
+        "epoll",
+        &format!(
+            "[auth]\ncredentials_file = \"{}\"\nrequire_tls = false\nfailures_max = 2\n\
+             failure_delay_ms = 0\n\n[admin]\naddress = \"{admin}\"\n",
+            users.display()
+        ),
+    );
+    // "\0alice\0wrong", base64.
+    let guess = "AUTH PLAIN AGFsaWNlAHdyb25n\r\n";
+    let mut conns: Vec<TcpStream> = (0..4)
+        .map(|_| session_after(d.port, &["EHLO c.test"]))
+        .collect();
+    // Four guesses at once from one address.
+    for c in &mut conns {
+        c.write_all(guess.as_bytes()).unwrap();
+    }
+    let replies: Vec<String> = conns
+        .iter()
+        .map(|c| reply(&mut BufReader::new(c.try_clone().unwrap())))
+        .collect();
+    // Verifications that failed are counted in the metrics; refusals before verifying are not.
+    let metrics = saida_e2e::http_get(&admin, "/metrics");
+    let verified: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("saida_auth_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no auth failure count in:\n{metrics}"));
+    assert!(
+        verified <= 2.0,
+        "{verified} guesses verified, more than failures_max: {replies:?}"
+    );
+    assert!(
+        replies.iter().all(|r| r.starts_with("535 ")
+            || r.starts_with("421 4.7.0")
+            || r.starts_with("454 4.7.0")),
+        "{replies:?}"
+    );
+    // The address is now locked out, and the right password does not help before the window.
+    let mut s = session_after(d.port, &["EHLO c.test"]);
+    s.write_all(b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n").unwrap();
+    let got = reply(&mut BufReader::new(s));
+    assert!(
+        got.starts_with("421 4.7.0 Too many authentication failures"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn message_bytes_in_memory_are_bounded_across_sessions() {
+    let d = Daemon::start("epoll", "[smtp]\ninflight_message_bytes_max = 1048576\n");
+    let s = session_after(
+        d.port,
+        &[
+            "EHLO c.test",
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<b@x.test>",
+            "DATA",
+        ],
+    );
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    // 2 MiB of content, more than all sessions together may hold.
+    let line = format!("{}\r\n", "x".repeat(98));
+    let big: String = line.repeat((2 << 20) / line.len());
+    w.write_all(big.as_bytes()).unwrap();
+    w.write_all(b".\r\n").unwrap();
+    let got = reply(&mut r);
+    assert!(got.starts_with("452 4.3.1"), "{got:?}");
+    // The memory was given back: the next message is taken.
+    for cmd in ["MAIL FROM:<a@origin.test>", "RCPT TO:<b@x.test>", "DATA"] {
+        w.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        let got = reply(&mut r);
+        assert!(got.starts_with('2') || got.starts_with('3'), "{cmd}: {got}");
+    }
+    w.write_all(b"Subject: small\r\n\r\nhi\r\n.\r\n").unwrap();
+    let got = reply(&mut r);
+    assert!(got.starts_with("250 2.0.0"), "{got:?}");
+}
+
+#[test]
+fn embedded_defaults_offer_starttls_with_a_self_signed_certificate() {
+    // No [tls]: a certificate for the hostname is made at first start and STARTTLS works.
+    let d = Daemon::start("epoll", "");
+    let out = python(
+        r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.ehlo("c.test")
+print("offered" if s.has_extn("starttls") else "not offered")
+s.starttls(context=ctx)
+print(s.sock.version(), len(s.sock.getpeercert(binary_form=True)))
+s.quit()
+"#,
+        &[&d.port.to_string()],
+    );
+    assert!(out.starts_with("offered\nTLSv1."), "{out}");
+    let tls = d.dir.path().join("spool/tls");
+    let cert = std::fs::read_to_string(tls.join("self-signed.crt")).unwrap();
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(tls.join("self-signed.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+}
+
+#[test]
+fn authenticated_users_can_be_bound_to_their_sender_domains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let users = tmp.path().join("users");
+    std::fs::write(&users, passwd_line("alice", "s3cret")).unwrap();
+    let d = Daemon::start(
+        "epoll",
+        &format!(
+            "[auth]\ncredentials_file = \"{}\"\nrequire_tls = false\n\n\
+             [auth.sender_domains]\nalice = [\"origin.test\"]\n",
+            users.display()
+        ),
+    );
+    // "\0alice\0s3cret", base64.
+    let s = session_after(d.port, &["EHLO c.test", "AUTH PLAIN AGFsaWNlAHMzY3JldA=="]);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    w.write_all(b"MAIL FROM:<ceo@bank.test>\r\n").unwrap();
+    let got = reply(&mut r);
+    assert!(got.starts_with("553 5.7.1"), "{got:?}");
+    for (from, want) in [("news@mail.origin.test", "250"), ("a@origin.test", "250")] {
+        w.write_all(format!("RSET\r\nMAIL FROM:<{from}>\r\n").as_bytes())
+            .unwrap();
+        assert!(reply(&mut r).starts_with("250"));
+        let got = reply(&mut r);
+        assert!(got.starts_with(want), "{from}: {got:?}");
+    }
 }

@@ -120,6 +120,24 @@ impl Drop for Daemon {
     }
 }
 
+/// `GET path` on `address` over plain HTTP/1.1; returns the body (panics unless 200).
+pub fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).expect("connect to the HTTP endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read the answer");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
 /// Runs a Python 3 script with arguments; returns its standard output, panicking with its
 /// error output if it fails.
 pub fn python(script: &str, args: &[&str]) -> String {

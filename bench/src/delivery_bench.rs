@@ -516,7 +516,8 @@ fn queue_scale(bin: &Path, n: usize, conns: usize) -> anyhow::Result<()> {
     };
     let queue = |args: &[&str]| -> anyhow::Result<String> {
         let out = Command::new(bin.join("saida"))
-            .args(["queue", "--admin", &admin])
+            .args(["queue", "--config"])
+            .arg(&path)
             .args(args)
             .output()?;
         if !out.status.success() {

@@ -61,9 +61,11 @@ pub struct ShardReply {
 pub struct AdminConfig {
     /// Listen address; empty = no endpoint.
     pub address: String,
-    /// Bearer token required for requests that change state; empty = none (allowed only on a
-    /// loopback address).
+    /// Bearer token required for every request but `/metrics`, `/healthz` and `/readyz`;
+    /// empty = the token in `token_file`, generated at first start.
     pub token: String,
+    /// Where the generated token is kept (mode 0600); empty = `<spool.dir>/admin.token`.
+    pub token_file: String,
     /// Record metrics (counters, histograms). Off: `/metrics` shows zeros; for measuring the
     /// cost of recording.
     pub metrics: bool,
@@ -74,35 +76,127 @@ impl Default for AdminConfig {
         AdminConfig {
             address: "127.0.0.1:8025".into(),
             token: String::new(),
+            token_file: String::new(),
             metrics: true,
         }
     }
 }
 
+/// Shortest configured token accepted.
+pub const TOKEN_CHARS_MIN: usize = 16;
+
 impl AdminConfig {
-    /// Checks the address, and that a non-loopback endpoint has a token.
+    /// Checks the address, and that a configured token is long enough.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if !self.token.is_empty() && self.token.len() < TOKEN_CHARS_MIN {
+            return Err((
+                "admin.token".into(),
+                format!("a token needs {TOKEN_CHARS_MIN} characters or more"),
+            ));
+        }
         if self.address.is_empty() {
             return Ok(());
         }
-        let addr: std::net::SocketAddr = self
-            .address
-            .parse()
+        self.address
+            .parse::<std::net::SocketAddr>()
             .map_err(|_| ("admin.address".to_string(), "not ip:port".to_string()))?;
-        if !addr.ip().is_loopback() && self.token.len() < 16 {
-            return Err((
-                "admin.token".into(),
-                "a non-loopback admin address needs a token of 16 characters or more".into(),
-            ));
-        }
         Ok(())
+    }
+
+    /// The file holding the generated token.
+    pub fn token_path(&self, spool_dir: &std::path::Path) -> std::path::PathBuf {
+        if self.token_file.is_empty() {
+            spool_dir.join("admin.token")
+        } else {
+            self.token_file.clone().into()
+        }
     }
 }
 
-/// Longest request head read by the endpoint.
-const REQUEST_HEAD_BYTES_MAX: usize = 8192;
-/// How long the endpoint waits for a client, and for the shards to answer.
+/// Why the admin token could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("admin token file {0}: {1}")]
+    Io(std::path::PathBuf, std::io::Error),
+    #[error("admin token file {0} is readable by other users (mode {1:o}); chmod 600 it")]
+    Exposed(std::path::PathBuf, u32),
+    #[error("admin token file {0} holds no token of {TOKEN_CHARS_MIN} characters or more")]
+    Short(std::path::PathBuf),
+}
+
+/// The token the endpoint requires: `[admin] token`, or the one in the token file, which is
+/// generated (32 random bytes, hex) with mode 0600 when it does not exist yet. The second value
+/// is true when the token was generated just now.
+pub fn load_or_generate_token(
+    config: &AdminConfig,
+    spool_dir: &std::path::Path,
+) -> Result<(String, bool), TokenError> {
+    if !config.token.is_empty() {
+        return Ok((config.token.clone(), false));
+    }
+    let path = config.token_path(spool_dir);
+    match read_token(&path) {
+        Ok(t) => return Ok((t, false)),
+        Err(TokenError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let io = |e| TokenError::Io(path.clone(), e);
+    let mut random = [0u8; 32];
+    {
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .map_err(io)?;
+    }
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    Ok((token, true))
+}
+
+/// Reads a token file, refusing one that others may read.
+pub fn read_token(path: &std::path::Path) -> Result<String, TokenError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e| TokenError::Io(path.to_path_buf(), e);
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed(path.to_path_buf(), mode));
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(io)?
+        .trim()
+        .to_string();
+    if token.len() < TOKEN_CHARS_MIN {
+        return Err(TokenError::Short(path.to_path_buf()));
+    }
+    Ok(token)
+}
+
+/// Longest time the endpoint waits for a request's head.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest time a request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long the endpoint waits for the shards to answer.
 const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a connection is kept, whatever it does (one request per connection).
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+/// Connections served at once; a connection past it is closed at once.
+pub const CONNECTIONS_MAX: usize = 64;
+/// Longest answer `saida queue` reads.
+const ANSWER_BYTES_MAX: usize = 64 << 20;
 
 /// Parses `METHOD PATH` into a request; the error is an HTTP status and a reason.
 pub fn route(method: &str, path: &str) -> Result<Request, (u16, String)> {
@@ -155,7 +249,6 @@ pub struct Answer {
     pub shards_silent: usize,
 }
 
-/// Serves the endpoint on its own thread until the process ends.
 /// Compares a presented token with the configured one in constant time (no timing oracle on
 /// how many leading characters were right).
 fn token_matches(given: &str, token: &str) -> bool {
@@ -163,8 +256,23 @@ fn token_matches(given: &str, token: &str) -> bool {
     given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
+/// What every request handler shares.
+struct Endpoint {
+    token: String,
+    router: crate::shard::Router,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    idempotency: std::sync::Mutex<crate::api::IdempotencyStore>,
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+/// Serves the endpoint on its own thread (a single-threaded tokio runtime with hyper) until the
+/// process ends. Requests are served concurrently; work that waits on the shards runs on the
+/// blocking pool, so `/metrics`, `/healthz` and `/readyz` are never held up by it. At most
+/// [`CONNECTIONS_MAX`] connections, one request each, each within [`CONNECTION_TIMEOUT`].
 pub fn serve(
     config: &AdminConfig,
+    token: String,
     router: crate::shard::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<()> {
@@ -172,196 +280,191 @@ pub fn serve(
         return Ok(());
     }
     let listener = std::net::TcpListener::bind(&config.address)?;
-    let token = config.token.clone();
-    let idempotency = std::sync::Mutex::new(crate::api::IdempotencyStore::default());
+    listener.set_nonblocking(true)?;
+    let endpoint = std::sync::Arc::new(Endpoint {
+        token,
+        router,
+        metrics,
+        idempotency: Default::default(),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(CONNECTIONS_MAX)
+        .build()?;
     tracing::info!(address = %config.address, "admin endpoint listening");
     std::thread::Builder::new()
         .name("admin".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let conn = match conn {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // EMFILE and the like: do not spin.
-                        tracing::warn!(error = %e, "admin endpoint accept failed");
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let _ = conn.set_read_timeout(Some(ADMIN_TIMEOUT));
-                let _ = conn.set_write_timeout(Some(ADMIN_TIMEOUT));
-                if let Err(e) = handle(conn, &token, &router, &metrics, &idempotency) {
-                    tracing::debug!(error = %e, "admin request failed");
-                }
-            }
-        })?;
+        .spawn(move || runtime.block_on(accept_loop(listener, endpoint)))?;
     Ok(())
 }
 
-fn handle(
-    mut conn: std::net::TcpStream,
-    token: &str,
-    router: &crate::shard::Router,
-    metrics: &crate::metrics::Metrics,
-    idempotency: &std::sync::Mutex<crate::api::IdempotencyStore>,
-) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    let peer = conn.peer_addr().ok();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    // One deadline for the whole head: a client dribbling bytes cannot hold the endpoint.
-    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if std::time::Instant::now() >= deadline {
-            return Ok(());
+async fn accept_loop(listener: std::net::TcpListener, endpoint: std::sync::Arc<Endpoint>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "admin endpoint cannot listen");
+            return;
         }
-        let n = conn.read(&mut buf)?;
-        if n == 0 || head.len() + n > REQUEST_HEAD_BYTES_MAX {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let split = head
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(head.len(), |p| p + 4);
-    let early_body = head[split..].to_vec();
-    let head = String::from_utf8_lossy(&head[..split]).into_owned();
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.trim().to_string())
-        })
     };
-    let mut lines = head.lines();
-    let mut first = lines.next().unwrap_or("").split_whitespace();
-    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-    let authorized = token.is_empty()
-        || lines.any(|l| {
-            l.split_once(':').is_some_and(|(k, v)| {
-                k.eq_ignore_ascii_case("authorization")
-                    && v.trim()
-                        .strip_prefix("Bearer ")
-                        .is_some_and(|given| token_matches(given.trim(), token))
-            })
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and the like: do not spin.
+                tracing::warn!(error = %e, "admin endpoint accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(client = %peer, "admin endpoint busy; connection closed");
+            continue;
+        };
+        let endpoint = std::sync::Arc::clone(&endpoint);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req| {
+                let endpoint = std::sync::Arc::clone(&endpoint);
+                async move { Ok::<_, std::convert::Infallible>(handle(endpoint, peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(64 << 10)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "admin connection"),
+                Err(_) => tracing::debug!(client = %peer, "admin connection timed out"),
+                Ok(Ok(())) => {}
+            }
         });
-    let plain = |status: u16, body: String| {
-        let reason = match status {
-            200 => "OK",
-            _ => "Service Unavailable",
-        };
-        let head = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; version=0.0.4\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        (head, body)
-    };
-    let special = match (method, path) {
-        ("GET", "/metrics") => Some(plain(200, metrics.render(&router.stats))),
-        ("GET", "/healthz") => Some(plain(200, "ok\n".into())),
-        ("GET", "/readyz") if metrics.ready.load(std::sync::atomic::Ordering::Relaxed) => {
+    }
+}
+
+fn response(status: u16, content_type: &str, body: String) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Body::from(body));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json(status: u16, value: &serde_json::Value) -> hyper::Response<Body> {
+    response(status, "application/json", value.to_string())
+}
+
+fn error(status: u16, why: &str) -> hyper::Response<Body> {
+    json(status, &serde_json::json!({ "error": why }))
+}
+
+async fn handle(
+    endpoint: std::sync::Arc<Endpoint>,
+    peer: std::net::SocketAddr,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let text = "text/plain; version=0.0.4";
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/metrics") => {
+            let m = &endpoint.metrics;
+            return response(200, text, m.render(&endpoint.router.stats));
+        }
+        ("GET", "/healthz") => return response(200, text, "ok\n".into()),
+        ("GET", "/readyz") => {
+            let m = &endpoint.metrics;
+            if !m.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                return response(503, text, "not ready\n".into());
+            }
             // A spool that cannot commit makes the node unready: it answers 451/452 to new mail.
-            let bad = metrics.unhealthy_spools();
+            let bad = m.unhealthy_spools();
             if bad.is_empty() {
-                Some(plain(200, "ready\n".into()))
-            } else {
-                let mut text = String::from("not ready: spool cannot commit\n");
-                for (shard, why) in bad {
-                    text.push_str(&format!("shard {shard}: {why}\n"));
-                }
-                Some(plain(503, text))
+                return response(200, text, "ready\n".into());
             }
+            let mut out = String::from("not ready: spool cannot commit\n");
+            for (shard, why) in bad {
+                out.push_str(&format!("shard {shard}: {why}\n"));
+            }
+            return response(503, text, out);
         }
-        ("GET", "/readyz") => Some(plain(503, "not ready\n".into())),
-        _ => None,
-    };
-    if let Some((head, body)) = special {
-        conn.write_all(head.as_bytes())?;
-        return conn.write_all(body.as_bytes());
+        _ => {}
     }
-    if (method, path) == ("POST", "/messages") {
-        let (status, body) = if !authorized {
-            tracing::warn!(client = ?peer, "injection without a valid token refused");
-            (401, serde_json::json!({ "error": "token required" }))
-        } else {
-            let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
-            match read_body(&mut conn, early_body, length, deadline) {
-                Ok(json) => {
-                    let key = header("idempotency-key");
-                    inject(router, &json, key, idempotency)
-                }
-                Err(e) => (400, serde_json::json!({ "error": e })),
-            }
+    let headers = req.headers();
+    // A browser sends Origin with cross-site requests; no browser page may drive the queue.
+    if headers.contains_key(hyper::header::ORIGIN) {
+        tracing::warn!(client = %peer, %path, "admin request from a browser page refused");
+        return error(403, "requests from browser pages are refused");
+    }
+    let authorized = headers
+        .get_all(hyper::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.trim().strip_prefix("Bearer "))
+        .any(|given| token_matches(given.trim(), &endpoint.token));
+    if !authorized {
+        let why = "admin request without a valid token refused";
+        tracing::warn!(client = %peer, %method, %path, "{why}");
+        return error(401, "token required");
+    }
+    if (method.as_str(), path.as_str()) == ("POST", "/messages") {
+        let is_json = headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return error(415, "content-type must be application/json");
+        }
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = match read_body(req.into_body()).await {
+            Ok(b) => b,
+            Err((status, why)) => return error(status, &why),
         };
-        return respond(&mut conn, status, &body.to_string());
+        let ep = std::sync::Arc::clone(&endpoint);
+        let work =
+            tokio::task::spawn_blocking(move || inject(&ep.router, &body, key, &ep.idempotency));
+        return match work.await {
+            Ok((status, value)) => json(status, &value),
+            Err(_) => error(500, "the injection failed"),
+        };
     }
-    let (status, body) = match route(method, path) {
-        Err((status, why)) => (status, serde_json::json!({ "error": why }).to_string()),
-        Ok(req) if !matches!(req, Request::Summary | Request::Status(_)) && !authorized => {
-            tracing::warn!(client = ?peer, %path, "admin request without a valid token refused");
-            (
-                401,
-                serde_json::json!({ "error": "token required" }).to_string(),
-            )
-        }
+    match route(&method, &path) {
+        Err((status, why)) => error(status, &why),
         Ok(req) => {
-            tracing::info!(client = ?peer, %method, %path, "admin request");
-            let answer = ask_shards(router, &req);
-            (200, serde_json::to_string(&answer).unwrap_or_default())
+            tracing::info!(client = %peer, %method, %path, "admin request");
+            let ep = std::sync::Arc::clone(&endpoint);
+            match tokio::task::spawn_blocking(move || ask_shards(&ep.router, &req)).await {
+                Ok(answer) => response(
+                    200,
+                    "application/json",
+                    serde_json::to_string(&answer).unwrap_or_default(),
+                ),
+                Err(_) => error(500, "the request failed"),
+            }
         }
-    };
-    respond(&mut conn, status, &body)
+    }
 }
 
-fn respond(conn: &mut std::net::TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        503 => "Service Unavailable",
-        _ => "Not Found",
-    };
-    write!(
-        conn,
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-/// Reads a request body of `length` bytes (required, bounded), `early` being what came with the
-/// head.
-fn read_body(
-    conn: &mut std::net::TcpStream,
-    early: Vec<u8>,
-    length: Option<usize>,
-    deadline: std::time::Instant,
-) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let length = length.ok_or("content-length is required")?;
-    if length > crate::api::REQUEST_BODY_BYTES_MAX {
-        return Err(format!(
-            "body larger than {} bytes",
-            crate::api::REQUEST_BODY_BYTES_MAX
-        ));
-    }
-    let mut body = early;
-    let mut buf = vec![0u8; 64 << 10];
-    while body.len() < length {
-        if std::time::Instant::now() >= deadline {
-            return Err("timed out reading the body".into());
+/// Reads a request body: at most `REQUEST_BODY_BYTES_MAX` bytes within `BODY_TIMEOUT`.
+async fn read_body(body: hyper::body::Incoming) -> Result<Vec<u8>, (u16, String)> {
+    use http_body_util::BodyExt;
+    let max = crate::api::REQUEST_BODY_BYTES_MAX;
+    let limited = http_body_util::Limited::new(body, max);
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => Err((408, "timed out reading the body".into())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err((413, format!("body larger than {max} bytes")))
         }
-        let n = conn.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("body shorter than content-length".into());
-        }
-        body.extend_from_slice(&buf[..n]);
+        Ok(Err(e)) => Err((400, format!("reading the body: {e}"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes().to_vec()),
     }
-    body.truncate(length);
-    Ok(body)
 }
 
 /// Shards take injected messages in turn.
@@ -448,31 +551,55 @@ pub fn ask_shards(router: &crate::shard::Router, req: &Request) -> Answer {
     answer
 }
 
-/// `saida queue ...`: one request to the endpoint; prints the answer.
+/// `saida queue ...`: one request to the endpoint (hyper's HTTP/1.1 client); returns the
+/// answer.
 pub fn client(address: &str, token: &str, method: &str, path: &str) -> anyhow::Result<Answer> {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(address)
-        .map_err(|e| anyhow::anyhow!("cannot reach the admin endpoint at {address}: {e}"))?;
-    conn.set_read_timeout(Some(ADMIN_TIMEOUT * 2))?;
-    let auth = if token.is_empty() {
-        String::new()
-    } else {
-        format!("authorization: Bearer {token}\r\n")
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = runtime.block_on(request(address, token, method, path))?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+async fn request(address: &str, token: &str, method: &str, path: &str) -> anyhow::Result<Vec<u8>> {
+    use http_body_util::BodyExt;
+    let unreachable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("cannot reach the admin endpoint at {address}: {e}")
     };
-    write!(
-        conn,
-        "{method} {path} HTTP/1.1\r\nhost: {address}\r\n{auth}content-length: 0\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("malformed response from {address}"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        anyhow::bail!("{address} answered {status}: {body}");
+    let stream = tokio::time::timeout(ADMIN_TIMEOUT, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|e| unreachable(&e))?
+        .map_err(|e| unreachable(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, address)
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+    let exchange = async {
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), ANSWER_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+            .to_bytes();
+        anyhow::Ok((status, body))
+    };
+    let (status, body) = tokio::time::timeout(ADMIN_TIMEOUT * 4, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {address} in time"))??;
+    if status != hyper::StatusCode::OK {
+        anyhow::bail!(
+            "{address} answered {}: {}",
+            status.as_u16(),
+            String::from_utf8_lossy(&body)
+        );
     }
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_vec())
 }
 
 #[cfg(test)]
@@ -518,17 +645,35 @@ mod tests {
     }
 
     #[test]
-    fn a_remote_endpoint_needs_a_token() {
+    fn a_configured_token_must_be_long() {
         let mut c = AdminConfig {
-            address: "0.0.0.0:8025".into(),
-            token: String::new(),
-            metrics: true,
+            token: "short".into(),
+            ..AdminConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().0, "admin.token");
         c.token = "0123456789abcdef".into();
         assert!(c.validate().is_ok());
         c.address = "nonsense".into();
         assert_eq!(c.validate().unwrap_err().0, "admin.address");
+    }
+
+    #[test]
+    fn a_token_is_generated_once_with_mode_0600_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = AdminConfig::default();
+        let (t1, fresh) = load_or_generate_token(&c, dir.path()).unwrap();
+        assert!(fresh && t1.len() == 64, "{t1}");
+        let path = dir.path().join("admin.token");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (t2, fresh) = load_or_generate_token(&c, dir.path()).unwrap();
+        assert_eq!((t2, fresh), (t1, false), "the same token after a restart");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            load_or_generate_token(&c, dir.path()),
+            Err(TokenError::Exposed(_, 0o644))
+        ));
     }
 
     #[test]

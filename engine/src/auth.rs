@@ -171,90 +171,187 @@ mod tests {
     }
 }
 
-/// Failed-AUTH accounting shared by all shards, and the bound on concurrent verifications.
+/// Failed-AUTH accounting shared by all shards, and the bounds on concurrent exchanges and
+/// verifications.
 ///
-/// Failures are counted per client address (IPv6 per /64, since one host owns a whole /64)
-/// within `FAILURE_WINDOW`; an address at `failures_max` is refused before any verification.
-/// At most `verify_max` argon2 verifications run at once (each takes ~19 MiB and tens of
-/// milliseconds), so a flood of AUTH attempts cannot exhaust memory or the blocking pool.
+/// Attempts are counted per client address (IPv6 per /64, since one host owns a whole /64)
+/// within `FAILURE_WINDOW`. An attempt counts as a failure from the moment its credentials
+/// are decoded, before they are verified, and is taken back only if they prove right: parallel
+/// connections cannot guess in parallel past `failures_max`. At most `concurrent_max` AUTH
+/// exchanges run at once per address. At most `verify_max` argon2 verifications run at once
+/// (each takes ~19 MiB and tens of milliseconds), so a flood of AUTH attempts cannot exhaust
+/// memory or the blocking pool.
 pub struct AuthThrottle {
-    failures: std::sync::Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    clients: std::sync::Mutex<HashMap<std::net::IpAddr, ClientAttempts>>,
     pub verify: tokio::sync::Semaphore,
+}
+
+/// One address's recent attempts.
+struct ClientAttempts {
+    failures: u32,
+    last: std::time::Instant,
+    /// Exchanges in progress.
+    active: u32,
+}
+
+/// Why an AUTH exchange may not begin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthRefusal {
+    /// `failures_max` recent failures from this address.
+    TooManyFailures,
+    /// `concurrent_max` exchanges from this address already in progress.
+    TooManyConcurrent,
+}
+
+/// An AUTH exchange in progress; ends (frees its concurrency slot) when dropped.
+pub struct AuthAttempt {
+    throttle: std::sync::Arc<AuthThrottle>,
+    key: std::net::IpAddr,
+    counted: bool,
 }
 
 /// How long a failure counts against an address.
 pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(900);
-/// Addresses tracked at most (the oldest entry is forgotten first).
+/// Addresses tracked at most (the oldest idle entry is forgotten first).
 pub const FAILURES_TRACKED_MAX: usize = 100_000;
 
 impl AuthThrottle {
     pub fn new(verify_max: usize) -> AuthThrottle {
         AuthThrottle {
-            failures: std::sync::Mutex::default(),
+            clients: std::sync::Mutex::default(),
             verify: tokio::sync::Semaphore::new(verify_max.max(1)),
         }
     }
 
     fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
-        match ip {
-            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => v4.into(),
-                None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
-            },
-            v4 => v4,
-        }
+        crate::shard::client_key(ip)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, ClientAttempts>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Recent failures from `ip`.
+    #[cfg(test)]
     pub fn failures(&self, ip: std::net::IpAddr) -> u32 {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&Self::key(ip))
-            .filter(|(_, at)| at.elapsed() < FAILURE_WINDOW)
-            .map_or(0, |(n, _)| *n)
+        self.lock()
+            .get(&Self::key(ip))
+            .filter(|c| c.last.elapsed() < FAILURE_WINDOW)
+            .map_or(0, |c| c.failures)
     }
 
-    /// Counts a failure from `ip`; returns the recent count including it.
-    pub fn record_failure(&self, ip: std::net::IpAddr) -> u32 {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+    /// Begins an exchange from `ip`, or says why it may not.
+    pub fn begin(
+        self: &std::sync::Arc<Self>,
+        ip: std::net::IpAddr,
+        failures_max: u32,
+        concurrent_max: u32,
+    ) -> Result<AuthAttempt, AuthRefusal> {
         let key = Self::key(ip);
+        let mut map = self.lock();
         if map.len() >= FAILURES_TRACKED_MAX && !map.contains_key(&key) {
-            map.retain(|_, (_, at)| at.elapsed() < FAILURE_WINDOW);
+            map.retain(|_, c| c.active > 0 || c.last.elapsed() < FAILURE_WINDOW);
             if map.len() >= FAILURES_TRACKED_MAX {
-                let oldest = map.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k);
+                let oldest = map
+                    .iter()
+                    .filter(|(_, c)| c.active == 0)
+                    .min_by_key(|(_, c)| c.last)
+                    .map(|(k, _)| *k);
                 if let Some(k) = oldest {
                     map.remove(&k);
                 }
             }
         }
-        let e = map.entry(key).or_insert((0, std::time::Instant::now()));
-        if e.1.elapsed() >= FAILURE_WINDOW {
-            e.0 = 0;
+        let now = std::time::Instant::now();
+        let c = map.entry(key).or_insert(ClientAttempts {
+            failures: 0,
+            last: now,
+            active: 0,
+        });
+        if c.last.elapsed() >= FAILURE_WINDOW {
+            c.failures = 0;
         }
-        e.0 += 1;
-        e.1 = std::time::Instant::now();
-        e.0
+        if c.failures >= failures_max {
+            return Err(AuthRefusal::TooManyFailures);
+        }
+        if c.active >= concurrent_max {
+            return Err(AuthRefusal::TooManyConcurrent);
+        }
+        c.active += 1;
+        Ok(AuthAttempt {
+            throttle: std::sync::Arc::clone(self),
+            key,
+            counted: false,
+        })
+    }
+}
+
+impl AuthAttempt {
+    /// Counts this attempt as a failure before its credentials are verified; returns the
+    /// address's recent failures including it.
+    pub fn count(&mut self) -> u32 {
+        let mut map = self.throttle.lock();
+        let Some(c) = map.get_mut(&self.key) else {
+            return 0;
+        };
+        if !self.counted {
+            self.counted = true;
+            c.failures += 1;
+            c.last = std::time::Instant::now();
+        }
+        c.failures
     }
 
-    /// Forgets `ip`'s failures (after a success).
-    pub fn clear(&self, ip: std::net::IpAddr) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&Self::key(ip));
+    /// The credentials were right: the attempt no longer counts as a failure.
+    pub fn succeeded(mut self) {
+        if std::mem::take(&mut self.counted) {
+            if let Some(c) = self.throttle.lock().get_mut(&self.key) {
+                c.failures = c.failures.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Drop for AuthAttempt {
+    fn drop(&mut self) {
+        if let Some(c) = self.throttle.lock().get_mut(&self.key) {
+            c.active = c.active.saturating_sub(1);
+        }
     }
 }
 
 #[cfg(test)]
 mod throttle_tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn ipv6_failures_count_per_64() {
-        let t = AuthThrottle::new(1);
-        t.record_failure("2001:db8::1".parse().unwrap());
-        assert_eq!(t.record_failure("2001:db8::ffff".parse().unwrap()), 2);
+        let t = Arc::new(AuthThrottle::new(1));
+        t.begin("2001:db8::1".parse().unwrap(), 5, 2)
+            .unwrap()
+            .count();
+        let mut a = t.begin("2001:db8::ffff".parse().unwrap(), 5, 2).unwrap();
+        assert_eq!(a.count(), 2);
         assert_eq!(t.failures("2001:db8:0:1::1".parse().unwrap()), 0);
-        t.clear("2001:db8::42".parse().unwrap());
-        assert_eq!(t.failures("2001:db8::1".parse().unwrap()), 0);
+        a.succeeded();
+        assert_eq!(t.failures("2001:db8::1".parse().unwrap()), 1);
+    }
+
+    #[test]
+    fn attempts_count_before_verification_and_concurrency_is_bounded() {
+        let t = Arc::new(AuthThrottle::new(1));
+        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let mut a = t.begin(ip, 2, 2).unwrap();
+        let mut b = t.begin(ip, 2, 2).unwrap();
+        assert_eq!(
+            t.begin(ip, 2, 2).err(),
+            Some(AuthRefusal::TooManyConcurrent)
+        );
+        // Both count while still being verified: a third attempt is refused outright.
+        a.count();
+        b.count();
+        drop((a, b));
+        assert_eq!(t.begin(ip, 2, 2).err(), Some(AuthRefusal::TooManyFailures));
     }
 }

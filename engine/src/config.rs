@@ -79,6 +79,9 @@ pub struct Server {
     pub backend: Backend,
     /// Seconds given to sessions to finish on SIGTERM before they get `421`.
     pub shutdown_grace_secs: u64,
+    /// Without `[tls]`, offer STARTTLS with a self-signed certificate for `hostname`, made at
+    /// first start in `<spool.dir>/tls/`.
+    pub self_signed_tls: bool,
 }
 
 impl Default for Server {
@@ -90,6 +93,7 @@ impl Default for Server {
             // messages per second than tokio-uring (docs/benchmarks.md, SMTP injection).
             backend: Backend::Epoll,
             shutdown_grace_secs: 10,
+            self_signed_tls: true,
         }
     }
 }
@@ -171,6 +175,18 @@ pub struct Smtp {
     pub errors_per_session_max: u32,
     pub connections_max: usize,
     pub connections_per_ip_max: usize,
+    /// Slots out of `connections_max` kept for relay networks and clients that authenticate.
+    pub connections_reserved: usize,
+    /// How long a client admitted into the reserve has to authenticate.
+    pub reserved_slot_auth_secs: u64,
+    /// Message content all sessions together may hold in memory; past it new DATA/BDAT
+    /// gets `452 4.3.1`.
+    pub inflight_message_bytes_max: usize,
+    /// Longest a session may last, whatever it does.
+    pub session_lifetime_secs: u64,
+    /// Slowest accepted message transfer: DATA/BDAT must arrive within `data_timeout_secs`
+    /// plus its size at this rate.
+    pub data_rate_min_bytes_per_sec: u64,
     pub command_timeout_secs: u64,
     pub data_timeout_secs: u64,
     pub bare_line_ends: BareLineEnds,
@@ -190,7 +206,12 @@ impl Default for Smtp {
             commands_per_session_max: 100_000,
             errors_per_session_max: 10,
             connections_max: 10_000,
-            connections_per_ip_max: 1000,
+            connections_per_ip_max: 50,
+            connections_reserved: 100,
+            reserved_slot_auth_secs: 30,
+            inflight_message_bytes_max: 1 << 30,
+            session_lifetime_secs: 3600,
+            data_rate_min_bytes_per_sec: 1024,
             // RFC 5321 §4.5.3.2.7: at least 5 minutes waiting for the next command.
             command_timeout_secs: 300,
             // RFC 5321 §4.5.3.2.6: 3 minutes per data block.
@@ -239,6 +260,11 @@ pub struct Auth {
     pub failures_max: u32,
     /// Delay before answering a failed attempt; doubles with each failure from the same IP.
     pub failure_delay_ms: u64,
+    /// AUTH exchanges in progress at once per client address (IPv6: per /64).
+    pub concurrent_per_ip_max: u32,
+    /// User → sender domains it may use in MAIL FROM (and subdomains); a user not listed may
+    /// use any.
+    pub sender_domains: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for Auth {
@@ -248,6 +274,8 @@ impl Default for Auth {
             require_tls: true,
             failures_max: 5,
             failure_delay_ms: 250,
+            concurrent_per_ip_max: 2,
+            sender_domains: Default::default(),
         }
     }
 }
@@ -297,6 +325,67 @@ impl Default for Log {
             level: "info".into(),
         }
     }
+}
+
+/// Shortest prefix a relay network may have.
+const RELAY_PREFIX_MIN: u8 = 8;
+
+/// Refuses relay networks that would make an open relay: any one shorter than /8, or a union
+/// covering half of the IPv4 or IPv6 space or more.
+fn relay_networks_bounded(networks: &[Cidr]) -> Result<(), String> {
+    if let Some(n) = networks.iter().find(|n| n.prefix < RELAY_PREFIX_MIN) {
+        return Err(format!(
+            "{}/{} is too broad (shortest allowed: /{RELAY_PREFIX_MIN}); list the client \
+             networks",
+            n.addr, n.prefix
+        ));
+    }
+    for v6 in [false, true] {
+        let bits = if v6 { 128 } else { 32 };
+        let mut ranges: Vec<(u128, u128)> = networks
+            .iter()
+            .filter(|n| n.addr.is_ipv6() == v6)
+            .map(|n| {
+                let start = match n.addr {
+                    IpAddr::V4(a) => u128::from(u32::from(a)),
+                    IpAddr::V6(a) => u128::from(a),
+                };
+                let size_log2 = bits - u32::from(n.prefix);
+                let size = if size_log2 >= 128 {
+                    u128::MAX
+                } else {
+                    1u128 << size_log2
+                };
+                let start = start & !(size - 1);
+                (start, start.saturating_add(size - 1))
+            })
+            .collect();
+        ranges.sort_unstable();
+        let mut covered: u128 = 0;
+        let mut end: Option<u128> = None;
+        for (a, b) in ranges {
+            match end {
+                Some(e) if a <= e => {
+                    if b > e {
+                        covered += b - e;
+                        end = Some(b);
+                    }
+                }
+                _ => {
+                    covered += b - a + 1;
+                    end = Some(b);
+                }
+            }
+        }
+        if covered >= 1u128 << (bits - 1) {
+            return Err(format!(
+                "the relay networks together cover half of the IPv{} space or more: an \
+                 open relay",
+                if v6 { 6 } else { 4 }
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An IP network in CIDR notation.
@@ -500,18 +589,47 @@ impl Config {
             1,
             1_000_000,
         )?;
+        range(
+            "smtp.connections_reserved",
+            s.connections_reserved,
+            0,
+            s.connections_max.saturating_sub(1),
+        )?;
+        range(
+            "smtp.inflight_message_bytes_max",
+            s.inflight_message_bytes_max,
+            1 << 20,
+            1 << 40,
+        )?;
+        range(
+            "smtp.reserved_slot_auth_secs",
+            s.reserved_slot_auth_secs,
+            1,
+            300,
+        )?;
+        range(
+            "smtp.session_lifetime_secs",
+            s.session_lifetime_secs,
+            1,
+            86_400,
+        )?;
+        range(
+            "smtp.data_rate_min_bytes_per_sec",
+            s.data_rate_min_bytes_per_sec,
+            1,
+            1 << 30,
+        )?;
         range("smtp.command_timeout_secs", s.command_timeout_secs, 1, 3600)?;
         range("smtp.data_timeout_secs", s.data_timeout_secs, 1, 3600)?;
-        if let Some(n) = self.relay.networks.iter().find(|n| n.prefix == 0) {
-            return Err((
-                "relay.networks".into(),
-                format!(
-                    "{}/0 would make an open relay; list the client networks",
-                    n.addr
-                ),
-            ));
-        }
+        relay_networks_bounded(&self.relay.networks)
+            .map_err(|m| ("relay.networks".to_string(), m))?;
         range("auth.failures_max", self.auth.failures_max, 1, 100)?;
+        range(
+            "auth.concurrent_per_ip_max",
+            self.auth.concurrent_per_ip_max,
+            1,
+            100,
+        )?;
         range(
             "auth.failure_delay_ms",
             self.auth.failure_delay_ms,
@@ -585,6 +703,26 @@ impl Config {
     }
 
     /// True when `ip` may relay without authentication.
+    /// True when authenticated `user` may send as `from`: users listed in
+    /// `auth.sender_domains` only from those domains (or their subdomains); others from any.
+    /// The null sender is a bounce and never a user's to send.
+    pub fn sender_allowed(&self, user: &str, from: &str) -> bool {
+        let Some(domains) = self.auth.sender_domains.get(user) else {
+            return true;
+        };
+        let Some((_, domain)) = from.rsplit_once('@') else {
+            return false;
+        };
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        domains.iter().any(|d| {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            domain == d
+                || domain
+                    .strip_suffix(&d)
+                    .is_some_and(|rest| rest.ends_with('.'))
+        })
+    }
+
     pub fn may_relay(&self, ip: IpAddr) -> bool {
         self.relay.networks.iter().any(|n| n.contains(ip))
     }
@@ -718,5 +856,43 @@ mod tests {
         assert!(!net.contains("10.2.0.1".parse().unwrap()));
         assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn relay_networks_that_make_an_open_relay_are_refused() {
+        let nets =
+            |list: &[&str]| -> Vec<Cidr> { list.iter().map(|n| n.parse().unwrap()).collect() };
+        assert!(relay_networks_bounded(&nets(&["10.0.0.0/8", "127.0.0.0/8", "::1/128"])).is_ok());
+        assert!(
+            relay_networks_bounded(&nets(&["0.0.0.0/7"])).is_err(),
+            "shorter than /8"
+        );
+        assert!(relay_networks_bounded(&nets(&["::/0"])).is_err());
+        let halves: Vec<String> = (0..128).map(|i| format!("{i}.0.0.0/8")).collect();
+        let halves: Vec<&str> = halves.iter().map(String::as_str).collect();
+        assert!(
+            relay_networks_bounded(&nets(&halves)).is_err(),
+            "half the space"
+        );
+        assert!(relay_networks_bounded(&nets(&halves[..127])).is_ok());
+        let mut c = Config::default();
+        c.relay.networks = nets(&["0.0.0.0/1", "128.0.0.0/1"]);
+        assert_eq!(c.validate().unwrap_err().0, "relay.networks");
+    }
+
+    #[test]
+    fn bound_users_send_only_from_their_domains() {
+        let mut c = Config::default();
+        c.auth
+            .sender_domains
+            .insert("alice".into(), vec!["origin.test".into()]);
+        assert!(c.sender_allowed("alice", "a@origin.test"));
+        assert!(c.sender_allowed("alice", "a@Mail.Origin.Test"));
+        assert!(!c.sender_allowed("alice", "a@evilorigin.test"));
+        assert!(!c.sender_allowed("alice", ""));
+        assert!(
+            c.sender_allowed("bob", "anyone@anywhere.test"),
+            "unbound user"
+        );
     }
 }

@@ -60,12 +60,20 @@ enum Command {
 
 #[derive(clap::Args)]
 struct QueueArgs {
-    /// The daemon's admin endpoint (`[admin] address`).
-    #[arg(long, default_value = "127.0.0.1:8025")]
-    admin: String,
-    /// Token for requests that change state (`[admin] token`); also read from SAIDA_ADMIN_TOKEN.
-    #[arg(long, env = "SAIDA_ADMIN_TOKEN", default_value = "")]
-    token: String,
+    /// The daemon's configuration: its `[admin]` address and token (embedded defaults
+    /// without it, as for `saida run`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The daemon's admin endpoint; default: `[admin] address` of the configuration.
+    #[arg(long)]
+    admin: Option<String>,
+    /// The admin token; default: `[admin] token`, or the token file the daemon generated
+    /// (`[admin] token_file`, `<spool.dir>/admin.token`). Also read from SAIDA_ADMIN_TOKEN.
+    #[arg(long, env = "SAIDA_ADMIN_TOKEN")]
+    token: Option<String>,
+    /// A file holding the admin token (instead of the configuration's).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -115,7 +123,18 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
         QueueAction::Bounce(t) => ("POST", target(t, "bounce")),
         QueueAction::Delete(t) => ("POST", target(t, "delete")),
     };
-    let answer = admin::client(&args.admin, &args.token, method, &path)?;
+    let config = match &args.config {
+        Some(p) => config::Config::load(p)?,
+        None => config::Config::default(),
+    };
+    let address = args.admin.clone().unwrap_or(config.admin.address.clone());
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => admin::read_token(f)?,
+        (None, None) if !config.admin.token.is_empty() => config.admin.token.clone(),
+        (None, None) => admin::read_token(&config.admin.token_path(&config.spool.dir))?,
+    };
+    let answer = admin::client(&address, &token, method, &path)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else if matches!(args.action, QueueAction::Summary) {
@@ -193,8 +212,24 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         ))
     })?;
     let server = shard::Server::start(config.clone())?;
+    let token = if config.admin.address.is_empty() {
+        String::new()
+    } else {
+        let (token, generated) = admin::load_or_generate_token(&config.admin, &config.spool.dir)?;
+        if generated {
+            // Printed once; `saida queue` reads it from the file.
+            let file = config.admin.token_path(&config.spool.dir);
+            eprintln!(
+                "saida: admin token generated: {token}\n       kept in {} (mode 0600), \
+                 where `saida queue` reads it",
+                file.display()
+            );
+        }
+        token
+    };
     admin::serve(
         &config.admin,
+        token,
         server.router.clone(),
         std::sync::Arc::clone(&server.metrics),
     )

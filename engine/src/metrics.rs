@@ -34,6 +34,7 @@ pub enum Counter {
     BytesIn,
     RejectedSpool,
     RejectedQueueFull,
+    InflightRefused,
     AuthFailures,
     RelayRefused,
     DeliveryAttempts,
@@ -83,6 +84,12 @@ pub const COUNTERS: &[(Counter, &str, Option<(&str, &str)>, &str)] = &[
         Counter::RejectedQueueFull,
         "messages_rejected",
         Some(("reason", "queue_full")),
+        "Messages refused at the end of data, by reason",
+    ),
+    (
+        Counter::InflightRefused,
+        "messages_rejected",
+        Some(("reason", "memory")),
         "Messages refused at the end of data, by reason",
     ),
     (
@@ -251,6 +258,9 @@ pub struct QueueSnapshot {
     pub other_connections: u64,
 }
 
+/// Tenant label values allowed besides `none` and `unlisted`: messages injected over HTTP.
+const TENANT_LABELS: &[&str] = &["api"];
+
 /// Label values exported per destination and per tenant; the rest is summed as `other`.
 pub const TOP_LABELS: usize = 20;
 /// Keys tracked per table; beyond it the smallest count is folded into `other` to make room.
@@ -409,6 +419,13 @@ impl Metrics {
         if !self.enabled || counts == [0; 3] {
             return;
         }
+        // Only configured tenant names become label values: a message's tenant field may hold
+        // an AUTH user name, which is neither bounded nor for publishing.
+        let tenant = match tenant {
+            "" => "none",
+            t if TENANT_LABELS.contains(&t) => t,
+            _ => "unlisted",
+        };
         for (table, key) in [(&self.by_destination, domain), (&self.by_tenant, tenant)] {
             let key = if key.is_empty() { "none" } else { key };
             table

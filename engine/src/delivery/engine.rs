@@ -642,11 +642,34 @@ impl<S: Dial + 'static> Deliverer<S> {
                 match answer {
                     Ok(Resolution::Hosts(hosts)) => {
                         let port = self.config.delivery.mx_port;
+                        let mut refused = Vec::new();
                         for h in hosts {
-                            out.extend(h.addrs.iter().map(|ip| Host {
-                                name: h.name.clone(),
-                                addr: SocketAddr::new(*ip, port),
-                            }));
+                            for ip in &h.addrs {
+                                let addr = SocketAddr::new(*ip, port);
+                                if let Some(why) = refused_mx_address(&self.config, addr) {
+                                    refused.push(format!("{} ({addr}: {why})", h.name));
+                                    continue;
+                                }
+                                out.push(Host {
+                                    name: h.name.clone(),
+                                    addr,
+                                });
+                            }
+                        }
+                        if out.is_empty() && !refused.is_empty() {
+                            tracing::warn!(shard = self.shard, domain, hosts = ?refused,
+                                "MX addresses refused");
+                            return Err(NoHosts {
+                                permanent: false,
+                                verdict: Verdict::local(
+                                    451,
+                                    "4.4.6",
+                                    format!(
+                                        "MX of {domain} points at {}: refused (mail loop)",
+                                        refused.join(", ")
+                                    ),
+                                ),
+                            });
                         }
                     }
                     Ok(Resolution::NullMx) => {
@@ -1449,5 +1472,64 @@ fn envelope<'m>(msg: &Message<'m>, job: &Job) -> Envelope<'m> {
             DsnRet::Headers => Some("HDRS"),
         },
         envid: msg.envid,
+    }
+}
+
+/// Why an address from an MX answer must not be connected to, if it must not: loopback,
+/// unspecified, link-local, multicast or broadcast (unless `[dns] local_networks_allowed`
+/// lists it), or one of this server's own listeners. Explicit routes are not checked.
+pub fn refused_mx_address(config: &Config, addr: SocketAddr) -> Option<&'static str> {
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), IpAddr::V4),
+        v4 => v4,
+    };
+    let own = config.listeners.iter().any(|l| {
+        l.address.port() == addr.port()
+            && (l.address.ip() == ip || (l.address.ip().is_unspecified() && ip.is_loopback()))
+    });
+    if own {
+        return Some("this server's own listener");
+    }
+    let special = match ip {
+        IpAddr::V4(v4) => (v4.is_loopback().then_some("loopback"))
+            .or_else(|| v4.is_unspecified().then_some("unspecified"))
+            .or_else(|| v4.is_link_local().then_some("link-local"))
+            .or_else(|| v4.is_multicast().then_some("multicast"))
+            .or_else(|| v4.is_broadcast().then_some("broadcast")),
+        IpAddr::V6(v6) => (v6.is_loopback().then_some("loopback"))
+            .or_else(|| v6.is_unspecified().then_some("unspecified"))
+            .or_else(|| v6.is_unicast_link_local().then_some("link-local"))
+            .or_else(|| v6.is_multicast().then_some("multicast")),
+    };
+    let allowed = config
+        .dns
+        .local_networks_allowed
+        .iter()
+        .any(|n| n.contains(ip));
+    special.filter(|_| !allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_and_own_addresses_from_dns_are_refused() {
+        let mut c = Config::default();
+        c.listeners[0].address = "127.0.0.1:25".parse().unwrap();
+        let at = |s: &str| refused_mx_address(&c, s.parse().unwrap());
+        assert_eq!(at("127.0.0.1:25"), Some("this server's own listener"));
+        assert_eq!(at("127.0.0.9:25"), Some("loopback"));
+        assert_eq!(at("[::1]:25"), Some("loopback"));
+        assert_eq!(at("[::ffff:127.0.0.1]:2525"), Some("loopback"));
+        assert_eq!(at("0.0.0.0:25"), Some("unspecified"));
+        assert_eq!(at("169.254.1.1:25"), Some("link-local"));
+        assert_eq!(at("[fe80::1]:25"), Some("link-local"));
+        assert_eq!(at("224.0.0.1:25"), Some("multicast"));
+        assert_eq!(at("192.0.2.1:25"), None);
+        c.dns.local_networks_allowed = vec!["127.0.0.0/8".parse().unwrap()];
+        let at = |s: &str| refused_mx_address(&c, s.parse().unwrap());
+        assert_eq!(at("127.0.0.9:25"), None, "allowed for a test bed");
+        assert_eq!(at("127.0.0.1:25"), Some("this server's own listener"));
     }
 }

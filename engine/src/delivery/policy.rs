@@ -166,6 +166,9 @@ pub struct DnsConfig {
     pub timeout_secs: u64,
     pub attempts: usize,
     pub cache_entries_max: usize,
+    /// Loopback, link-local or unspecified networks an MX answer may point to (a test bed on
+    /// 127.0.0.0/8); empty = none: such addresses from DNS are refused (a mail loop).
+    pub local_networks_allowed: Vec<crate::config::Cidr>,
 }
 
 impl Default for DnsConfig {
@@ -176,6 +179,7 @@ impl Default for DnsConfig {
             timeout_secs: d.timeout.as_secs(),
             attempts: d.attempts,
             cache_entries_max: d.cache_entries_max,
+            local_networks_allowed: Vec::new(),
         }
     }
 }

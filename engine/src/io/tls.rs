@@ -216,6 +216,52 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(config))
 }
 
+/// The self-signed certificate offered when no `[tls]` is configured (as Debian's Postfix
+/// does with its "snakeoil" certificate): `<dir>/self-signed.crt` and `<dir>/self-signed.key`
+/// (mode 0600) for `hostname`, made at first start and kept. Returns the two paths.
+pub fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), TlsSetupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cert = dir.join("self-signed.crt");
+    let key = dir.join("self-signed.key");
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    let err = |path: &Path, e: &dyn std::fmt::Display| TlsSetupError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
+    let made = rcgen::KeyPair::generate().and_then(|pair| {
+        let mut params = rcgen::CertificateParams::new(vec![hostname.to_string()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, hostname);
+        Ok((params.self_signed(&pair)?, pair))
+    });
+    let (certificate, pair) = made.map_err(|e| err(&cert, &e))?;
+    // The key first, then the certificate: a crash in between leaves no certificate, and the
+    // next start makes both again.
+    for (path, pem, mode) in [
+        (&key, pair.serialize_pem(), 0o600),
+        (&cert, certificate.pem(), 0o644),
+    ] {
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| err(&tmp, &e))?;
+        f.write_all(pem.as_bytes())
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| err(path, &e))?;
+    }
+    Ok((cert, key))
+}
+
 /// A certificate that is reloaded when its files change (checked at most every `interval`).
 /// A reload that fails keeps the previous certificate and reports the error once.
 pub struct ReloadingTls {

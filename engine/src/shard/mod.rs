@@ -281,44 +281,77 @@ impl Router {
 }
 
 /// Connection limits shared by all shards (touched at connect and disconnect only).
+///
+/// Clients are counted per address, IPv6 clients per /64 (one host usually holds a whole /64).
+/// The last `reserved` slots are kept for relay networks and for clients that authenticate:
+/// an anonymous client admitted into them must authenticate quickly or is closed.
 pub struct ConnLimits {
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     total_max: usize,
     per_ip_max: usize,
+    reserved: usize,
 }
 
 /// Releases a connection slot when dropped.
 pub struct ConnGuard {
     limits: Arc<ConnLimits>,
-    ip: IpAddr,
+    key: Option<IpAddr>,
+    /// Admitted into the reserve: the session must authenticate to keep it.
+    pub reserved: bool,
+}
+
+/// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6 as IPv4), other IPv6
+/// by its /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 impl ConnLimits {
-    pub fn new(total_max: usize, per_ip_max: usize) -> Arc<ConnLimits> {
+    pub fn new(total_max: usize, per_ip_max: usize, reserved: usize) -> Arc<ConnLimits> {
         Arc::new(ConnLimits {
             total: AtomicUsize::new(0),
             per_ip: Mutex::default(),
             total_max,
             per_ip_max,
+            reserved: reserved.min(total_max),
         })
     }
 
-    /// Takes a slot for `ip`, or says which limit is reached.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, &'static str> {
+    /// Takes a slot for `ip`, or says which limit is reached. A `trusted` client (one of the
+    /// relay networks) is not limited per address and may use the reserve.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr, trusted: bool) -> Result<ConnGuard, &'static str> {
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if self.total.load(Ordering::Relaxed) >= self.total_max {
+        let total = self.total.load(Ordering::Relaxed);
+        if total >= self.total_max {
             return Err("Too many connections");
         }
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.per_ip_max {
-            return Err("Too many connections from your address");
-        }
-        *n += 1;
+        let reserved = !trusted && total >= self.total_max - self.reserved;
+        let key = if trusted {
+            None
+        } else {
+            let key = client_key(ip);
+            let n = map.entry(key).or_insert(0);
+            if *n >= self.per_ip_max {
+                return Err("Too many connections from your address");
+            }
+            *n += 1;
+            Some(key)
+        };
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(ConnGuard {
             limits: Arc::clone(self),
-            ip,
+            key,
+            reserved,
         })
     }
 }
@@ -326,10 +359,12 @@ impl ConnLimits {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut map = self.limits.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some(n) = self.key.and_then(|k| map.get_mut(&k)) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                if let Some(k) = self.key {
+                    map.remove(&k);
+                }
             }
         }
         self.limits.total.fetch_sub(1, Ordering::Relaxed);
@@ -351,6 +386,8 @@ struct ShardSetup {
     config: Arc<Config>,
     credentials: Option<Arc<Credentials>>,
     auth_throttle: Arc<crate::auth::AuthThrottle>,
+    /// Message bytes all sessions of all shards may hold.
+    inflight: Arc<crate::smtp::server::inflight::InflightBudget>,
     router: Router,
     inbox: Receiver<ShardMsg>,
     readers: SpoolReaders,
@@ -380,6 +417,19 @@ impl Server {
     pub fn start(config: Config) -> anyhow::Result<Server> {
         // One saida per spool: taken before any listener is bound or any spool recovered.
         let spool_lock = queue_format::lock::DirLock::acquire(&config.spool.dir)?;
+        let mut config = config;
+        if config.tls.is_none() && config.server.self_signed_tls {
+            let dir = config.spool.dir.join("tls");
+            let (certificate, key) =
+                crate::io::tls::ensure_self_signed(&dir, &config.server.hostname)?;
+            let why = "no [tls]: STARTTLS with a self-signed certificate";
+            tracing::info!(cert = %certificate.display(), "{why}");
+            config.tls = Some(crate::config::Tls {
+                certificate,
+                key,
+                reload_secs: 60,
+            });
+        }
         let config = Arc::new(config);
         let credentials = match &config.auth.credentials_file {
             Some(p) => {
@@ -413,9 +463,13 @@ impl Server {
         ));
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auth_throttle = Arc::new(crate::auth::AuthThrottle::new(cpus));
+        let inflight = crate::smtp::server::inflight::InflightBudget::new(
+            config.smtp.inflight_message_bytes_max,
+        );
         let limits = ConnLimits::new(
             config.smtp.connections_max,
             config.smtp.connections_per_ip_max,
+            config.smtp.connections_reserved,
         );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -447,6 +501,7 @@ impl Server {
                 config: Arc::clone(&config),
                 credentials: credentials.clone(),
                 auth_throttle: Arc::clone(&auth_throttle),
+                inflight: Arc::clone(&inflight),
                 router: router.clone(),
                 inbox,
                 readers: Arc::clone(&readers),
@@ -595,6 +650,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         config,
         credentials,
         auth_throttle,
+        inflight,
         router,
         inbox,
         readers,
@@ -709,6 +765,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         shutdown: shutdown.clone(),
         router: router.clone(),
         metrics: Arc::clone(&metrics),
+        inflight,
     });
     let active = Rc::new(Cell::new(0usize));
     for (acceptor, mode) in acceptors {
@@ -835,10 +892,10 @@ async fn accept_loop<A: Acceptor>(
         };
         let ctx = Rc::clone(&ctx);
         let active = Rc::clone(&active);
-        let guard = limits.acquire(peer.ip());
+        let guard = limits.acquire(peer.ip(), ctx.config.may_relay(peer.ip()));
         tokio::task::spawn_local(async move {
             let mut stream = stream;
-            let _guard = match guard {
+            let guard = match guard {
                 Ok(g) => g,
                 Err(why) => {
                     ctx.metrics
@@ -859,6 +916,7 @@ async fn accept_loop<A: Acceptor>(
             let info = ConnInfo {
                 peer,
                 listener_tls: mode,
+                reserved_slot: guard.reserved,
             };
             let conn = if mode == ListenerTls::Implicit {
                 let Some(tls) = ctx.tls.clone() else { return };
@@ -1370,15 +1428,62 @@ mod tests {
 
     #[test]
     fn connection_limits_per_ip_and_total() {
-        let limits = ConnLimits::new(3, 2);
+        let limits = ConnLimits::new(3, 2, 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let g1 = limits.acquire(a).unwrap();
-        let _g2 = limits.acquire(a).unwrap();
-        assert!(limits.acquire(a).is_err());
-        let _g3 = limits.acquire(b).unwrap();
-        assert!(limits.acquire(b).is_err(), "total limit");
+        let g1 = limits.acquire(a, false).unwrap();
+        let _g2 = limits.acquire(a, false).unwrap();
+        assert!(limits.acquire(a, false).is_err());
+        let _g3 = limits.acquire(b, false).unwrap();
+        assert!(limits.acquire(b, false).is_err(), "total limit");
         drop(g1);
-        assert!(limits.acquire(a).is_ok());
+        assert!(limits.acquire(a, false).is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let limits = ConnLimits::new(100, 2, 0);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _g1 = limits.acquire(a, false).unwrap();
+        let _g2 = limits.acquire(b, false).unwrap();
+        assert!(limits.acquire(a, false).is_err(), "same /64");
+        assert!(limits.acquire(other, false).is_ok(), "another /64");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn the_reserve_is_for_trusted_or_authenticating_clients() {
+        let limits = ConnLimits::new(4, 10, 2);
+        let anon: IpAddr = "192.0.2.1".parse().unwrap();
+        let relay: IpAddr = "10.0.0.1".parse().unwrap();
+        let g1 = limits.acquire(anon, false).unwrap();
+        let g2 = limits.acquire(anon, false).unwrap();
+        assert!(!g1.reserved && !g2.reserved);
+        let g3 = limits.acquire(anon, false).unwrap();
+        assert!(
+            g3.reserved,
+            "past total - reserved an anonymous client is on probation"
+        );
+        let g4 = limits.acquire(relay, true).unwrap();
+        assert!(!g4.reserved);
+        assert!(
+            limits.acquire(relay, true).is_err(),
+            "the total is a hard bound"
+        );
+        drop((g1, g2, g3, g4));
+    }
+
+    #[test]
+    fn trusted_clients_are_not_limited_per_address() {
+        let limits = ConnLimits::new(10, 1, 0);
+        let relay: IpAddr = "10.0.0.1".parse().unwrap();
+        let _g: Vec<_> = (0..5)
+            .map(|_| limits.acquire(relay, true).unwrap())
+            .collect();
+        let _a = limits.acquire(relay, false).unwrap();
+        assert!(limits.acquire(relay, false).is_err());
     }
 }

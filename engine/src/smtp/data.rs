@@ -36,6 +36,8 @@ pub enum ContentError {
     Nul,
     LineTooLong,
     TooBig,
+    /// The sessions together hold `inflight_message_bytes_max` of content already.
+    NoMemory,
 }
 
 impl ContentError {
@@ -50,8 +52,18 @@ impl ContentError {
             ContentError::Nul => Reply::new(550, "5.6.0", "Message contains a NUL byte"),
             ContentError::LineTooLong => Reply::new(550, "5.6.0", "Message has a line too long"),
             ContentError::TooBig => Reply::new(552, "5.3.4", "Message size exceeds fixed limit"),
+            ContentError::NoMemory => no_memory_reply(),
         }
     }
+}
+
+/// The reply when the memory budget for message content is spent.
+pub fn no_memory_reply() -> Reply {
+    Reply::new(
+        452,
+        "4.3.1",
+        "Insufficient system storage: too much mail in transit, try again later",
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +129,13 @@ impl ContentReader {
     /// The first rule the content broke, if any.
     pub fn error(&self) -> Option<ContentError> {
         self.error
+    }
+
+    /// Refuses the content for a reason found outside the reader (the memory budget): the rest
+    /// is read and dropped, and the end of data is answered with `e`.
+    pub fn refuse(&mut self, e: ContentError, out: &mut Vec<u8>) {
+        self.fail(e, out);
+        *out = Vec::new();
     }
 
     fn fail(&mut self, e: ContentError, out: &mut Vec<u8>) {

@@ -615,6 +615,7 @@ mod tests {
             shutdown,
             router: Router::new(1, 1_000_000).0,
             metrics: Arc::new(crate::metrics::Metrics::new(1)),
+            inflight: crate::smtp::server::inflight::InflightBudget::new(1 << 30),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -623,6 +624,7 @@ mod tests {
                 let info = ConnInfo {
                     peer,
                     listener_tls: ListenerTls::StartTls,
+                    reserved_slot: false,
                 };
                 let session = Session::new(Rc::clone(&ctx), info, Conn::Plain(EpollStream(s)));
                 tokio::task::spawn_local(session.run());

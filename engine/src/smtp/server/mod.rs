@@ -1,4 +1,5 @@
-//! The SMTP submission server: sessions and the headers they add.
+//! The SMTP submission server: sessions, the headers they add, and the memory they may hold.
 
 pub mod headers;
+pub mod inflight;
 pub mod session;

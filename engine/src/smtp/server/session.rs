@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use queue_format::{DsnRet, Message, Recipient, Spool, message_flags, now_micros};
 use tokio::sync::watch;
@@ -34,6 +34,7 @@ use crate::smtp::command::{Body, Command, Ret, parse_command};
 use crate::smtp::data::{BareLineEnd, ContentReader, Progress};
 use crate::smtp::reply::Reply;
 use crate::smtp::server::headers;
+use crate::smtp::server::inflight::{Charge, InflightBudget};
 
 /// Largest read per call.
 const READ_CHUNK: usize = 64 << 10;
@@ -54,6 +55,8 @@ pub struct ShardContext {
     /// Hands accepted recipients to the shards owning their domains.
     pub router: crate::shard::Router,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Message bytes all sessions may hold in memory at once.
+    pub inflight: Arc<InflightBudget>,
 }
 
 /// Facts about the connection.
@@ -61,6 +64,34 @@ pub struct ShardContext {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub listener_tls: ListenerTls,
+    /// Admitted into the connection reserve: must authenticate within
+    /// `[smtp] reserved_slot_auth_secs` or is closed.
+    pub reserved_slot: bool,
+}
+
+/// The deadline of one message transfer (DATA, or one BDAT chunk): `data_timeout_secs` plus
+/// the time its bytes take at `data_rate_min_bytes_per_sec`. A client trickling bytes cannot
+/// stretch a transfer past it.
+struct TransferClock {
+    start: Instant,
+    grace: Duration,
+    rate: u64,
+}
+
+impl TransferClock {
+    fn start(config: &Config) -> TransferClock {
+        TransferClock {
+            start: Instant::now(),
+            grace: Duration::from_secs(config.smtp.data_timeout_secs),
+            rate: config.smtp.data_rate_min_bytes_per_sec.max(1),
+        }
+    }
+
+    /// When the transfer must have gone further than `received` bytes.
+    fn deadline(&self, received: u64) -> Instant {
+        let earned = Duration::from_secs_f64(received as f64 / self.rate as f64);
+        self.start + self.grace + earned
+    }
 }
 
 /// The envelope being built.
@@ -73,7 +104,7 @@ struct Transaction {
     envid: Option<String>,
     rcpts: Vec<(String, u8, String)>,
     /// BDAT in progress: content so far and its checker.
-    chunks: Option<(ContentReader, Vec<u8>)>,
+    chunks: Option<(ContentReader, Vec<u8>, Charge)>,
     /// A BDAT chunk failed: later chunks are refused until RSET (RFC 3030 §2).
     chunks_failed: bool,
 }
@@ -107,11 +138,14 @@ pub struct Session<S: Stream> {
     tx: Option<Transaction>,
     commands: u32,
     errors: u32,
+    /// `session_lifetime_secs` after the connection was accepted.
+    ends_at: Instant,
 }
 
 impl<S: Stream> Session<S> {
     /// A session on an accepted connection (already TLS for implicit-TLS listeners).
     pub fn new(ctx: Rc<ShardContext>, info: ConnInfo, conn: Conn<S>) -> Self {
+        let ends_at = Instant::now() + Duration::from_secs(ctx.config.smtp.session_lifetime_secs);
         Session {
             ctx,
             info,
@@ -125,6 +159,7 @@ impl<S: Stream> Session<S> {
             tx: None,
             commands: 0,
             errors: 0,
+            ends_at,
         }
     }
 
@@ -180,7 +215,8 @@ impl<S: Stream> Session<S> {
                 }
                 LineRead::Eof => return Stop::Close,
                 LineRead::Timeout => {
-                    self.reply(Reply::new(421, "4.4.2", "Timeout, closing connection"));
+                    let r = self.timeout_reply();
+                    self.reply(r);
                     return Stop::Close;
                 }
                 LineRead::Shutdown => {
@@ -347,6 +383,17 @@ impl<S: Stream> Session<S> {
         {
             return self.error(Reply::new(552, "5.3.4", "Message size exceeds fixed limit"));
         }
+        if let Some(user) = &self.user {
+            if !self.config().sender_allowed(user, from) {
+                tracing::warn!(client = %self.info.peer.ip(), user = ?user, from = ?from,
+                    "sender address not allowed for this user");
+                return self.error(Reply::new(
+                    553,
+                    "5.7.1",
+                    "Sender address not allowed for this user",
+                ));
+            }
+        }
         self.tx = Some(Transaction {
             from: from.to_string(),
             smtputf8: p.smtputf8,
@@ -427,19 +474,31 @@ impl<S: Stream> Session<S> {
             }
             Some(_) => {}
         }
+        if self.ctx.inflight.spent() {
+            self.ctx
+                .metrics
+                .inc(crate::metrics::Counter::InflightRefused, 1);
+            self.reply(crate::smtp::data::no_memory_reply());
+            return Ok(());
+        }
         self.reply(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
         let mut reader = self.content_reader(true);
         let mut body = Vec::with_capacity(4096);
+        let mut charge = self.ctx.inflight.charge();
+        let clock = TransferClock::start(self.config());
+        let mut received = 0u64;
         loop {
             let progress = reader.feed(&self.inbuf[self.pos..], &mut body);
+            self.charge_for(&mut charge, &mut reader, &mut body);
             match progress {
                 Progress::Done { consumed } => {
                     self.pos += consumed;
                     break;
                 }
                 Progress::NeedMore => {
+                    received += (self.inbuf.len() - self.pos) as u64;
                     self.pos = self.inbuf.len();
-                    if !self.read_more(self.config().smtp.data_timeout_secs).await? {
+                    if !self.read_more(clock.deadline(received)).await? {
                         return Err(Stop::Close);
                     }
                 }
@@ -447,9 +506,34 @@ impl<S: Stream> Session<S> {
         }
         if let Some(e) = reader.error() {
             self.tx = None;
+            if e == crate::smtp::data::ContentError::NoMemory {
+                // Not the client's fault: not counted as an error.
+                self.reply(e.reply());
+                return Ok(());
+            }
             return self.error(e.reply());
         }
-        self.commit(body).await
+        let stored = self.commit(body).await;
+        drop(charge);
+        stored
+    }
+
+    /// Keeps `charge` covering the buffer `body`; when the memory budget cannot, the content
+    /// is refused (`452 4.3.1` at its end) and the buffer freed.
+    fn charge_for(&self, charge: &mut Charge, reader: &mut ContentReader, body: &mut Vec<u8>) {
+        if reader.error().is_some() {
+            charge.release();
+            return;
+        }
+        if !charge.cover(body.capacity()) {
+            self.ctx
+                .metrics
+                .inc(crate::metrics::Counter::InflightRefused, 1);
+            let why = "message refused: in-flight memory budget spent";
+            tracing::warn!(client = %self.info.peer.ip(), "{why}");
+            reader.refuse(crate::smtp::data::ContentError::NoMemory, body);
+            charge.release();
+        }
     }
 
     async fn bdat(&mut self, size: u64, last: bool) -> Result<(), Stop> {
@@ -471,19 +555,25 @@ impl<S: Stream> Session<S> {
         // The chunk follows the command whatever the state, so it is always consumed.
         let mut left = size as usize;
         let fresh = self.content_reader(false);
-        let (mut reader, mut body) = match self.tx.as_mut().and_then(|t| t.chunks.take()) {
-            Some(c) => c,
-            None => (fresh, Vec::new()),
-        };
+        let (mut reader, mut body, mut charge) =
+            match self.tx.as_mut().and_then(|t| t.chunks.take()) {
+                Some(c) => c,
+                None => (fresh, Vec::new(), self.ctx.inflight.charge()),
+            };
+        if body.is_empty() && reader.error().is_none() && self.ctx.inflight.spent() {
+            // A new message while the budget is spent: its chunks are read and dropped.
+            reader.refuse(crate::smtp::data::ContentError::NoMemory, &mut body);
+        }
+        let clock = TransferClock::start(self.config());
         while left > 0 {
-            if self.pos == self.inbuf.len()
-                && !self.read_more(self.config().smtp.data_timeout_secs).await?
-            {
+            let received = size - left as u64;
+            if self.pos == self.inbuf.len() && !self.read_more(clock.deadline(received)).await? {
                 return Err(Stop::Close);
             }
             let n = left.min(self.inbuf.len() - self.pos);
             if state.is_ok() {
                 reader.feed(&self.inbuf[self.pos..self.pos + n], &mut body);
+                self.charge_for(&mut charge, &mut reader, &mut body);
             }
             self.pos += n;
             left -= n;
@@ -498,11 +588,15 @@ impl<S: Stream> Session<S> {
             if let Some(t) = self.tx.as_mut() {
                 t.chunks_failed = true;
             }
+            if e == crate::smtp::data::ContentError::NoMemory {
+                self.reply(e.reply());
+                return Ok(());
+            }
             return self.error(e.reply());
         }
         if !last {
             if let Some(t) = self.tx.as_mut() {
-                t.chunks = Some((reader, body));
+                t.chunks = Some((reader, body, charge));
             }
             self.reply(Reply::owned(
                 250,
@@ -730,11 +824,30 @@ impl<S: Stream> Session<S> {
             ));
         }
         let ip = self.info.peer.ip();
-        if self.ctx.auth_throttle.failures(ip) >= self.config().auth.failures_max {
-            tracing::warn!(client = %ip, "authentication refused: too many recent failures");
-            self.reply(Reply::new(421, "4.7.0", "Too many authentication failures"));
-            return Err(Stop::Close);
-        }
+        let (failures_max, concurrent_max) = {
+            let a = &self.config().auth;
+            (a.failures_max, a.concurrent_per_ip_max)
+        };
+        let mut attempt = match self
+            .ctx
+            .auth_throttle
+            .begin(ip, failures_max, concurrent_max)
+        {
+            Ok(a) => a,
+            Err(auth::AuthRefusal::TooManyFailures) => {
+                tracing::warn!(client = %ip, "authentication refused: too many recent failures");
+                self.reply(Reply::new(421, "4.7.0", "Too many authentication failures"));
+                return Err(Stop::Close);
+            }
+            Err(auth::AuthRefusal::TooManyConcurrent) => {
+                tracing::warn!(client = %ip, "authentication refused: too many at once");
+                return self.error(Reply::new(
+                    454,
+                    "4.7.0",
+                    "Too many authentication attempts at once from your address",
+                ));
+            }
+        };
         let creds = match mechanism {
             "PLAIN" => {
                 let resp = match initial {
@@ -770,6 +883,8 @@ impl<S: Stream> Session<S> {
         };
         let store = Arc::clone(self.ctx.credentials.as_ref().expect("checked at the top"));
         let check_user = user.clone();
+        // Counted before verifying: parallel connections cannot guess in parallel.
+        let failures = attempt.count();
         let ok = {
             // At most `verify` verifications at once, across all shards.
             let Ok(_permit) = self.ctx.auth_throttle.verify.acquire().await else {
@@ -779,13 +894,12 @@ impl<S: Stream> Session<S> {
             verify.await.unwrap_or(false)
         };
         if ok {
-            self.ctx.auth_throttle.clear(ip);
+            attempt.succeeded();
             tracing::info!(client = %ip, user = ?user, "authenticated");
             self.user = Some(user);
             self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
             return Ok(());
         }
-        let failures = self.ctx.auth_throttle.record_failure(ip);
         self.ctx
             .metrics
             .inc(crate::metrics::Counter::AuthFailures, 1);
@@ -834,9 +948,38 @@ impl<S: Stream> Session<S> {
             .await
     }
 
-    /// The next line of at most `max` octets, CRLF included.
+    /// When the session must end whatever it is doing: its lifetime, or for a client in the
+    /// connection reserve that has not authenticated, `reserved_slot_auth_secs` after the start.
+    fn hard_deadline(&self) -> Instant {
+        if self.info.reserved_slot && self.user.is_none() {
+            let lifetime = Duration::from_secs(self.config().smtp.session_lifetime_secs);
+            let probation = Duration::from_secs(self.config().smtp.reserved_slot_auth_secs);
+            return self.ends_at.min(self.ends_at - lifetime + probation);
+        }
+        self.ends_at
+    }
+
+    /// The `421` for a deadline that passed, saying which.
+    fn timeout_reply(&self) -> Reply {
+        if Instant::now() < self.hard_deadline() {
+            Reply::new(421, "4.4.2", "Timeout, closing connection")
+        } else if self.info.reserved_slot && self.user.is_none() {
+            Reply::new(
+                421,
+                "4.7.0",
+                "Server busy: remaining connections are for authenticated clients",
+            )
+        } else {
+            Reply::new(421, "4.4.2", "Session lasted too long, closing connection")
+        }
+    }
+
+    /// The next line of at most `max` octets, CRLF included. The whole line must arrive within
+    /// `command_timeout_secs` (not each byte of it).
     async fn next_line_max(&mut self, max: usize) -> LineRead {
         let mut discarding = false;
+        let line_deadline =
+            Instant::now() + Duration::from_secs(self.config().smtp.command_timeout_secs);
         loop {
             if let Some(i) = self.inbuf[self.pos..].iter().position(|&b| b == b'\n') {
                 let start = self.pos;
@@ -869,11 +1012,11 @@ impl<S: Stream> Session<S> {
             if self.flush().await.is_err() {
                 return LineRead::Eof;
             }
-            let timeout = self.config().smtp.command_timeout_secs;
+            let deadline = line_deadline.min(self.hard_deadline());
             let read = if in_transaction {
-                self.read_some(timeout).await
+                self.read_some(deadline).await
             } else {
-                self.read_more_cancellable(timeout).await
+                self.read_more_cancellable(deadline).await
             };
             match read {
                 ReadResult::Data => {}
@@ -884,17 +1027,29 @@ impl<S: Stream> Session<S> {
         }
     }
 
-    /// Reads more input after flushing replies (used inside DATA/BDAT). False at end of stream;
-    /// a timeout sends `421` and stops the session.
-    async fn read_more(&mut self, timeout_secs: u64) -> Result<bool, Stop> {
+    /// Reads more input after flushing replies (used inside DATA/BDAT), waiting at most
+    /// `data_timeout_secs` and never past `transfer_deadline` or the session's. False at end
+    /// of stream; a timeout sends `421` and stops the session.
+    async fn read_more(&mut self, transfer_deadline: Instant) -> Result<bool, Stop> {
         if self.flush().await.is_err() {
             return Ok(false);
         }
-        match self.read_some(timeout_secs).await {
+        let idle = Instant::now() + Duration::from_secs(self.config().smtp.data_timeout_secs);
+        let deadline = idle.min(transfer_deadline).min(self.hard_deadline());
+        match self.read_some(deadline).await {
             ReadResult::Data => Ok(true),
             ReadResult::Eof | ReadResult::Shutdown => Ok(false),
             ReadResult::Timeout => {
-                self.reply(Reply::new(421, "4.4.2", "Timeout, closing connection"));
+                let r = if Instant::now() >= transfer_deadline {
+                    Reply::new(
+                        421,
+                        "4.4.2",
+                        "Message transfer too slow, closing connection",
+                    )
+                } else {
+                    self.timeout_reply()
+                };
+                self.reply(r);
                 Err(Stop::Close)
             }
         }
@@ -902,7 +1057,7 @@ impl<S: Stream> Session<S> {
 
     /// Like `read_some`, but a shutdown signal ends the wait (between commands only: a message
     /// being received is finished first).
-    async fn read_more_cancellable(&mut self, timeout_secs: u64) -> ReadResult {
+    async fn read_more_cancellable(&mut self, deadline: Instant) -> ReadResult {
         let mut shutdown = self.ctx.shutdown.clone();
         let wait_shutdown = async move {
             loop {
@@ -915,12 +1070,12 @@ impl<S: Stream> Session<S> {
             }
         };
         tokio::select! {
-            r = self.read_some(timeout_secs) => r,
+            r = self.read_some(deadline) => r,
             () = wait_shutdown => ReadResult::Shutdown,
         }
     }
 
-    async fn read_some(&mut self, timeout_secs: u64) -> ReadResult {
+    async fn read_some(&mut self, deadline: Instant) -> ReadResult {
         // Compact: drop consumed bytes so the buffer stays bounded.
         if self.pos > 0 {
             self.inbuf.drain(..self.pos);
@@ -929,7 +1084,7 @@ impl<S: Stream> Session<S> {
         let mut buf = std::mem::take(&mut self.inbuf);
         buf.reserve(READ_CHUNK.min(buf.capacity().max(4096)));
         let read = self.conn.read(buf);
-        match tokio::time::timeout(Duration::from_secs(timeout_secs), read).await {
+        match tokio::time::timeout_at(deadline.into(), read).await {
             Ok((Ok(0), buf)) => {
                 self.inbuf = buf;
                 ReadResult::Eof
@@ -981,6 +1136,7 @@ mod tests {
     ) -> Outcome {
         let dir = tempfile::tempdir().unwrap();
         config.spool.dir = dir.path().to_path_buf();
+        let inflight_max = config.smtp.inflight_message_bytes_max;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1001,6 +1157,7 @@ mod tests {
                 shutdown,
                 router,
                 metrics: Arc::new(crate::metrics::Metrics::new(1)),
+                inflight: InflightBudget::new(inflight_max),
             });
             let stream = MemoryStream {
                 hang_at_end,
@@ -1013,6 +1170,7 @@ mod tests {
             let info = ConnInfo {
                 peer: "127.0.0.1:40000".parse().unwrap(),
                 listener_tls: ListenerTls::StartTls,
+                reserved_slot: false,
             };
             let start = Instant::now();
             Session::new(ctx, info, Conn::Plain(stream.clone()))
