@@ -595,3 +595,40 @@ fn a_route_back_to_this_server_is_a_mail_loop_and_is_deferred() {
     // The looping copy was never accepted: one message in the whole log.
     assert_eq!(log.len(), 1, "{log:?}");
 }
+
+#[test]
+fn a_shard_never_runs_more_connections_than_its_cap() {
+    let port = free_port();
+    // The sink refuses a third concurrent connection; each end of data takes 100 ms, so
+    // connections to different domains overlap unless saida holds them back.
+    let profile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        profile.path(),
+        "[default]\nconnections_max = 2\neod_delay_ms = { dist = \"fixed\", value = 100 }\n",
+    )
+    .unwrap();
+    let sink = Sink::start(
+        &[format!("127.0.0.2:{port}")],
+        &["--profile", profile.path().to_str().unwrap()],
+    );
+    // Two shards, one connection each at most: 2 in all, whatever the number of domains.
+    let config = delivery(&format!(
+        "workers_per_shard_max = 1\n\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.2:{port}\"]\n"
+    ));
+    let d = Daemon::start("epoll", &config);
+    let msgs: Vec<(&str, Vec<String>)> = (0..30)
+        .map(|i| ("a@origin.test", vec![format!("r{i}@d{i}.test")]))
+        .collect();
+    assert_eq!(send_messages(d.port, &msgs), 30);
+    let log = wait_log(&d, "30 deliveries", |l| {
+        count(l, "outcome", "delivered") == 30
+    });
+    let refused: Vec<_> = log.iter().filter(|l| l["outcome"] != "delivered").collect();
+    assert!(
+        refused.is_empty(),
+        "the sink refused {} connections, first: {}",
+        refused.len(),
+        refused[0]
+    );
+    assert_eq!(sink.records().len(), 30);
+}

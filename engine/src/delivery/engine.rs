@@ -155,8 +155,18 @@ pub struct Deliverer<S: Dial> {
     tls_any: Arc<rustls::ClientConfig>,
     tls_verified: Arc<rustls::ClientConfig>,
     shutdown: watch::Receiver<bool>,
-    /// Connection workers running (the shard waits for them at shutdown).
+    /// Connection workers running (the shard waits for them at shutdown); at most
+    /// `delivery.workers_per_shard_max`.
     pub workers: Cell<usize>,
+    /// Domains that wanted workers when the shard had none to spare, in order; each once.
+    starved: RefCell<(
+        std::collections::VecDeque<Rc<str>>,
+        std::collections::HashSet<Rc<str>>,
+    )>,
+    /// Tells idle connections to close: a domain is waiting for a worker slot.
+    slot_wanted: tokio::sync::Notify,
+    /// MX lookups under way at once, at most `delivery.dns_lookups_per_shard_max`.
+    dns_lookups: tokio::sync::Semaphore,
     metrics: Arc<crate::metrics::Metrics>,
     rng: Cell<u64>,
     _stream: PhantomData<S>,
@@ -243,6 +253,9 @@ impl<S: Dial + 'static> Deliverer<S> {
             tls_verified: crate::io::tls::client_config_verified(roots),
             shutdown,
             workers: Cell::new(0),
+            starved: RefCell::default(),
+            slot_wanted: tokio::sync::Notify::new(),
+            dns_lookups: tokio::sync::Semaphore::new(config.delivery.dns_lookups_per_shard_max),
             metrics,
             rng: Cell::new(now_micros() | 1),
             config,
@@ -440,7 +453,21 @@ impl<S: Dial + 'static> Deliverer<S> {
             if q.ready_jobs() > 0 && q.idle_workers > 0 && !q.suspended {
                 q.wake.notify_one();
             }
-            let n = q.workers_wanted(now_micros());
+            let wanted = q.workers_wanted(now_micros());
+            let free = self
+                .config
+                .delivery
+                .workers_per_shard_max
+                .saturating_sub(self.workers.get());
+            let n = wanted.min(free);
+            if n < wanted {
+                // Started when a worker of another domain ends; idle ones end now.
+                let mut starved = self.starved.borrow_mut();
+                if starved.1.insert(Rc::clone(domain)) {
+                    starved.0.push_back(Rc::clone(domain));
+                }
+                self.slot_wanted.notify_waiters();
+            }
             q.workers += n;
             n
         };
@@ -504,6 +531,21 @@ impl<S: Dial + 'static> Deliverer<S> {
         self.worker_ended();
         if again {
             self.kick(&domain);
+        }
+        // A slot is free: the domain that has waited longest for one gets it.
+        while self.workers.get() < self.config.delivery.workers_per_shard_max {
+            let next = {
+                let mut starved = self.starved.borrow_mut();
+                let next = starved.0.pop_front();
+                if let Some(d) = &next {
+                    starved.1.remove(d);
+                }
+                next
+            };
+            match next {
+                Some(d) => self.kick(&d),
+                None => break,
+            }
         }
     }
 
@@ -634,6 +676,9 @@ impl<S: Dial + 'static> Deliverer<S> {
             Target::Mx => {
                 let Some(resolver) = &self.resolver else {
                     return Err(temp("no DNS resolver is available".into()));
+                };
+                let Ok(_lookup) = self.dns_lookups.acquire().await else {
+                    return Err(temp("the shard is stopping".into()));
                 };
                 let t = Instant::now();
                 let answer = resolver.resolve(domain).await;
@@ -935,6 +980,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             }
             tokio::select! {
                 _ = wake.notified() => {}
+                _ = self.slot_wanted.notified() => break self.has_ready(domain),
                 _ = tokio::time::sleep_until(deadline) => break self.has_ready(domain),
                 _ = shutdown.changed() => break false,
             }

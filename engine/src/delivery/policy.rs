@@ -103,6 +103,10 @@ pub struct DeliveryConfig {
     pub tls_ca_file: std::path::PathBuf,
     /// Recipients one shard keeps queued in memory; beyond it new mail gets `452 4.3.1`.
     pub queued_rcpts_max: usize,
+    /// Outbound connections (workers) one shard runs at once, all destinations together.
+    pub workers_per_shard_max: usize,
+    /// MX lookups one shard runs at once (cache misses).
+    pub dns_lookups_per_shard_max: usize,
     /// Directory of the delivery logs (`delivery-<shard>.log`); empty = no log.
     pub log_dir: String,
     pub log_bytes_max: u64,
@@ -123,6 +127,8 @@ impl Default for DeliveryConfig {
             mx_port: 25,
             tls_ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
             queued_rcpts_max: 4_000_000,
+            workers_per_shard_max: 2000,
+            dns_lookups_per_shard_max: 100,
             log_dir: "var/log".into(),
             log_bytes_max: 256 << 20,
             log_age_secs: 86_400,
@@ -434,6 +440,18 @@ pub fn validate(
         10_000,
     )?;
     check("delivery.mx_port", delivery.mx_port.into(), 1, 65_535)?;
+    check(
+        "delivery.workers_per_shard_max",
+        delivery.workers_per_shard_max as u64,
+        1,
+        100_000,
+    )?;
+    check(
+        "delivery.dns_lookups_per_shard_max",
+        delivery.dns_lookups_per_shard_max as u64,
+        1,
+        10_000,
+    )?;
     check("dns.timeout_secs", dns.timeout_secs, 1, 60)?;
     check("dns.attempts", dns.attempts as u64, 1, 10)?;
     check(
