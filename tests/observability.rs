@@ -210,8 +210,9 @@ except urllib.error.HTTPError as e:
     (code.trim().parse().unwrap_or(0), body.trim().to_string())
 }
 
-#[test]
-fn http_injection_is_durable_idempotent_and_needs_the_token() {
+/// A sink recording bodies, and a daemon routing everything to it with an admin endpoint
+/// whose token is `token-0123456789abcdef`; returns them and the endpoint's address.
+fn injection_bed() -> (Sink, Daemon, String) {
     let port = free_port();
     let admin = format!("127.0.0.1:{}", free_port());
     let sink = Sink::start(&[format!("127.0.0.2:{port}")], &["--record-bodies"]);
@@ -220,7 +221,12 @@ fn http_injection_is_durable_idempotent_and_needs_the_token() {
          hosts = [\"127.0.0.2:{port}\"]\n\n[admin]\naddress = \"{admin}\"\n\
          token = \"token-0123456789abcdef\"\n"
     );
-    let _d = Daemon::start("epoll", &config);
+    (sink, Daemon::start("epoll", &config), admin)
+}
+
+#[test]
+fn http_injection_is_durable_idempotent_and_needs_the_token() {
+    let (sink, _d, admin) = injection_bed();
     let url = format!("http://{admin}/messages");
     let body = r#"{"from":"news@origin.test","to":["ann@a.test","bob@b.test"],
         "headers":{"Subject":"Hello {{name}}"},"body":"Dear {{name}},\nhi.",
@@ -343,4 +349,60 @@ fn admin_endpoint_is_concurrent_bounded_and_uses_a_generated_token() {
         "the slow connection was not closed: {ended:?}"
     );
     drop(idle);
+}
+
+#[test]
+fn http_injection_is_bounded_safe_and_its_keys_survive_a_restart() {
+    let (sink, mut d, admin) = injection_bed();
+    let url = format!("http://{admin}/messages");
+    let auth = ("Authorization", "Bearer token-0123456789abcdef");
+    let post = |body: &serde_json::Value| http("POST", &url, &body.to_string(), &[auth]);
+    // One message to two recipients: neither sees the other's address.
+    let first = serde_json::json!({"from": "n@origin.test", "to": ["ann@a.test", "bob@b.test"],
+        "body": "hello", "idempotency_key": "restart-1"});
+    let (code, answer) = post(&first);
+    assert_eq!(code, 200, "{answer}");
+    let records = sink.wait_until(20, "both recipients", |r| r.len() == 2);
+    let text = records[0]["body"].as_str().unwrap();
+    assert!(text.contains("To: undisclosed-recipients:;\r\n"), "{text}");
+    assert!(
+        !text.contains("ann@a.test") && !text.contains("bob@b.test"),
+        "{text}"
+    );
+    assert!(text.contains("MIME-Version: 1.0\r\n"), "{text}");
+    assert!(
+        text.contains("Content-Type: text/plain; charset=utf-8\r\n"),
+        "{text}"
+    );
+    // A header line smuggled through a variable, a bare CR, a NUL: refused, nothing queued.
+    let smuggle = serde_json::json!({"from": "n@origin.test", "to": ["c@c.test"],
+        "headers": {"Subject": "{{s}}"}, "vars": [{"s": "x\r\nBcc: victim@v.test"}]});
+    let (code, why) = post(&smuggle);
+    assert!(code == 400 && why.contains("line break"), "{code} {why}");
+    let bare = serde_json::json!({"from": "n@origin.test", "to": ["c@c.test"],
+        "body": "a\r.\r\nb"});
+    let (code, why) = post(&bare);
+    assert!(code == 400 && why.contains("bare CR"), "{code} {why}");
+    // 300 recipients x a 1 MiB body would build 300 MiB: refused before building.
+    let to: Vec<String> = (0..300).map(|i| format!("r{i}@big.test")).collect();
+    let vars: Vec<serde_json::Value> = (0..300).map(|_| serde_json::json!({})).collect();
+    let big = serde_json::json!({"from": "n@origin.test", "to": to, "vars": vars,
+        "body": format!("{}\n", "y".repeat(900)).repeat(1100)});
+    let token = "token-0123456789abcdef";
+    let (code, why) = saida_e2e::http_post_json(&admin, "/messages", token, &big.to_string());
+    assert!(code == 400 && why.contains("split it"), "{code} {why}");
+    // After a restart the key still answers the first request's ids.
+    assert!(d.terminate().success());
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    let cfg = std::fs::read_to_string(dir.path().join("saida.toml")).unwrap();
+    let _d2 = Daemon::start_in(dir, d.port, &cfg);
+    let (code, again) = post(&first);
+    assert_eq!(code, 200, "{again}");
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&answer).unwrap(),
+        serde_json::from_str(&again).unwrap(),
+    );
+    assert_eq!(a["queue_ids"], b["queue_ids"]);
+    assert_eq!(b["repeated"], true);
+    assert_eq!(sink.records().len(), 2, "nothing was queued again");
 }

@@ -603,20 +603,25 @@ fn passwd_line(user: &str, password: &str) -> Vec<u8> {
     out.stdout
 }
 
-#[test]
-fn parallel_auth_guesses_are_counted_before_verification() {
-    let admin = format!("127.0.0.1:{}", saida_e2e::free_port());
+/// A daemon whose only user is alice (password `s3cret`), AUTH allowed without TLS, with
+/// `more` appended to `[auth]`; the credentials' directory lives as long as the daemon.
+fn with_alice(more: &str) -> (Daemon, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let users = tmp.path().join("users");
     std::fs::write(&users, passwd_line("alice", "s3cret")).unwrap();
-    let d = Daemon::start(
-        "epoll",
-        &format!(
-            "[auth]\ncredentials_file = \"{}\"\nrequire_tls = false\nfailures_max = 2\n\
-             failure_delay_ms = 0\n\n[admin]\naddress = \"{admin}\"\n",
-            users.display()
-        ),
+    let config = format!(
+        "[auth]\ncredentials_file = \"{}\"\nrequire_tls = false\n{more}",
+        users.display()
     );
+    (Daemon::start("epoll", &config), tmp)
+}
+
+#[test]
+fn parallel_auth_guesses_are_counted_before_verification() {
+    let admin = format!("127.0.0.1:{}", saida_e2e::free_port());
+    let (d, _users) = with_alice(&format!(
+        "failures_max = 2\nfailure_delay_ms = 0\n\n[admin]\naddress = \"{admin}\"\n"
+    ));
     // "\0alice\0wrong", base64.
     let guess = "AUTH PLAIN AGFsaWNlAHdyb25n\r\n";
     let mut conns: Vec<TcpStream> = (0..4)
@@ -720,17 +725,7 @@ s.quit()
 
 #[test]
 fn authenticated_users_can_be_bound_to_their_sender_domains() {
-    let tmp = tempfile::tempdir().unwrap();
-    let users = tmp.path().join("users");
-    std::fs::write(&users, passwd_line("alice", "s3cret")).unwrap();
-    let d = Daemon::start(
-        "epoll",
-        &format!(
-            "[auth]\ncredentials_file = \"{}\"\nrequire_tls = false\n\n\
-             [auth.sender_domains]\nalice = [\"origin.test\"]\n",
-            users.display()
-        ),
-    );
+    let (d, _users) = with_alice("\n[auth.sender_domains]\nalice = [\"origin.test\"]\n");
     // "\0alice\0s3cret", base64.
     let s = session_after(d.port, &["EHLO c.test", "AUTH PLAIN AGFsaWNlAHMzY3JldA=="]);
     let mut r = BufReader::new(s.try_clone().unwrap());

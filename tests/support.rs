@@ -138,6 +138,28 @@ pub fn http_get(address: &str, path: &str) -> String {
     body.to_string()
 }
 
+/// `POST path` of a JSON `body` on `address` with a bearer `token`; returns the status and
+/// the answer's body.
+pub fn http_post_json(address: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).expect("connect to the HTTP endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("read timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .and_then(|()| s.write_all(body.as_bytes()))
+    .expect("send the request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read the answer");
+    let (head, answer) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    (status.unwrap_or(0), answer.to_string())
+}
+
 /// Runs a Python 3 script with arguments; returns its standard output, panicking with its
 /// error output if it fails.
 pub fn python(script: &str, args: &[&str]) -> String {

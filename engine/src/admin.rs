@@ -259,6 +259,7 @@ fn token_matches(given: &str, token: &str) -> bool {
 /// What every request handler shares.
 struct Endpoint {
     token: String,
+    limits: crate::api::Limits,
     router: crate::shard::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     idempotency: std::sync::Mutex<crate::api::IdempotencyStore>,
@@ -271,27 +272,32 @@ type Body = http_body_util::Full<hyper::body::Bytes>;
 /// blocking pool, so `/metrics`, `/healthz` and `/readyz` are never held up by it. At most
 /// [`CONNECTIONS_MAX`] connections, one request each, each within [`CONNECTION_TIMEOUT`].
 pub fn serve(
-    config: &AdminConfig,
+    config: &crate::config::Config,
     token: String,
     router: crate::shard::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<()> {
-    if config.address.is_empty() {
+    let address = &config.admin.address;
+    if address.is_empty() {
         return Ok(());
     }
-    let listener = std::net::TcpListener::bind(&config.address)?;
+    let journal = config.spool.dir.join("idempotency.jsonl");
+    let idempotency = crate::api::IdempotencyStore::open(&journal)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", journal.display())))?;
+    let listener = std::net::TcpListener::bind(address)?;
     listener.set_nonblocking(true)?;
     let endpoint = std::sync::Arc::new(Endpoint {
         token,
+        limits: crate::api::Limits::from_config(config),
         router,
         metrics,
-        idempotency: Default::default(),
+        idempotency: std::sync::Mutex::new(idempotency),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(CONNECTIONS_MAX)
         .build()?;
-    tracing::info!(address = %config.address, "admin endpoint listening");
+    tracing::info!(%address, "admin endpoint listening");
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || runtime.block_on(accept_loop(listener, endpoint)))?;
@@ -428,8 +434,9 @@ async fn handle(
             Err((status, why)) => return error(status, &why),
         };
         let ep = std::sync::Arc::clone(&endpoint);
-        let work =
-            tokio::task::spawn_blocking(move || inject(&ep.router, &body, key, &ep.idempotency));
+        let work = tokio::task::spawn_blocking(move || {
+            inject(&ep.router, &body, key, &ep.limits, &ep.idempotency)
+        });
         return match work.await {
             Ok((status, value)) => json(status, &value),
             Err(_) => error(500, "the injection failed"),
@@ -476,26 +483,62 @@ fn inject(
     router: &crate::shard::Router,
     json: &[u8],
     header_key: Option<String>,
+    limits: &crate::api::Limits,
     idempotency: &std::sync::Mutex<crate::api::IdempotencyStore>,
 ) -> (u16, serde_json::Value) {
+    use crate::api::KeyState;
     let req = match crate::api::parse(json) {
         Ok(r) => r,
         Err(e) => return (400, serde_json::json!({ "error": e })),
     };
     let key = req.idempotency_key.clone().or(header_key);
-    let mut store = idempotency.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(ids) = key.as_ref().and_then(|k| store.get(k)) {
-        return (
-            200,
-            serde_json::json!({ "queue_ids": ids, "repeated": true }),
-        );
+    if let Some(k) = &key {
+        let printable = k.bytes().all(|b| b.is_ascii_graphic());
+        if k.is_empty() || k.len() > crate::api::IDEMPOTENCY_KEY_CHARS_MAX || !printable {
+            let why = format!(
+                "idempotency key: 1 ..= {} printable ASCII characters",
+                crate::api::IDEMPOTENCY_KEY_CHARS_MAX
+            );
+            return (400, serde_json::json!({ "error": why }));
+        }
     }
     let now_secs = queue_format::now_micros() / 1_000_000;
-    let messages = crate::api::prepare(&req, now_secs);
+    let messages = match crate::api::prepare(&req, now_secs, limits) {
+        Ok(m) => m,
+        Err(e) => return (400, serde_json::json!({ "error": e })),
+    };
+    let lock = || idempotency.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = &key {
+        // Recorded before dispatch: a retry while this one runs (or after its outcome was lost)
+        // never queues twice.
+        let mut store = lock();
+        match store.get(k) {
+            Some(KeyState::Done(ids)) => {
+                return (
+                    200,
+                    serde_json::json!({ "queue_ids": ids, "repeated": true }),
+                );
+            }
+            Some(KeyState::Pending) => {
+                let why = "a request with this idempotency key is under way, or its outcome \
+                           was lost; check its messages before sending under a new key";
+                return (409, serde_json::json!({ "error": why }));
+            }
+            None => {
+                if let Err(e) = store.begin(k) {
+                    let why = format!("cannot record the idempotency key: {e}");
+                    return (503, serde_json::json!({ "error": why }));
+                }
+            }
+        }
+    }
     let shard = NEXT_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % router.shards();
     let (tx, rx) = crossbeam_channel::bounded(1);
     let msg = crate::shard::ShardMsg::Inject(messages, tx);
     if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_err() {
+        if let Some(k) = &key {
+            lock().forget(k);
+        }
         return (
             503,
             serde_json::json!({ "error": "the shard is busy; retry" }),
@@ -504,11 +547,20 @@ fn inject(
     match rx.recv_timeout(ADMIN_TIMEOUT * 3) {
         Ok(Ok(ids)) => {
             if let Some(k) = key {
-                store.put(k, ids.clone());
+                lock().put(k, ids.clone());
             }
             (200, serde_json::json!({ "queue_ids": ids }))
         }
-        Ok(Err(e)) => (503, serde_json::json!({ "error": e })),
+        Ok(Err(failure)) => {
+            // Nothing committed: the key may be used again. Some committed: it stays pending,
+            // so a retry cannot queue those twice.
+            if let Some(k) = key.as_ref().filter(|_| failure.queued.is_empty()) {
+                lock().forget(k);
+            }
+            let body = serde_json::json!({ "error": failure.reply, "queue_ids": failure.queued });
+            (503, body)
+        }
+        // The key stays pending: the shard may still commit.
         Err(_) => (
             503,
             serde_json::json!({ "error": "no answer from the shard in time" }),

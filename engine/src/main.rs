@@ -228,7 +228,7 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         token
     };
     admin::serve(
-        &config.admin,
+        &config,
         token,
         server.router.clone(),
         std::sync::Arc::clone(&server.metrics),

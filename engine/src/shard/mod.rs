@@ -118,7 +118,7 @@ pub enum ShardMsg {
     /// ids once committed.
     Inject(
         Vec<crate::api::Prepared>,
-        crossbeam_channel::Sender<Result<Vec<String>, String>>,
+        crossbeam_channel::Sender<Result<Vec<String>, crate::api::InjectFailure>>,
     ),
     /// An operator request, answered on `reply`.
     Admin(
@@ -1107,24 +1107,21 @@ async fn inject(
     config: &Config,
     shard: u16,
     messages: Vec<crate::api::Prepared>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, crate::api::InjectFailure> {
+    use crate::api::InjectFailure;
     use crate::smtp::server::headers;
     let mut ids = Vec::new();
     for m in messages {
         if router.queues_full() {
-            return Err(format!(
-                "452 4.3.1 delivery queues full; queued so far: {ids:?}"
-            ));
+            return Err(InjectFailure::new("452 4.3.1 delivery queues full", ids));
         }
         if m.content.len() > config.smtp.message_bytes_max {
-            return Err(format!(
-                "552 5.3.4 message too large; queued so far: {ids:?}"
-            ));
+            return Err(InjectFailure::new("552 5.3.4 message too large", ids));
         }
         let hops = headers::received_count(&m.content);
         if hops >= config.smtp.received_headers_max {
             let why = headers::loop_refusal(hops);
-            return Err(format!("554 5.4.6 {why}; queued so far: {ids:?}"));
+            return Err(InjectFailure::new(&format!("554 5.4.6 {why}"), ids));
         }
         let now = queue_format::now_micros();
         let queue_id = spool.borrow_mut().next_queue_id(now);
@@ -1190,7 +1187,10 @@ async fn inject(
             Err(e) => {
                 spool.borrow_mut().abandon(queue_id);
                 let (code, enhanced, text) = e.reply();
-                return Err(format!("{code} {enhanced} {text}; queued so far: {ids:?}"));
+                return Err(InjectFailure::new(
+                    &format!("{code} {enhanced} {text}"),
+                    ids,
+                ));
             }
         }
     }

@@ -313,20 +313,23 @@ pub fn match_envelope_replies(mail: ServerReply, rcpts: Vec<ServerReply>) -> Env
 
 /// Writes `message` (CRLF line ends, not stuffed) for DATA: a `.` at the start of a line is
 /// doubled, and the content is ended with `CRLF . CRLF` (adding the last CRLF if missing).
-/// A bare LF is sent as CRLF, so content can never form an end of data at the next hop.
+/// A bare LF and a bare CR are each sent as CRLF (and a dot after them is doubled), so
+/// content can never form an end of data, nor `\r.\r\n` tricks, at the next hop.
 pub fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
     out.reserve(message.len() + message.len() / 64 + 5);
     let mut line_start = true;
     let mut prev = 0u8;
-    for &b in message {
+    for (i, &b) in message.iter().enumerate() {
         if line_start && b == b'.' {
             out.push(b'.');
         }
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
+        match b {
+            b'\n' if prev != b'\r' => out.extend_from_slice(b"\r\n"),
+            b'\n' => out.push(b'\n'),
+            b'\r' if message.get(i + 1) != Some(&b'\n') => out.extend_from_slice(b"\r\n"),
+            _ => out.push(b),
         }
-        out.push(b);
-        line_start = b == b'\n';
+        line_start = b == b'\n' || (b == b'\r' && message.get(i + 1) != Some(&b'\n'));
         prev = b;
     }
     if !line_start {
@@ -504,6 +507,10 @@ mod tests {
         out.clear();
         dot_stuff(b"", &mut out);
         assert_eq!(out, b".\r\n");
+        // A bare CR is a line end too: `\r.\r\n` cannot end the message at the next hop.
+        out.clear();
+        dot_stuff(b"a\r.\r\nb\r", &mut out);
+        assert_eq!(out, b"a\r\n..\r\nb\r\n.\r\n");
     }
 
     #[test]
