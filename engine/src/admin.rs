@@ -194,7 +194,9 @@ const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest a connection is kept, whatever it does (one request per connection).
 const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 /// Connections served at once; a connection past it is closed at once.
-pub const CONNECTIONS_MAX: usize = 64;
+pub const CONNECTIONS_MAX: usize = 512;
+/// Threads that wait on the shards for requests at once (queue requests, injections).
+const BLOCKING_THREADS_MAX: usize = 32;
 /// Longest answer `saida queue` reads.
 const ANSWER_BYTES_MAX: usize = 64 << 20;
 
@@ -295,7 +297,7 @@ pub fn serve(
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .max_blocking_threads(CONNECTIONS_MAX)
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
         .build()?;
     tracing::info!(%address, "admin endpoint listening");
     std::thread::Builder::new()
