@@ -212,3 +212,39 @@ fn tools_refuse_non_loopback_addresses() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
     std::thread::sleep(Duration::from_millis(10));
 }
+
+#[test]
+fn the_sink_reads_content_as_strictly_as_saida() {
+    // A sender whose line ends are wrong is caught: `\n.\n` never ends the message, and the
+    // message is refused at the real end of data.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let sink = Sink::start(std::slice::from_ref(&addr), &[]);
+    let out = python(
+        r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=20)
+f = s.makefile("rb")
+def reply():
+    while True:
+        line = f.readline().decode()
+        if len(line) < 4 or line[3] == " ":
+            return line.strip()
+reply()
+for cmd in ["EHLO c.test", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "DATA"]:
+    s.sendall((cmd + "\r\n").encode()); reply()
+s.sendall(b"Subject: x\r\n\r\nbare\n.\nstill content\r\n.\r\n")
+print(reply())
+for cmd in ["MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "DATA"]:
+    s.sendall((cmd + "\r\n").encode()); reply()
+s.sendall(b"Subject: y\r\n\r\nfine\r\n..dot\r\n.\r\n")
+print(reply())
+"#,
+        &[&addr],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("550 5.6.0"), "{out}");
+    assert!(lines[1].starts_with("250"), "{out}");
+    let records = sink.records();
+    assert_eq!(records.len(), 1, "only the well-formed message is recorded");
+}

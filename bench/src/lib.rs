@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// What one load run measured.
@@ -107,7 +107,7 @@ pub fn run_load_at(
     })
 }
 
-/// A message of about `size` bytes, dot-terminated.
+/// A message of about `size` bytes, dot-stuffed and terminated for DATA (smtp-proto).
 pub fn message_body(size: usize) -> Vec<u8> {
     let mut b =
         b"From: bench@origin.test\r\nTo: rcpt@dest.test\r\nSubject: benchmark\r\n\r\n".to_vec();
@@ -115,8 +115,34 @@ pub fn message_body(size: usize) -> Vec<u8> {
     while b.len() + line.len() <= size {
         b.extend_from_slice(line);
     }
-    b.extend_from_slice(b".\r\n");
-    b
+    let mut stuffed = Vec::with_capacity(b.len() + 8);
+    smtp_proto::client::dot_stuff(&b, &mut stuffed);
+    stuffed
+}
+
+/// Reads replies from a server with smtp-proto's bounded parser.
+struct Replies {
+    r: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    /// The next reply.
+    async fn next(&mut self) -> anyhow::Result<smtp_proto::client::ServerReply> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((reply, consumed)) = smtp_proto::client::parse_reply(&self.buf)? {
+                self.buf.drain(..consumed);
+                return Ok(reply);
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.r.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed by server");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
 }
 
 /// One closed-loop connection: takes message numbers until `n` are sent. Returns the latency
@@ -135,11 +161,13 @@ async fn connection(
     let stream = TcpStream::connect(addr).await.context("connect")?;
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let mut line = String::new();
-    read_reply(&mut r, &mut line).await?;
+    let mut r = Replies {
+        r,
+        buf: Vec::with_capacity(4096),
+    };
+    r.next().await?;
     w.write_all(b"EHLO bench.test\r\n").await?;
-    read_reply(&mut r, &mut line).await?;
+    r.next().await?;
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= n {
@@ -150,13 +178,14 @@ async fn connection(
             i % domains.max(1)
         );
         w.write_all(envelope.as_bytes()).await?;
+        let mut last = 0;
         for _ in 0..3 {
-            read_reply(&mut r, &mut line).await?;
+            last = r.next().await?.code;
         }
-        if !line.starts_with("354") {
+        if last != 354 {
             errors += 1;
             w.write_all(b"RSET\r\n").await?;
-            read_reply(&mut r, &mut line).await?;
+            r.next().await?;
             continue;
         }
         out.clear();
@@ -169,8 +198,7 @@ async fn connection(
         out.extend_from_slice(&body);
         w.write_all(&out).await?;
         let t0 = Instant::now();
-        read_reply(&mut r, &mut line).await?;
-        if line.starts_with("250") {
+        if r.next().await?.code == 250 {
             hist.saturating_record(t0.elapsed().as_micros() as u64);
         } else {
             errors += 1;
@@ -178,22 +206,6 @@ async fn connection(
     }
     w.write_all(b"QUIT\r\n").await?;
     Ok((hist, errors))
-}
-
-/// Reads one reply; leaves its last line in `line`.
-async fn read_reply(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    line: &mut String,
-) -> anyhow::Result<()> {
-    loop {
-        line.clear();
-        if r.read_line(line).await? == 0 {
-            bail!("connection closed by server");
-        }
-        if line.len() < 4 || line.as_bytes()[3] != b'-' {
-            return Ok(());
-        }
-    }
 }
 
 /// Kills and reaps a child process when dropped.

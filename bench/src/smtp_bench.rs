@@ -13,7 +13,7 @@ use anyhow::bail;
 use clap::Parser;
 use saida_bench::{KillOnDrop, free_port, postfix_ctl, repo_root, run_load, wait_port};
 use std::process::{Command, Stdio};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[global_allocator]
@@ -187,47 +187,79 @@ fn run_sink(port: u16) -> anyhow::Result<()> {
 }
 
 async fn sink_session(s: TcpStream) -> anyhow::Result<()> {
-    let (r, mut w) = s.into_split();
-    let mut r = BufReader::new(r);
+    use smtp_proto::command::{Command, parse_command};
+    use smtp_proto::content::{BareLineEnd, ContentReader, Progress};
+    use smtp_proto::line::{LineReceiver, Scan};
+    use tokio::io::AsyncReadExt;
+    let (mut r, mut w) = s.into_split();
     w.write_all(b"220 sink ESMTP\r\n").await?;
-    let mut line = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut out = Vec::new();
+    let mut lines = LineReceiver::new(4096);
+    let mut body = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    // Bytes still to read: `false` when the peer closed.
+    let mut fill = async |buf: &mut Vec<u8>| -> anyhow::Result<bool> {
+        let n = r.read(&mut chunk).await?;
+        buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    };
     loop {
-        line.clear();
-        if r.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
-        }
-        let upper = line
-            .get(..4)
-            .map(|v| v.to_ascii_uppercase())
-            .unwrap_or_default();
-        match &upper[..] {
-            b"EHLO" => out.extend_from_slice(b"250-sink\r\n250 PIPELINING\r\n"),
-            b"DATA" => {
+        let line = match lines.scan(&buf) {
+            Scan::Line { line, consumed } => {
+                let cmd = buf[line].to_vec();
+                buf.drain(..consumed);
+                cmd
+            }
+            Scan::TooLong { consumed } | Scan::Discard { consumed } => {
+                buf.drain(..consumed);
+                out.extend_from_slice(b"500 5.5.2 line too long\r\n");
+                continue;
+            }
+            Scan::NeedMore => {
+                if !out.is_empty() {
+                    w.write_all(&out).await?;
+                    out.clear();
+                }
+                if !fill(&mut buf).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        match parse_command(&line) {
+            Ok(Command::Ehlo(_)) => out.extend_from_slice(b"250-sink\r\n250 PIPELINING\r\n"),
+            Ok(Command::Data) => {
                 w.write_all(&out).await?;
                 out.clear();
                 w.write_all(b"354 go\r\n").await?;
+                let mut content = ContentReader::new(true, BareLineEnd::Reject, 1000, 64 << 20);
                 loop {
-                    line.clear();
-                    if r.read_until(b'\n', &mut line).await? == 0 {
-                        return Ok(());
-                    }
-                    if line == b".\r\n" {
-                        break;
+                    match content.feed(&buf, &mut body) {
+                        Progress::Done { consumed } => {
+                            buf.drain(..consumed);
+                            break;
+                        }
+                        Progress::NeedMore => {
+                            buf.clear();
+                            if !fill(&mut buf).await? {
+                                return Ok(());
+                            }
+                        }
                     }
                 }
-                out.extend_from_slice(b"250 2.0.0 Ok: queued as SINK\r\n");
+                body.clear();
+                out.extend_from_slice(match content.error() {
+                    None => b"250 2.0.0 Ok: queued as SINK\r\n".as_slice(),
+                    Some(_) => b"550 5.6.0 bad content\r\n".as_slice(),
+                });
             }
-            b"QUIT" => {
+            Ok(Command::Quit) => {
                 out.extend_from_slice(b"221 bye\r\n");
                 w.write_all(&out).await?;
                 return Ok(());
             }
             _ => out.extend_from_slice(b"250 ok\r\n"),
-        }
-        if r.buffer().is_empty() {
-            w.write_all(&out).await?;
-            out.clear();
         }
     }
 }

@@ -249,7 +249,7 @@ pub fn prepare(r: &InjectRequest, now_secs: u64, limits: &Limits) -> Result<Vec<
         if !has("Date") {
             content.push_str(&format!(
                 "Date: {}\r\n",
-                crate::smtp::server::headers::rfc5322_date(now_secs)
+                smtp_proto::headers::rfc5322_date(now_secs)
             ));
         }
         if !has("From") {

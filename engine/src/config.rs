@@ -458,7 +458,7 @@ fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty() && crate::smtp::command::is_domain_or_literal(h))
+        .filter(|h| !h.is_empty() && smtp_proto::command::is_domain_or_literal(h))
         .unwrap_or_else(|| "localhost".into())
 }
 
@@ -514,7 +514,7 @@ impl Config {
             Ok(())
         }
         let s = &self.smtp;
-        if !crate::smtp::command::is_domain_or_literal(&self.server.hostname) {
+        if !smtp_proto::command::is_domain_or_literal(&self.server.hostname) {
             return Err(("server.hostname".into(), "not a valid domain name".into()));
         }
         range("server.shards", self.server.shards, 0, 256)?;
@@ -657,7 +657,7 @@ impl Config {
             return Err(("log.format".into(), "must be `text` or `json`".into()));
         }
         if !self.delivery.helo_name.is_empty()
-            && !crate::smtp::command::is_domain_or_literal(&self.delivery.helo_name)
+            && !smtp_proto::command::is_domain_or_literal(&self.delivery.helo_name)
         {
             return Err((
                 "delivery.helo_name".into(),

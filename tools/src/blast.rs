@@ -20,13 +20,11 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
+use smtp_proto::client::{dot_stuff, parse_reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Longest reply line accepted from the server.
-const REPLY_LINE_MAX: usize = 4096;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -373,23 +371,12 @@ struct Conn {
 }
 
 impl Conn {
-    /// One reply; returns its code and last line.
+    /// One reply (smtp-proto's bounded parser); returns its code and one-line summary.
     async fn reply(&mut self) -> Result<(u16, String), String> {
         loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                let code: u16 = text
-                    .get(..3)
-                    .and_then(|c| c.parse().ok())
-                    .ok_or_else(|| format!("not an SMTP reply: {text}"))?;
-                if text.as_bytes().get(3) == Some(&b'-') {
-                    continue;
-                }
-                return Ok((code, text));
-            }
-            if self.buf.len() > REPLY_LINE_MAX {
-                return Err("reply line too long".into());
+            if let Some((reply, consumed)) = parse_reply(&self.buf).map_err(|e| e.to_string())? {
+                self.buf.drain(..consumed);
+                return Ok((reply.code, reply.summary()));
             }
             let mut chunk = [0u8; 8192];
             let n = self.io.read(&mut chunk).await.map_err(|e| e.to_string())?;
@@ -550,7 +537,9 @@ fn build_message(plan: &Plan, i: u64, rcpt: &str, out: &mut Vec<u8>) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
     let msgid = format!("<{i}.{now}@blast.test>");
-    out.extend_from_slice(format!("X-Saida-Sent: {now}\r\n").as_bytes());
+    // Built plain, then dot-stuffed by smtp-proto (as saida's delivery client does).
+    let mut plain = Vec::with_capacity(size + 256);
+    plain.extend_from_slice(format!("X-Saida-Sent: {now}\r\n").as_bytes());
     match &plan.template {
         Some(t) => {
             let text = t
@@ -559,14 +548,11 @@ fn build_message(plan: &Plan, i: u64, rcpt: &str, out: &mut Vec<u8>) {
                 .replace("{msgid}", &msgid)
                 .replace("{date}", &now.to_string());
             for line in text.lines() {
-                if line.starts_with('.') {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(line.as_bytes());
-                out.extend_from_slice(b"\r\n");
+                plain.extend_from_slice(line.as_bytes());
+                plain.extend_from_slice(b"\r\n");
             }
         }
-        None => out.extend_from_slice(
+        None => plain.extend_from_slice(
             format!(
                 "From: <{}>\r\nTo: <{rcpt}>\r\nSubject: saida-blast {i}\r\n\
                  Message-ID: {msgid}\r\n\r\n",
@@ -576,10 +562,10 @@ fn build_message(plan: &Plan, i: u64, rcpt: &str, out: &mut Vec<u8>) {
         ),
     }
     let line = b"The quick brown fox jumps over the lazy dog; saida-blast padding line.\r\n";
-    while out.len() + line.len() <= size {
-        out.extend_from_slice(line);
+    while plain.len() + line.len() <= size {
+        plain.extend_from_slice(line);
     }
-    out.extend_from_slice(b".\r\n");
+    dot_stuff(&plain, out);
 }
 
 fn splitmix(x: u64) -> u64 {

@@ -8,7 +8,7 @@
 
 use queue_format::{DsnRet, Message, notify};
 
-use crate::smtp::server::headers::rfc5322_date;
+use smtp_proto::headers::rfc5322_date;
 
 /// The most of the original message a bounce carries; beyond it only the headers are returned.
 pub const RETURNED_MESSAGE_BYTES_MAX: usize = 256 << 10;
@@ -306,7 +306,7 @@ mod tests {
     fn the_bounce_passes_saidas_own_content_rules() {
         let o = original("s@origin.test", DsnRet::Full);
         let b = build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0).unwrap();
-        let back = crate::smtp::client::protocol::stuff_and_read_back(&b.body);
+        let back = smtp_proto::client::stuff_and_read_back(&b.body);
         assert_eq!(back, Ok(b.body));
     }
 }

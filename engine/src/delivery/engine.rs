@@ -39,9 +39,9 @@ use crate::dns::{MxResolver, Resolution};
 use crate::io::Dial;
 use crate::metrics::{Counter, Hist};
 use crate::shard::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
-use crate::smtp::client::protocol::{Envelope, EnvelopeError};
 use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
-use crate::smtp::server::headers::find_message_id;
+use smtp_proto::client::{Envelope, EnvelopeError};
+use smtp_proto::headers::find_message_id;
 
 /// Addresses tried per connection attempt (over all MX hosts).
 const ADDRESSES_PER_ATTEMPT_MAX: usize = 20;
@@ -77,7 +77,7 @@ impl Verdict {
         }
     }
 
-    fn from_reply(r: &crate::smtp::client::protocol::ServerReply) -> Verdict {
+    fn from_reply(r: &smtp_proto::client::ServerReply) -> Verdict {
         Verdict {
             code: r.code,
             enhanced: r.enhanced.clone(),

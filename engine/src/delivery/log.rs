@@ -181,7 +181,7 @@ impl DeliveryLog {
 
 /// RFC 3339 UTC with microseconds, for the `time` field.
 pub fn rfc3339(micros: u64) -> String {
-    let c = crate::smtp::server::headers::civil(micros / 1_000_000);
+    let c = smtp_proto::headers::civil(micros / 1_000_000);
     format!(
         "{}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         c.year,

@@ -51,8 +51,8 @@ use crate::io::epoll::EpollStream;
 use crate::io::tls::{ReloadingTls, TlsStream};
 use crate::io::uring::UringStream;
 use crate::io::{Conn, Stream};
-use crate::smtp::reply::Reply;
 use crate::smtp::server::session::{ConnInfo, Session, ShardContext};
+use smtp_proto::reply::Reply;
 
 /// Capacity of each shard's inbox.
 pub const INBOX_LEN_MAX: usize = 65_536;
@@ -1109,7 +1109,7 @@ async fn inject(
     messages: Vec<crate::api::Prepared>,
 ) -> Result<Vec<String>, crate::api::InjectFailure> {
     use crate::api::InjectFailure;
-    use crate::smtp::server::headers;
+    use smtp_proto::headers;
     let mut ids = Vec::new();
     for m in messages {
         if router.queues_full() {

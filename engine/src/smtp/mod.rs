@@ -1,8 +1,5 @@
-//! SMTP: the sans-IO grammar (commands, replies, message content) shared by the server and,
-//! later, the delivery client, plus the server session itself.
+//! SMTP with I/O: the server sessions and the delivery client's connections. The grammar they
+//! share (commands, content, replies, dot-stuffing, headers) is the `smtp-proto` crate.
 
 pub mod client;
-pub mod command;
-pub mod data;
-pub mod reply;
 pub mod server;

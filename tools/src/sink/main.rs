@@ -33,6 +33,9 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use profile::{Behaviour, Delay, Profile};
+use smtp_proto::command::{Command, parse_command};
+use smtp_proto::content::{BareLineEnd, ContentError, ContentReader, Progress};
+use smtp_proto::line::{LineReceiver, Scan};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[global_allocator]
@@ -40,6 +43,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Longest command line accepted.
 const LINE_MAX: usize = 4096;
+/// Longest message line, CRLF included (RFC 5321 §4.5.3.1.6).
+const TEXT_LINE_MAX: usize = 1000;
 /// Largest message accepted (and announced with SIZE).
 const MESSAGE_MAX: usize = 64 << 20;
 
@@ -94,6 +99,9 @@ struct Counters {
     refused_connections: AtomicU64,
     rate_limited: AtomicU64,
     disconnects: AtomicU64,
+    /// Messages refused for content no conforming client sends (bare CR or LF, NUL, long
+    /// lines): the sender is broken.
+    bad_content: AtomicU64,
     /// Most transactions seen on one connection.
     transactions_per_connection_max: AtomicU64,
 }
@@ -240,6 +248,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "refused_connections": c.refused_connections.load(Ordering::Relaxed),
         "rate_limited": c.rate_limited.load(Ordering::Relaxed),
         "disconnects": c.disconnects.load(Ordering::Relaxed),
+        "bad_content": c.bad_content.load(Ordering::Relaxed),
         "transactions_per_connection_max":
             c.transactions_per_connection_max.load(Ordering::Relaxed),
         "latency_ms": {
@@ -281,6 +290,11 @@ fn serve_metrics(shared: &Shared, l: std::net::TcpListener) {
                     "disconnects",
                     "Connections dropped at end of data",
                     &c.disconnects,
+                ),
+                (
+                    "bad_content",
+                    "Messages refused for bare CR or LF, NUL or over-long lines",
+                    &c.bad_content,
                 ),
             ] {
                 body.push_str(&format!(
@@ -463,16 +477,25 @@ struct Conn {
 }
 
 impl Conn {
-    /// Next line (without CRLF), reading more when needed; None at end of stream.
-    async fn line(&mut self) -> std::io::Result<Option<String>> {
+    /// Next command line (without its line end), reading more when needed; None at end of
+    /// stream, an empty `Err` line for one longer than `LINE_MAX`.
+    async fn line(&mut self) -> std::io::Result<Option<Result<Vec<u8>, ()>>> {
+        let mut lines = LineReceiver::new(LINE_MAX);
         loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                let text = String::from_utf8_lossy(&line);
-                return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
-            }
-            if self.buf.len() > LINE_MAX {
-                return Err(std::io::Error::other("line too long"));
+            match lines.scan(&self.buf) {
+                Scan::Line { line, consumed } => {
+                    let text = self.buf[line].to_vec();
+                    self.buf.drain(..consumed);
+                    return Ok(Some(Ok(text)));
+                }
+                Scan::TooLong { consumed } => {
+                    self.buf.drain(..consumed);
+                    return Ok(Some(Err(())));
+                }
+                Scan::Discard { consumed } => {
+                    self.buf.drain(..consumed);
+                }
+                Scan::NeedMore => {}
             }
             // Replies to a pipelined group go out once no further command is buffered.
             self.flush().await?;
@@ -489,6 +512,10 @@ impl Conn {
         Ok(n > 0)
     }
 
+    fn send(&mut self, r: &smtp_proto::reply::Reply) {
+        r.encode(&mut self.out);
+    }
+
     fn reply(&mut self, text: &str) {
         self.out.extend_from_slice(text.as_bytes());
         self.out.extend_from_slice(b"\r\n");
@@ -502,25 +529,25 @@ impl Conn {
         self.io.flush().await
     }
 
-    /// Content up to the lone dot, dot-unstuffed.
-    async fn data(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    /// Content up to the end of data, dot-unstuffed, read by the same strict reader as
+    /// saida's server: only `CRLF . CRLF` ends it, and a bare CR or LF, a NUL or a line over
+    /// 998 octets is an error (the sender is broken). None at end of stream.
+    async fn data(&mut self) -> std::io::Result<Option<Result<Vec<u8>, ContentError>>> {
+        let mut reader = ContentReader::new(true, BareLineEnd::Reject, TEXT_LINE_MAX, MESSAGE_MAX);
         let mut body = Vec::new();
         loop {
-            let Some(i) = self.buf.iter().position(|&b| b == b'\n') else {
-                if body.len() + self.buf.len() > MESSAGE_MAX {
-                    return Err(std::io::Error::other("message too large"));
+            match reader.feed(&self.buf, &mut body) {
+                Progress::Done { consumed } => {
+                    self.buf.drain(..consumed);
+                    return Ok(Some(reader.error().map_or(Ok(body), Err)));
                 }
-                if !self.fill().await? {
-                    return Ok(None);
+                Progress::NeedMore => {
+                    self.buf.clear();
+                    if !self.fill().await? {
+                        return Ok(None);
+                    }
                 }
-                continue;
-            };
-            let line: Vec<u8> = self.buf.drain(..=i).collect();
-            if line == b".\r\n" || line == b".\n" {
-                return Ok(Some(body));
             }
-            let line = line.strip_prefix(b".").unwrap_or(&line);
-            body.extend_from_slice(line);
         }
     }
 
@@ -541,12 +568,6 @@ struct Txn {
     chunks: Vec<u8>,
     /// A `data250…` recipient was accepted: answer DATA with 250.
     data_250: bool,
-}
-
-fn address(arg: &str) -> String {
-    let start = arg.find('<').map_or(0, |i| i + 1);
-    let end = arg[start..].find('>').map_or(arg.len(), |i| start + i);
-    arg[start..end].to_string()
 }
 
 async fn session(
@@ -597,10 +618,19 @@ async fn converse(
     let mut txn = Txn::default();
     let mut txn_no = 0u64;
     while let Some(line) = c.line().await? {
-        let upper = line.to_ascii_uppercase();
-        let verb = upper.split(' ').next().unwrap_or("");
-        match verb {
-            "EHLO" => {
+        let Ok(line) = line else {
+            c.reply("500 5.5.2 line too long");
+            continue;
+        };
+        let command = match parse_command(&line) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                c.send(&e.reply());
+                continue;
+            }
+        };
+        match command {
+            Command::Ehlo(_) => {
                 txn = Txn::default();
                 c.reply("250-sink.test");
                 if b.pipelining {
@@ -619,8 +649,8 @@ async fn converse(
                 }
                 c.reply(&format!("250 SIZE {MESSAGE_MAX}"));
             }
-            "HELO" => c.reply("250 sink.test"),
-            "STARTTLS" if !c.tls && b.starttls => {
+            Command::Helo(_) => c.reply("250 sink.test"),
+            Command::StartTls if !c.tls && b.starttls => {
                 let Some(acceptor) = shared.tls.clone() else {
                     c.reply("502 5.5.1 no TLS here");
                     continue;
@@ -637,24 +667,24 @@ async fn converse(
                 };
                 txn = Txn::default();
             }
-            "MAIL" => {
+            Command::Mail { from, .. } => {
                 if !rate_ok(shared, listener, b) {
                     shared.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
                     c.reply("451 4.7.1 rate limit exceeded, slow down");
                     continue;
                 }
                 txn = Txn {
-                    from: Some(address(&line[5.min(line.len())..])),
+                    from: Some(from.to_string()),
                     ..Txn::default()
                 };
                 c.reply("250 2.1.0 ok");
             }
-            "RCPT" => {
+            Command::Rcpt { to, .. } => {
                 let Some(from) = &txn.from else {
                     c.reply("503 5.5.1 MAIL first");
                     continue;
                 };
-                let rcpt = address(&line[5.min(line.len())..]);
+                let rcpt = to.to_string();
                 let local = rcpt.split('@').next().unwrap_or("").to_ascii_lowercase();
                 let domain_b = for_rcpt(shared, b, &rcpt);
                 let rb = domain_b.as_ref().unwrap_or(b);
@@ -683,7 +713,7 @@ async fn converse(
                     c.reply("250 2.1.5 ok");
                 }
             }
-            "DATA" => {
+            Command::Data => {
                 if txn.rcpts.is_empty() {
                     c.reply("554 5.5.1 no valid recipients");
                     continue;
@@ -697,8 +727,15 @@ async fn converse(
                 }
                 c.reply("354 go ahead");
                 c.flush().await?;
-                let Some(body) = c.data().await? else {
-                    return Ok(());
+                let body = match c.data().await? {
+                    None => return Ok(()),
+                    Some(Ok(body)) => body,
+                    Some(Err(e)) => {
+                        shared.counters.bad_content.fetch_add(1, Ordering::Relaxed);
+                        txn = Txn::default();
+                        c.send(&e.reply());
+                        continue;
+                    }
                 };
                 txn_no += 1;
                 if !end_of_data(
@@ -709,13 +746,8 @@ async fn converse(
                     return Ok(());
                 }
             }
-            "BDAT" => {
-                let mut parts = upper.split_ascii_whitespace().skip(1);
-                let Some(n) = parts.next().and_then(|n| n.parse::<usize>().ok()) else {
-                    c.reply("501 5.5.4 BDAT size");
-                    continue;
-                };
-                let last = parts.next() == Some("LAST");
+            Command::Bdat { size, last } => {
+                let n = usize::try_from(size).unwrap_or(usize::MAX);
                 if n > MESSAGE_MAX || txn.chunks.len() + n > MESSAGE_MAX {
                     return Ok(());
                 }
@@ -741,17 +773,17 @@ async fn converse(
                     c.reply(&format!("250 2.0.0 {n} octets"));
                 }
             }
-            "RSET" => {
+            Command::Rset => {
                 txn = Txn::default();
                 c.reply("250 2.0.0 ok");
             }
-            "NOOP" => c.reply("250 2.0.0 ok"),
-            "QUIT" => {
+            Command::Noop => c.reply("250 2.0.0 ok"),
+            Command::Quit => {
                 c.reply("221 2.0.0 bye");
                 c.flush().await?;
                 return Ok(());
             }
-            _ => c.reply("500 5.5.2 unknown command"),
+            _ => c.reply("502 5.5.1 not implemented here"),
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::io::tls::TlsStream;
 use crate::io::{Conn, Stream};
-use crate::smtp::client::protocol::{
+use smtp_proto::client::{
     Capabilities, Envelope, EnvelopeError, EnvelopeOutcome, REPLY_LINE_BYTES_MAX, REPLY_LINES_MAX,
     ReplyError, ServerReply, dot_stuff, match_envelope_replies, parse_reply, transaction_commands,
 };

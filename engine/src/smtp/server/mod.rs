@@ -1,5 +1,4 @@
-//! The SMTP submission server: sessions, the headers they add, and the memory they may hold.
+//! The SMTP submission server: sessions, and the memory they may hold.
 
-pub mod headers;
 pub mod inflight;
 pub mod session;

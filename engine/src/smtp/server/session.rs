@@ -30,11 +30,12 @@ use crate::config::{BareLineEnds, Config, ListenerTls};
 use crate::io::tls::{ReloadingTls, TlsStream};
 use crate::io::{Conn, Stream};
 use crate::shard::HandoffRcpt;
-use crate::smtp::command::{Body, Command, Ret, parse_command};
-use crate::smtp::data::{BareLineEnd, ContentReader, Progress};
-use crate::smtp::reply::Reply;
-use crate::smtp::server::headers;
 use crate::smtp::server::inflight::{Charge, InflightBudget};
+use smtp_proto::command::{Body, Command, Ret, parse_command};
+use smtp_proto::content::{BareLineEnd, ContentReader, Progress};
+use smtp_proto::headers;
+use smtp_proto::line::{LineReceiver, Scan};
+use smtp_proto::reply::Reply;
 
 /// Largest read per call.
 const READ_CHUNK: usize = 64 << 10;
@@ -353,7 +354,7 @@ impl<S: Stream> Session<S> {
         Ok(())
     }
 
-    fn mail(&mut self, from: &str, p: crate::smtp::command::MailParams<'_>) -> Result<(), Stop> {
+    fn mail(&mut self, from: &str, p: smtp_proto::command::MailParams<'_>) -> Result<(), Stop> {
         if *self.ctx.shutdown.borrow() {
             // No new transaction once shutdown has begun.
             self.reply(Reply::new(421, "4.3.2", "Service shutting down"));
@@ -406,7 +407,7 @@ impl<S: Stream> Session<S> {
         Ok(())
     }
 
-    fn rcpt(&mut self, to: &str, p: crate::smtp::command::RcptParams<'_>) -> Result<(), Stop> {
+    fn rcpt(&mut self, to: &str, p: smtp_proto::command::RcptParams<'_>) -> Result<(), Stop> {
         let max = self.config().smtp.rcpt_per_message_max;
         let may_relay = self.user.is_some() || self.config().may_relay(self.info.peer.ip());
         let auth_offered = self.ctx.credentials.is_some();
@@ -478,7 +479,7 @@ impl<S: Stream> Session<S> {
             self.ctx
                 .metrics
                 .inc(crate::metrics::Counter::InflightRefused, 1);
-            self.reply(crate::smtp::data::no_memory_reply());
+            self.reply(smtp_proto::content::no_memory_reply());
             return Ok(());
         }
         self.reply(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
@@ -506,7 +507,7 @@ impl<S: Stream> Session<S> {
         }
         if let Some(e) = reader.error() {
             self.tx = None;
-            if e == crate::smtp::data::ContentError::NoMemory {
+            if e == smtp_proto::content::ContentError::NoMemory {
                 // Not the client's fault: not counted as an error.
                 self.reply(e.reply());
                 return Ok(());
@@ -531,7 +532,7 @@ impl<S: Stream> Session<S> {
                 .inc(crate::metrics::Counter::InflightRefused, 1);
             let why = "message refused: in-flight memory budget spent";
             tracing::warn!(client = %self.info.peer.ip(), "{why}");
-            reader.refuse(crate::smtp::data::ContentError::NoMemory, body);
+            reader.refuse(smtp_proto::content::ContentError::NoMemory, body);
             charge.release();
         }
     }
@@ -562,7 +563,7 @@ impl<S: Stream> Session<S> {
             };
         if body.is_empty() && reader.error().is_none() && self.ctx.inflight.spent() {
             // A new message while the budget is spent: its chunks are read and dropped.
-            reader.refuse(crate::smtp::data::ContentError::NoMemory, &mut body);
+            reader.refuse(smtp_proto::content::ContentError::NoMemory, &mut body);
         }
         let clock = TransferClock::start(self.config());
         while left > 0 {
@@ -588,7 +589,7 @@ impl<S: Stream> Session<S> {
             if let Some(t) = self.tx.as_mut() {
                 t.chunks_failed = true;
             }
-            if e == crate::smtp::data::ContentError::NoMemory {
+            if e == smtp_proto::content::ContentError::NoMemory {
                 self.reply(e.reply());
                 return Ok(());
             }
@@ -977,31 +978,23 @@ impl<S: Stream> Session<S> {
     /// The next line of at most `max` octets, CRLF included. The whole line must arrive within
     /// `command_timeout_secs` (not each byte of it).
     async fn next_line_max(&mut self, max: usize) -> LineRead {
-        let mut discarding = false;
+        let mut lines = LineReceiver::new(max);
         let line_deadline =
             Instant::now() + Duration::from_secs(self.config().smtp.command_timeout_secs);
         loop {
-            if let Some(i) = self.inbuf[self.pos..].iter().position(|&b| b == b'\n') {
-                let start = self.pos;
-                let end = start + i;
-                self.pos = end + 1;
-                if discarding {
+            let start = self.pos;
+            match lines.scan(&self.inbuf[start..]) {
+                Scan::Line { line, consumed } => {
+                    self.pos += consumed;
+                    return LineRead::Line(start + line.start..start + line.end);
+                }
+                Scan::TooLong { consumed } => {
+                    self.pos += consumed;
                     return LineRead::TooLong;
                 }
-                let end = if end > start && self.inbuf[end - 1] == b'\r' {
-                    end - 1
-                } else {
-                    end
-                };
-                if end - start + 2 > max {
-                    return LineRead::TooLong;
-                }
-                return LineRead::Line(start..end);
-            }
-            if self.inbuf.len() - self.pos > max {
-                // Too long already: drop what we have and skip to the end of the line.
-                discarding = true;
-                self.pos = self.inbuf.len();
+                // Too long already: dropped while reading on to the end of the line.
+                Scan::Discard { consumed } => self.pos += consumed,
+                Scan::NeedMore => {}
             }
             // At shutdown a transaction under way is let finish (within the grace period); a
             // session between transactions is told 421.

@@ -8,7 +8,7 @@
 //! Not here: line splitting and length limits (the session's line reader), session state (which
 //! commands are allowed when), policy (who may relay).
 
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 
 /// `BODY=` parameter of MAIL (RFC 6152, RFC 3030).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,7 +20,7 @@
 //! same line rules, because a message stored with bare line ends could be smuggled at the next
 //! hop.
 
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 
 /// What to do with a bare CR or LF in message content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! Nothing here touches a socket; the delivery session wraps it in I/O. Every parser is bounded
 //! (line length, lines per reply) and returns an error instead of panicking on any input.
 
-use crate::smtp::command::is_domain_or_literal;
+use crate::command::is_domain_or_literal;
 
 /// Longest reply line accepted from a server (RFC 5321 §4.5.3.1.5 says 512; servers exceed it).
 pub const REPLY_LINE_BYTES_MAX: usize = 4096;
@@ -520,11 +520,11 @@ mod tests {
     }
 }
 
-/// Test helper: dot-stuffs `message` as the client sends it and reads it back with saida's own
-/// server-side content reader; returns the content as stored, or the rule it broke.
-#[cfg(test)]
-pub fn stuff_and_read_back(message: &[u8]) -> Result<Vec<u8>, crate::smtp::data::ContentError> {
-    use crate::smtp::data::{BareLineEnd, ContentReader, Progress};
+/// Dot-stuffs `message` as the client sends it and reads it back with the server-side content
+/// reader; returns the content as the next hop stores it, or the rule it broke. For tests of
+/// what reaches a peer (panics if the stuffed form does not end where it should).
+pub fn stuff_and_read_back(message: &[u8]) -> Result<Vec<u8>, crate::content::ContentError> {
+    use crate::content::{BareLineEnd, ContentReader, Progress};
     let mut wire = Vec::new();
     dot_stuff(message, &mut wire);
     let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);
