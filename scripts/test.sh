@@ -42,6 +42,16 @@ if ! (cd queue-format/fuzz &&
 fi
 echo "fuzz decode: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
 
+# The same for the SMTP parsers (commands, lines, content, replies; raw bytes and SMTP tokens).
+log="$PWD/target/fuzz-smtp.log"
+if ! (cd smtp-proto/fuzz &&
+      RUSTC_BOOTSTRAP=1 cargo fuzz run smtp corpus/smtp -- -max_total_time=20 >"$log" 2>&1); then
+    tail -40 "$log" >&2
+    echo "fuzzing the SMTP parsers failed; crash inputs are in smtp-proto/fuzz/artifacts/" >&2
+    exit 1
+fi
+echo "fuzz smtp: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
+
 # The spool's fault simulation, bounded (SAIDA_FAULT_SECS, default 20 s), with its seeds and
 # totals printed (docs/operations.md says how to run it longer or replay a seed).
 fault_log="$PWD/target/fault-simulation.log"

@@ -6,6 +6,8 @@
 //! parser, EHLO capabilities, transaction builder and dot-stuffing (`client`), and the header
 //! helpers (`Received:`, `Message-ID:`, RFC 5322 dates, loop counting: `headers`).
 //!
+//! `fuzzing` holds the oracles of the fuzz target in `fuzz/`, run by a property test too.
+//!
 //! What is not: sockets, TLS, timers, the spool. Every function takes bytes and returns
 //! bytes or a decision, so the daemon, the load tools and the fuzz targets share one grammar.
 
@@ -14,6 +16,7 @@
 pub mod client;
 pub mod command;
 pub mod content;
+pub mod fuzzing;
 pub mod headers;
 pub mod line;
 pub mod reply;
