@@ -34,10 +34,10 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 mkdir -p target
 log="$PWD/target/fuzz-decode.log"
-if ! (cd queue-format/fuzz &&
+if ! (cd spool-format/fuzz &&
       RUSTC_BOOTSTRAP=1 cargo fuzz run decode corpus/decode -- -max_total_time=20 >"$log" 2>&1); then
     tail -40 "$log" >&2
-    echo "fuzzing the spool decoders failed; crash inputs are in queue-format/fuzz/artifacts/" >&2
+    echo "fuzzing the spool decoders failed; crash inputs are in spool-format/fuzz/artifacts/" >&2
     exit 1
 fi
 echo "fuzz decode: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
@@ -55,7 +55,7 @@ echo "fuzz smtp: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
 # The spool's fault simulation, bounded (SAIDA_FAULT_SECS, default 20 s), with its seeds and
 # totals printed (docs/operations.md says how to run it longer or replay a seed).
 fault_log="$PWD/target/fault-simulation.log"
-if ! cargo test -p queue-format --test fault_simulation --locked -- --nocapture >"$fault_log" 2>&1; then
+if ! cargo test -p spool --test fault_simulation --locked -- --nocapture >"$fault_log" 2>&1; then
     grep -E -A3 'panicked' "$fault_log" >&2
     echo "the fault simulation failed (full output: $fault_log); replay with the seed above" >&2
     exit 1

@@ -70,8 +70,7 @@ fn smtplib_messages_are_queued_durably_on_both_backends() {
         let mut found = 0;
         for shard in 0..2 {
             let (spool, report) =
-                queue_format::Spool::open(queue_format::SpoolConfig::new(d.shard_dir(shard)))
-                    .unwrap();
+                spool::Spool::open(spool::SpoolConfig::new(d.shard_dir(shard))).unwrap();
             assert!(report.is_clean());
             for id in &ids {
                 if let Ok(m) = spool.message(id.parse().unwrap()) {
@@ -293,8 +292,7 @@ fn sigkill_after_acknowledgements_loses_nothing() {
         let mut present = 0;
         for shard in 0..2 {
             let (spool, _) =
-                queue_format::Spool::open(queue_format::SpoolConfig::new(d.shard_dir(shard)))
-                    .unwrap();
+                spool::Spool::open(spool::SpoolConfig::new(d.shard_dir(shard))).unwrap();
             present += ids
                 .iter()
                 .filter(|id| spool.get(id.parse().unwrap()).is_some())

@@ -288,34 +288,44 @@ pub struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    /// Starts dnsmasq with extra record arguments (`--mx-host=...`, `--host-record=...`).
+    /// Starts dnsmasq with extra record arguments (`--mx-host=...`, `--host-record=...`). The
+    /// port is one that was free a moment ago; if another process took it meanwhile (dnsmasq
+    /// exits), it starts again on another one.
     pub fn start(records: &[String]) -> Dnsmasq {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free UDP port")
-            .port();
-        let child = std::process::Command::new("dnsmasq")
-            .args([
-                "--no-daemon",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-            ])
-            .args(["--no-resolv", "--no-hosts", "--pid-file=", "--local=/test/"])
-            .arg("--local-ttl=300")
-            .arg(format!("--port={port}"))
-            .args(records)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("dnsmasq is needed (scripts/test.sh installs dnsmasq-base)");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "dnsmasq did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        for _ in 0..5 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("free UDP port")
+                .port();
+            let mut child = std::process::Command::new("dnsmasq")
+                .args([
+                    "--no-daemon",
+                    "--listen-address=127.0.0.1",
+                    "--bind-interfaces",
+                ])
+                .args(["--no-resolv", "--no-hosts", "--pid-file=", "--local=/test/"])
+                .arg("--local-ttl=300")
+                .arg(format!("--port={port}"))
+                .args(records)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("dnsmasq is needed (scripts/test.sh installs dnsmasq-base)");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Dnsmasq { child, port };
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break; // the port was taken: try another
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "dnsmasq did not start"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
-        Dnsmasq { child, port }
+        panic!("dnsmasq exited at start five times (ports taken?)");
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use queue_format::{
+use spool::{
     AppendMethod, LogConfig, Message, Recipient, Spool, SpoolConfig, SyncPolicy, now_micros,
 };
 
@@ -167,7 +167,7 @@ fn run_spool(
     // The body is sized so that the whole frame is `size` bytes.
     let mut body = vec![b'x'; size];
     let probe = message(&mut spool, &body);
-    let overhead = queue_format::Record::Message(probe).frame_len() - size;
+    let overhead = spool::Record::Message(probe).frame_len() - size;
     body.truncate(size.saturating_sub(overhead));
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut inflight = VecDeque::with_capacity(appenders);

@@ -2,8 +2,8 @@
 //! ([`Request`], sent over the shards' inboxes), and the local HTTP endpoint that `saida queue`
 //! talks to (`server`).
 
-use queue_format::QueueId;
 use serde::{Deserialize, Serialize};
+use spool::QueueId;
 
 /// An operator request, broadcast to every shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -504,7 +504,7 @@ fn inject(
             return (400, serde_json::json!({ "error": why }));
         }
     }
-    let now_secs = queue_format::now_micros() / 1_000_000;
+    let now_secs = spool::now_micros() / 1_000_000;
     let messages = match crate::api::prepare(&req, now_secs, limits) {
         Ok(m) => m,
         Err(e) => return (400, serde_json::json!({ "error": e })),

@@ -493,7 +493,7 @@ impl IdempotencyStore {
 }
 
 fn now_secs() -> u64 {
-    queue_format::now_micros() / 1_000_000
+    spool::now_micros() / 1_000_000
 }
 
 fn journal_line(key: &str, state: &KeyState, at: u64) -> String {

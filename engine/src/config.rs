@@ -299,10 +299,10 @@ impl Default for Spool {
     fn default() -> Self {
         Spool {
             dir: PathBuf::from("var/spool"),
-            segment_bytes: queue_format::log::SEGMENT_BYTES_DEFAULT,
+            segment_bytes: spool::log::SEGMENT_BYTES_DEFAULT,
             sync: "every-commit".into(),
             append_method: "pwrite".into(),
-            pending_bytes_max: queue_format::log::PENDING_BYTES_MAX_DEFAULT,
+            pending_bytes_max: spool::log::PENDING_BYTES_MAX_DEFAULT,
             compact_age_secs: 3600,
         }
     }
@@ -679,22 +679,19 @@ impl Config {
     }
 
     /// The spool configuration of shard `shard`.
-    pub fn spool_config(
-        &self,
-        shard: u16,
-    ) -> Result<queue_format::SpoolConfig, queue_format::SpoolError> {
+    pub fn spool_config(&self, shard: u16) -> Result<spool::SpoolConfig, spool::SpoolError> {
         let dir = self.spool.dir.join(format!("shard-{shard}"));
-        let bad = |m: String| queue_format::SpoolError::Config(m);
-        let log = queue_format::LogConfig {
+        let bad = |m: String| spool::SpoolError::Config(m);
+        let log = spool::LogConfig {
             dir: dir.clone(),
             shard,
             segment_bytes: self.spool.segment_bytes,
             sync: parse_sync(&self.spool.sync).map_err(bad)?,
             append_method: parse_method(&self.spool.append_method).map_err(bad)?,
             pending_bytes_max: self.spool.pending_bytes_max,
-            disk: queue_format::disk::real(),
+            disk: spool::disk::real(),
         };
-        let config = queue_format::SpoolConfig {
+        let config = spool::SpoolConfig {
             log,
             compact_age: Duration::from_secs(self.spool.compact_age_secs),
         };
@@ -728,23 +725,23 @@ impl Config {
     }
 }
 
-fn parse_sync(s: &str) -> Result<queue_format::SyncPolicy, String> {
+fn parse_sync(s: &str) -> Result<spool::SyncPolicy, String> {
     match s {
-        "every-commit" => Ok(queue_format::SyncPolicy::EveryCommit),
-        "none" => Ok(queue_format::SyncPolicy::None),
+        "every-commit" => Ok(spool::SyncPolicy::EveryCommit),
+        "none" => Ok(spool::SyncPolicy::None),
         other => other
             .strip_prefix("interval-")
             .and_then(|v| v.strip_suffix("ms"))
             .and_then(|v| v.parse::<u64>().ok())
-            .map(|ms| queue_format::SyncPolicy::Interval(Duration::from_millis(ms)))
+            .map(|ms| spool::SyncPolicy::Interval(Duration::from_millis(ms)))
             .ok_or_else(|| format!("`{other}`: expected every-commit, interval-<N>ms or none")),
     }
 }
 
-fn parse_method(s: &str) -> Result<queue_format::AppendMethod, String> {
+fn parse_method(s: &str) -> Result<spool::AppendMethod, String> {
     match s {
-        "pwrite" => Ok(queue_format::AppendMethod::Pwrite),
-        "mmap-msync" => Ok(queue_format::AppendMethod::MmapMsync),
+        "pwrite" => Ok(spool::AppendMethod::Pwrite),
+        "mmap-msync" => Ok(spool::AppendMethod::MmapMsync),
         other => Err(format!("`{other}`: expected pwrite or mmap-msync")),
     }
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use queue_format::{Message, QueueId, Recipient, Spool, SpoolConfig, now_micros};
+use spool::{Message, QueueId, Recipient, Spool, SpoolConfig, now_micros};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {

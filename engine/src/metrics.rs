@@ -367,7 +367,7 @@ pub struct Metrics {
     hists: Vec<Vec<Mutex<Histogram<u64>>>>,
     /// Per shard: its spool's figures and health, read live at every scrape (set once the spool
     /// is open).
-    spools: Vec<std::sync::OnceLock<queue_format::SpoolWatch>>,
+    spools: Vec<std::sync::OnceLock<spool::SpoolWatch>>,
     /// Per shard: the receipt time of its oldest live message (a scan, every 10 s).
     oldest: Vec<AtomicU64>,
     /// Per shard: the delivery queues (updated once a second).
@@ -452,7 +452,7 @@ impl Metrics {
     }
 
     /// Registers a shard's spool, read at every scrape from then on.
-    pub fn watch_spool(&self, shard: u16, watch: queue_format::SpoolWatch) {
+    pub fn watch_spool(&self, shard: u16, watch: spool::SpoolWatch) {
         if let Some(slot) = self.spools.get(shard as usize) {
             let _ = slot.set(watch);
         }
@@ -552,7 +552,7 @@ impl Metrics {
             .map(|s| s.load(Ordering::Relaxed))
             .filter(|t| *t > 0)
             .min();
-        let now = queue_format::now_micros();
+        let now = spool::now_micros();
         let gauges = [
             gauges[0],
             gauges[1],
@@ -838,27 +838,27 @@ mod tests {
     /// and the scraped commit counter is current without any periodic task.
     #[test]
     fn a_spool_that_cannot_commit_is_reported_and_figures_are_live() {
-        use queue_format::disk::{DiskOp, FaultyDisk};
+        use spool::disk::{DiskOp, FaultyDisk};
         let dir = tempfile::tempdir().unwrap();
         let disk = FaultyDisk::new();
-        let mut config = queue_format::SpoolConfig::new(dir.path());
+        let mut config = spool::SpoolConfig::new(dir.path());
         config.log.segment_bytes = 1 << 20;
         config.log.disk = disk.clone();
-        let (mut spool, _) = queue_format::Spool::open(config).unwrap();
+        let (mut spool, _) = spool::Spool::open(config).unwrap();
         let metrics = Metrics::new(1);
         metrics.watch_spool(0, spool.watch());
         let stats = RouterStats::default();
-        let accept = |spool: &mut queue_format::Spool| {
+        let accept = |spool: &mut spool::Spool| {
             let queue_id = spool.next_queue_id(1);
-            let m = queue_format::Message {
+            let m = spool::Message {
                 queue_id,
                 received_at_micros: 1,
                 flags: 0,
-                dsn_ret: queue_format::DsnRet::Unspecified,
+                dsn_ret: spool::DsnRet::Unspecified,
                 tenant: "",
                 sender: "a@b.test",
                 envid: "",
-                recipients: vec![queue_format::Recipient::new("c@d.test")],
+                recipients: vec![spool::Recipient::new("c@d.test")],
                 body: b"hello",
             };
             let r = spool.accept(&m).and_then(|t| t.wait());

@@ -148,7 +148,11 @@ pub fn content(data: &[u8]) {
     for dot_stuffed in [true, false] {
         let whole = read_content(data, 0, dot_stuffed);
         let cut = data.len() / 2;
-        assert_eq!(whole, read_content(data, cut, dot_stuffed), "split at {cut}");
+        assert_eq!(
+            whole,
+            read_content(data, cut, dot_stuffed),
+            "split at {cut}"
+        );
         if let (Some(end), _, _) = whole {
             assert!(dot_stuffed, "BDAT content has no end marker");
             let before = &data[..end];

@@ -12,9 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use queue_format::Record;
-use queue_format::recovery::scan_segment;
-use queue_format::segment::{SegmentHeader, parse_segment_file_name};
+use spool::Record;
+use spool::scan::scan_segment;
+use spool::segment::{SegmentHeader, parse_segment_file_name};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -6,7 +6,7 @@
 //! cause another bounce. Returns nothing when no bounce is due: the sender is `<>`, or every
 //! failed recipient asked for none (`NOTIFY=NEVER`, or a NOTIFY list without FAILURE).
 
-use queue_format::{DsnRet, Message, notify};
+use spool::{DsnRet, Message, notify};
 
 use smtp_proto::headers::rfc5322_date;
 
@@ -194,7 +194,7 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use queue_format::{QueueId, Recipient};
+    use spool::{QueueId, Recipient};
 
     fn original(sender: &str, ret: DsnRet) -> Message<'_> {
         Message {

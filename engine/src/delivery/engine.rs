@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use queue_format::{
+use spool::{
     DsnRet, Message, MessageRef, QueueId, RcptState, Recipient, Spool, SpoolError, message_flags,
     now_micros,
 };
@@ -355,7 +355,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         self: &Rc<Self>,
         queue_id: QueueId,
         spool_shard: u16,
-        base: queue_format::Location,
+        base: spool::Location,
         rcpts: Vec<u32>,
     ) -> Result<MessageRef, ReadFailure> {
         let Some(reader) = self.readers.get(spool_shard as usize).and_then(|r| r.get()) else {

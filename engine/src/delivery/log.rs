@@ -128,7 +128,7 @@ impl DeliveryLog {
     /// deletes rotated files beyond `files_max`.
     pub fn rotate(&mut self) -> io::Result<()> {
         self.out.flush()?;
-        let secs = queue_format::now_micros() / 1_000_000;
+        let secs = spool::now_micros() / 1_000_000;
         let current = self.dir.join(format!("{}.jsonl", self.name));
         let mut n = 0;
         let rotated = loop {

@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
-use queue_format::{Location, QueueId};
+use spool::{Location, QueueId};
 
 use crate::delivery::policy::DomainPolicy;
 use crate::delivery::throttle::RateLimit;

@@ -120,7 +120,7 @@ impl MxResolver {
             resolver,
             cache: RefCell::new(HashMap::new()),
             cache_entries_max: settings.cache_entries_max.max(1),
-            rng: Cell::new(queue_format::now_micros() | 1),
+            rng: Cell::new(spool::now_micros() | 1),
         })
     }
 

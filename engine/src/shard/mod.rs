@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use queue_format::{Location, QueueId, Spool};
+use spool::{Location, QueueId, Spool};
 use tokio::sync::watch;
 
 use crate::auth::Credentials;
@@ -88,7 +88,7 @@ pub struct Handoff {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub rcpt_index: u32,
-    pub state: queue_format::RcptState,
+    pub state: spool::RcptState,
     pub attempts: u32,
     pub next_attempt_micros: u64,
     pub reply: String,
@@ -148,7 +148,7 @@ pub struct RouterStats {
 }
 
 /// Every shard's `SpoolReader`, set by each shard once its spool is open.
-pub type SpoolReaders = Arc<Vec<std::sync::OnceLock<queue_format::SpoolReader>>>;
+pub type SpoolReaders = Arc<Vec<std::sync::OnceLock<spool::SpoolReader>>>;
 
 /// Senders to every shard's inbox. Cloned into each shard.
 #[derive(Clone)]
@@ -408,7 +408,7 @@ pub struct Server {
     pub router: Router,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The spool directory's lock, released when the server is dropped.
-    _spool_lock: queue_format::lock::DirLock,
+    _spool_lock: spool::lock::DirLock,
 }
 
 impl Server {
@@ -416,7 +416,7 @@ impl Server {
     /// all are ready (or the first failure).
     pub fn start(config: Config) -> anyhow::Result<Server> {
         // One saida per spool: taken before any listener is bound or any spool recovered.
-        let spool_lock = queue_format::lock::DirLock::acquire(&config.spool.dir)?;
+        let spool_lock = spool::lock::DirLock::acquire(&config.spool.dir)?;
         let mut config = config;
         if config.tls.is_none() && config.server.self_signed_tls {
             let dir = config.spool.dir.join("tls");
@@ -1123,7 +1123,7 @@ async fn inject(
             let why = headers::loop_refusal(hops);
             return Err(InjectFailure::new(&format!("554 5.4.6 {why}"), ids));
         }
-        let now = queue_format::now_micros();
+        let now = spool::now_micros();
         let queue_id = spool.borrow_mut().next_queue_id(now);
         let qid = queue_id.to_string();
         let host = &config.server.hostname;
@@ -1138,27 +1138,23 @@ async fn inject(
         body.extend_from_slice(&m.content);
         let utf8 = !m.from.is_ascii() || m.to.iter().any(|a| !a.is_ascii());
         let eight_bit = !body.is_ascii();
-        let message = queue_format::Message {
+        let message = spool::Message {
             queue_id,
             received_at_micros: now,
             flags: if utf8 {
-                queue_format::message_flags::SMTPUTF8
+                spool::message_flags::SMTPUTF8
             } else {
                 0
             } | if eight_bit {
-                queue_format::message_flags::BODY_8BITMIME
+                spool::message_flags::BODY_8BITMIME
             } else {
                 0
             },
-            dsn_ret: queue_format::DsnRet::Unspecified,
+            dsn_ret: spool::DsnRet::Unspecified,
             tenant: "api",
             sender: &m.from,
             envid: "",
-            recipients: m
-                .to
-                .iter()
-                .map(|a| queue_format::Recipient::new(a))
-                .collect(),
+            recipients: m.to.iter().map(|a| spool::Recipient::new(a)).collect(),
             body: &body,
         };
         let ticket = spool.borrow_mut().accept(&message);
@@ -1205,9 +1201,9 @@ fn journal_outcomes(
     at_micros: u64,
     outcomes: &[Outcome],
 ) {
-    let entries: Vec<queue_format::OutcomeEntry<'_>> = outcomes
+    let entries: Vec<spool::OutcomeEntry<'_>> = outcomes
         .iter()
-        .map(|o| queue_format::OutcomeEntry {
+        .map(|o| spool::OutcomeEntry {
             rcpt_index: o.rcpt_index,
             state: o.state,
             attempts: o.attempts,
@@ -1220,12 +1216,11 @@ fn journal_outcomes(
         .record_outcomes(queue_id, at_micros, &entries);
     match ticket {
         Ok(t) => {
-            let count = |s: queue_format::RcptState| {
-                outcomes.iter().filter(|o| o.state == s).count() as u64
-            };
-            let delivered = count(queue_format::RcptState::Delivered);
-            let deferred = count(queue_format::RcptState::Deferred);
-            let failed = count(queue_format::RcptState::Failed);
+            let count =
+                |s: spool::RcptState| outcomes.iter().filter(|o| o.state == s).count() as u64;
+            let delivered = count(spool::RcptState::Delivered);
+            let deferred = count(spool::RcptState::Deferred);
+            let failed = count(spool::RcptState::Failed);
             let stats = Arc::clone(&router.stats);
             tokio::task::spawn_local(async move {
                 if t.await.is_ok() {
@@ -1236,7 +1231,7 @@ fn journal_outcomes(
             });
         }
         // Deleted meanwhile (operator, or an earlier terminal outcome): nothing to record.
-        Err(queue_format::SpoolError::NotFound(_)) => {}
+        Err(spool::SpoolError::NotFound(_)) => {}
         Err(e) => {
             // The recipients stay live in the spool and are attempted again after a restart (a
             // possible duplicate, never a loss).

@@ -583,7 +583,7 @@ mod tests {
 
     struct Server {
         port: u16,
-        spool: Rc<RefCell<queue_format::Spool>>,
+        spool: Rc<RefCell<spool::Spool>>,
         _dir: tempfile::TempDir,
     }
 
@@ -592,7 +592,7 @@ mod tests {
         let mut config = Config::default();
         config.spool.dir = dir.path().join("spool");
         config.server.hostname = "mx.test".into();
-        let (spool, _) = queue_format::Spool::open(config.spool_config(0).unwrap()).unwrap();
+        let (spool, _) = spool::Spool::open(config.spool_config(0).unwrap()).unwrap();
         let spool = Rc::new(RefCell::new(spool));
         let tls = with_tls.then(|| {
             let ck = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();

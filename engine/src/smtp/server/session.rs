@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use queue_format::{DsnRet, Message, Recipient, Spool, message_flags, now_micros};
+use spool::{DsnRet, Message, Recipient, Spool, message_flags, now_micros};
 use tokio::sync::watch;
 
 use crate::auth::{self, Credentials};

@@ -1,33 +1,29 @@
-//! `queue-format`: saida's spool. Every accepted message is stored here before the client hears
-//! `250`, and every delivery outcome is journaled here before a recipient counts as done.
+//! `spool`: one shard's durable log. Every accepted message is stored here before the client
+//! hears `250`, and every delivery outcome is journaled here before a recipient counts as done.
 //!
-//! The byte layout is specified in `docs/spool-format.md`; this crate is its only encoder and
-//! decoder. Modules, from the bytes up:
-//! - [`codec`]: record frames and payloads, pure (no I/O, never panics on input);
-//! - [`segment`]: segment header and file names, pure;
+//! The bytes are crate `spool-format`'s (re-exported here as [`codec`], [`segment`], [`scan`],
+//! [`fuzzing`]); this crate does the I/O. Modules:
 //! - [`mmap`]: read-only maps of segments (the one module allowed `unsafe`);
 //! - [`disk`]: the I/O seam under the log and recovery, with a fault-injecting disk for tests;
 //! - [`lock`]: the exclusive lock on a spool directory (one process per spool);
 //! - [`log`]: the append-only writer with group commit on a sync thread;
 //! - [`recovery`]: the scan that checks every CRC, repairs a torn tail and reports damage;
-//! - [`spool`]: the per-shard spool (log + index + reclamation + compaction);
-//! - [`fuzzing`]: the property the fuzz target and the property tests share.
+//! - [`spool`]: the per-shard spool (log + index + reclamation + compaction).
 //!
 //! Not here: SMTP, queues per destination, retry policy (the engine's); encryption at rest.
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![deny(unsafe_code)]
 
-pub mod codec;
 pub mod disk;
 pub mod error;
-pub mod fuzzing;
 pub mod lock;
 pub mod log;
 pub mod mmap;
 pub mod recovery;
-pub mod segment;
 pub mod spool;
+
+pub use spool_format::{codec, fuzzing, scan, segment};
 
 pub use codec::{
     DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, message_flags,

@@ -1,4 +1,4 @@
-//! The decoder's fuzz property, shared by the cargo-fuzz target (`queue-format/fuzz`) and the
+//! The decoder's fuzz property, shared by the cargo-fuzz target (`spool-format/fuzz`) and the
 //! property tests, so that CI exercises the same oracle a long fuzz run does.
 
 use crate::codec::{FramePos, FrameRead, decode_frame};
@@ -8,7 +8,7 @@ pub const FUZZ_POS: FramePos = FramePos {
     segment: 0,
     offset: 0,
 };
-use crate::recovery::scan_segment;
+use crate::scan::scan_segment;
 
 /// Feeds arbitrary bytes to every decoder and checks the round-trip oracle: whatever decodes as a
 /// frame re-encodes to exactly the same bytes. Panics (which the fuzzer reports) only when the

@@ -5,7 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{body, message, small_config};
-use queue_format::{DecodeError, QueueId, Spool, SpoolError};
+use spool::{DecodeError, QueueId, Spool, SpoolError};
 
 /// Segment files of `dir`, oldest first.
 fn segments(dir: &Path) -> Vec<PathBuf> {
@@ -38,14 +38,14 @@ fn fill(dir: &Path, n: u64, len: usize) -> Vec<QueueId> {
 
 fn segment_id(seg: &Path) -> u64 {
     let name = seg.file_name().unwrap().to_str().unwrap();
-    queue_format::segment::parse_segment_file_name(name).unwrap()
+    spool::segment::parse_segment_file_name(name).unwrap()
 }
 
 /// Offset of the last record's frame in `seg` (found by scanning, as recovery does).
 fn frame_offsets(seg: &Path) -> Vec<u64> {
     let bytes = std::fs::read(seg).unwrap();
     let mut offs = vec![];
-    queue_format::recovery::scan_segment(&bytes, segment_id(seg), |o, _, _| offs.push(o)).unwrap();
+    spool::scan::scan_segment(&bytes, segment_id(seg), |o, _, _| offs.push(o)).unwrap();
     offs
 }
 
@@ -151,7 +151,7 @@ fn segment_that_cannot_be_read_is_quarantined_and_the_rest_serves() {
     let segs = segments(dir.path());
     assert!(segs.len() >= 3, "{segs:?}");
     let bad = segs[0].clone();
-    let disk = queue_format::disk::FaultyDisk::new();
+    let disk = spool::disk::FaultyDisk::new();
     disk.make_unreadable(&bad);
     let mut config = small_config(dir.path());
     config.log.disk = disk.clone();

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Rng, body, message, small_config};
-use queue_format::{OutcomeEntry, QueueId, RcptState, Spool};
+use spool::{OutcomeEntry, QueueId, RcptState, Spool};
 
 const KILLS: usize = 25;
 const CHILD_ENV: &str = "SAIDA_CRASH_CHILD_DIR";
@@ -39,7 +39,7 @@ fn crash_child_entry() {
         return;
     };
     let (mut spool, _) = Spool::open(small_config(Path::new(&dir))).expect("child recovery");
-    let mut rng = Rng(queue_format::now_micros() | 1);
+    let mut rng = Rng(spool::now_micros() | 1);
     let mut seed = rng.next() >> 16;
     let mut inflight = VecDeque::new();
     let mut acked: Vec<QueueId> = Vec::new();
@@ -48,7 +48,7 @@ fn crash_child_entry() {
     loop {
         while inflight.len() < 64 {
             seed += 1;
-            let qid = spool.next_queue_id(queue_format::now_micros());
+            let qid = spool.next_queue_id(spool::now_micros());
             let b = body(seed, body_len(seed));
             let ticket = spool
                 .accept(&message(qid, &["r@x.test", "s@y.test"], &b))
@@ -91,7 +91,7 @@ fn acknowledged_records_survive_sigkill() {
     }
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut rng = Rng(0x5EED_0F_C0FFEE | queue_format::now_micros());
+    let mut rng = Rng(0x5EED_0F_C0FFEE | spool::now_micros());
     let mut acked: HashMap<QueueId, u32> = HashMap::new();
     let mut done: HashSet<QueueId> = HashSet::new();
     let mut delivering: HashSet<QueueId> = HashSet::new();

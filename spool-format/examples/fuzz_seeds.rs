@@ -1,23 +1,23 @@
 //! Writes the committed seed corpus of the `decode` fuzz target:
-//! `cargo run -p queue-format --example fuzz_seeds -- queue-format/fuzz/corpus/decode`.
+//! `cargo run -p spool --example fuzz_seeds -- spool-format/fuzz/corpus/decode`.
 //! One seed per record kind, a segment header followed by frames, and a torn frame.
 
-use queue_format::codec::FramePos;
-use queue_format::fuzzing::FUZZ_POS;
-use queue_format::segment::SegmentHeader;
-use queue_format::{
+use spool_format::codec::FramePos;
+use spool_format::fuzzing::FUZZ_POS;
+use spool_format::segment::SegmentHeader;
+use spool_format::{
     DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record, notify,
 };
 
 fn main() -> std::io::Result<()> {
     let dir = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "queue-format/fuzz/corpus/decode".into());
+        .unwrap_or_else(|| "spool-format/fuzz/corpus/decode".into());
     std::fs::create_dir_all(&dir)?;
     let message = Message {
         queue_id: QueueId(0x0006_0000_0000_0001_0000_0000_0000_0042),
         received_at_micros: 1_764_300_000_000_000,
-        flags: queue_format::message_flags::BODY_8BITMIME,
+        flags: spool_format::message_flags::BODY_8BITMIME,
         dsn_ret: DsnRet::Headers,
         tenant: "acme",
         sender: "bounces@acme.test",

@@ -3,9 +3,9 @@
 //! uses.
 
 use proptest::prelude::*;
-use queue_format::codec::{FrameRead, decode_frame};
-use queue_format::fuzzing::FUZZ_POS;
-use queue_format::{
+use spool_format::codec::{FrameRead, decode_frame};
+use spool_format::fuzzing::FUZZ_POS;
+use spool_format::{
     DsnRet, Message, OutcomeEntry, Outcomes, QueueId, RcptState, Recipient, Record,
 };
 
@@ -161,7 +161,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..4096)) {
-        queue_format::fuzzing::decode_round_trip(&data);
+        spool_format::fuzzing::decode_round_trip(&data);
     }
 
     #[test]
@@ -174,7 +174,7 @@ proptest! {
         Record::Rehomed(m.borrow(true)).encode_frame(FUZZ_POS, &mut buf).unwrap();
         let i = pos.index(buf.len());
         buf[i] ^= 1 << bit;
-        queue_format::fuzzing::decode_round_trip(&buf);
+        spool_format::fuzzing::decode_round_trip(&buf);
         // A single flipped bit is always caught by the CRC (or makes the frame unreadable).
         if let Ok(FrameRead::Frame(f)) = decode_frame(&buf, FUZZ_POS) {
             prop_assert!(i >= 12 + f.payload.len(), "flip at {} went unnoticed", i);
@@ -189,7 +189,7 @@ fn committed_fuzz_seeds_decode_and_pass_the_oracle() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
-        queue_format::fuzzing::decode_round_trip(&data);
+        spool_format::fuzzing::decode_round_trip(&data);
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if ["seed-message", "seed-rehomed", "seed-outcomes"].contains(&name.as_str()) {
             let Ok(FrameRead::Frame(f)) = decode_frame(&data, FUZZ_POS) else {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{body, message, small_config};
-use queue_format::{QueueId, Spool, SpoolError};
+use spool::{QueueId, Spool, SpoolError};
 
 /// A mounted tmpfs; the `TempDir` is kept so the mount point outlives the mount.
 struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
@@ -142,9 +142,9 @@ fn a_disk_filled_by_the_spool_admits_outcomes_and_recovers_by_reclamation() {
     assert!(acked.len() > 1000, "only {} messages fit", acked.len());
     let deliver = |spool: &mut Spool, qids: &[QueueId]| {
         for qid in qids {
-            let e = queue_format::OutcomeEntry {
+            let e = spool::OutcomeEntry {
                 rcpt_index: 0,
-                state: queue_format::RcptState::Delivered,
+                state: spool::RcptState::Delivered,
                 attempts: 1,
                 next_attempt_micros: 0,
                 reply: "250 2.0.0 ok",

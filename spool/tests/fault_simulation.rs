@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Rng, body, message, small_config};
-use queue_format::disk::{DiskOp, FaultyDisk};
-use queue_format::{OutcomeEntry, QueueId, RcptState, Spool, SpoolConfig};
+use spool::disk::{DiskOp, FaultyDisk};
+use spool::{OutcomeEntry, QueueId, RcptState, Spool, SpoolConfig};
 
 /// Operations per seed.
 const OPS: usize = 3000;
@@ -45,7 +45,7 @@ struct MessageModel {
     seed: u64,
     len: usize,
     /// Where the accepted record went (for a failure's report).
-    at: Option<queue_format::Location>,
+    at: Option<spool::Location>,
     rcpts: Vec<RcptModel>,
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use queue_format::{LogConfig, Message, QueueId, Recipient, SpoolConfig};
+use spool::{LogConfig, Message, QueueId, Recipient, SpoolConfig};
 
 /// A spool config with 1 MiB segments, so tests roll segments quickly.
 pub fn small_config(dir: &Path) -> SpoolConfig {

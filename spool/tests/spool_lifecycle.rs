@@ -4,7 +4,7 @@
 mod common;
 
 use common::{body, message, small_config};
-use queue_format::{OutcomeEntry, QueueId, RcptState, Spool};
+use spool::{OutcomeEntry, QueueId, RcptState, Spool};
 
 fn delivered(i: u32) -> OutcomeEntry<'static> {
     OutcomeEntry {
@@ -322,7 +322,7 @@ fn another_thread_reads_bodies_zero_copy_and_a_held_message_outlives_its_segment
     let first = locs[0];
     assert!(
         !dir.path()
-            .join(queue_format::segment::segment_file_name(first.segment))
+            .join(spool::segment::segment_file_name(first.segment))
             .exists()
     );
     // A message held before the deletion is still readable; a new read of it is not.
