@@ -15,7 +15,6 @@ mod config;
 mod delivery;
 mod demo;
 mod dns;
-mod io;
 mod metrics;
 mod shard;
 mod smtp;

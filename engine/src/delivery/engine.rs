@@ -36,10 +36,10 @@ use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
 use crate::delivery::queue::{DomainQueue, Job, JobRcpt};
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
-use crate::io::Dial;
 use crate::metrics::{Counter, Hist};
 use crate::shard::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
+use saida_net::Dial;
 use smtp_proto::client::{Envelope, EnvelopeError};
 use smtp_proto::headers::find_message_id;
 
@@ -207,7 +207,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     .map_err(|e| format!("delivery log in {}: {e}", dir.display()))?,
             )
         };
-        let roots = match crate::io::tls::roots_from_pem_file(&config.delivery.tls_ca_file) {
+        let roots = match saida_net::tls::roots_from_pem_file(&config.delivery.tls_ca_file) {
             Ok((roots, _)) => roots,
             Err(e) => {
                 tracing::warn!(error = %e, "no trusted roots: `verified` destinations will fail");
@@ -249,8 +249,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             spool,
             domains: RefCell::new(domains),
             log: RefCell::new(log),
-            tls_any: crate::io::tls::client_config_unverified(),
-            tls_verified: crate::io::tls::client_config_verified(roots),
+            tls_any: saida_net::tls::client_config_unverified(),
+            tls_verified: saida_net::tls::client_config_verified(roots),
             shutdown,
             workers: Cell::new(0),
             starved: RefCell::default(),

@@ -47,11 +47,11 @@ use tokio::sync::watch;
 use crate::auth::Credentials;
 use crate::config::{Backend, Config, ListenerTls};
 use crate::delivery::engine::Deliverer;
-use crate::io::epoll::EpollStream;
-use crate::io::tls::{ReloadingTls, TlsStream};
-use crate::io::uring::UringStream;
-use crate::io::{Conn, Stream};
 use crate::smtp::server::session::{ConnInfo, Session, ShardContext};
+use saida_net::epoll::EpollStream;
+use saida_net::tls::{ReloadingTls, TlsStream};
+use saida_net::uring::UringStream;
+use saida_net::{Conn, Stream};
 use smtp_proto::reply::Reply;
 
 /// Capacity of each shard's inbox.
@@ -59,8 +59,6 @@ pub const INBOX_LEN_MAX: usize = 65_536;
 /// After this long waiting for room in a full inbox, a sender logs a warning (once per item) and
 /// goes on waiting.
 const INBOX_WAIT_WARN: Duration = Duration::from_secs(30);
-/// Listen backlog of each socket.
-const LISTEN_BACKLOG: i32 = 1024;
 
 /// A recipient handed to its domain's owner, with its delivery state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -421,7 +419,7 @@ impl Server {
         if config.tls.is_none() && config.server.self_signed_tls {
             let dir = config.spool.dir.join("tls");
             let (certificate, key) =
-                crate::io::tls::ensure_self_signed(&dir, &config.server.hostname)?;
+                saida_net::tls::ensure_self_signed(&dir, &config.server.hostname)?;
             let why = "no [tls]: STARTTLS with a self-signed certificate";
             tracing::info!(cert = %certificate.display(), "{why}");
             config.tls = Some(crate::config::Tls {
@@ -484,7 +482,8 @@ impl Server {
         for (shard, inbox) in inboxes.into_iter().enumerate() {
             let mut listeners = Vec::new();
             for (addr, tls) in addrs.iter_mut() {
-                let l = bind_reuseport(*addr).with_context(|| format!("listening on {addr}"))?;
+                let l = saida_net::bind_reuseport(*addr)
+                    .with_context(|| format!("listening on {addr}"))?;
                 *addr = l.local_addr()?;
                 listeners.push((l, *tls));
             }
@@ -555,20 +554,6 @@ impl Server {
     }
 }
 
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
-}
-
 fn run_shard(setup: ShardSetup) {
     let backend = setup.config.server.backend;
     if backend != Backend::Epoll {
@@ -610,7 +595,7 @@ fn run_shard(setup: ShardSetup) {
 
 /// A listening socket on one backend.
 trait Acceptor: Sized + 'static {
-    type S: Stream + crate::io::Dial + 'static;
+    type S: Stream + saida_net::Dial + 'static;
     fn from_std(l: std::net::TcpListener) -> std::io::Result<Self>;
     async fn accept(&self) -> std::io::Result<(Self::S, SocketAddr)>;
 }
@@ -941,7 +926,7 @@ async fn accept_loop<A: Acceptor>(
 /// Handles what other shards send: hand-offs (queued for delivery), outcomes (journaled in this
 /// shard's spool), re-offers and operator requests. Polls the channel, backing off to 2 ms
 /// when it is empty. Stops after `done` is set and the inbox is empty.
-async fn drain_inbox<S: crate::io::Dial + 'static>(
+async fn drain_inbox<S: saida_net::Dial + 'static>(
     inbox: Receiver<ShardMsg>,
     deliverer: Rc<Deliverer<S>>,
     spools: SpoolSet,

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::io::tls::TlsStream;
-use crate::io::{Conn, Stream};
+use saida_net::tls::TlsStream;
+use saida_net::{Conn, Stream};
 use smtp_proto::client::{
     Capabilities, Envelope, EnvelopeError, EnvelopeOutcome, REPLY_LINE_BYTES_MAX, REPLY_LINES_MAX,
     ReplyError, ServerReply, dot_stuff, match_envelope_replies, parse_reply, transaction_commands,
@@ -574,10 +574,10 @@ impl<S: Stream> ClientSession<S> {
 mod tests {
     use super::*;
     use crate::config::{Config, ListenerTls};
-    use crate::io::epoll::EpollStream;
-    use crate::io::tls::{ReloadingTls, client_config_unverified, client_config_verified};
     use crate::shard::Router;
     use crate::smtp::server::session::{ConnInfo, Session, ShardContext};
+    use saida_net::epoll::EpollStream;
+    use saida_net::tls::{ReloadingTls, client_config_unverified, client_config_verified};
     use std::cell::RefCell;
     use std::rc::Rc;
 

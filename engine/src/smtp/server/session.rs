@@ -27,10 +27,10 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Credentials};
 use crate::config::{BareLineEnds, Config, ListenerTls};
-use crate::io::tls::{ReloadingTls, TlsStream};
-use crate::io::{Conn, Stream};
 use crate::shard::HandoffRcpt;
 use crate::smtp::server::inflight::{Charge, InflightBudget};
+use saida_net::tls::{ReloadingTls, TlsStream};
+use saida_net::{Conn, Stream};
 use smtp_proto::command::{Body, Command, Ret, parse_command};
 use smtp_proto::content::{BareLineEnd, ContentReader, Progress};
 use smtp_proto::headers;
@@ -1107,8 +1107,8 @@ enum ReadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::memory::MemoryStream;
     use crate::shard::Router;
+    use saida_net::memory::MemoryStream;
     use std::time::Instant;
 
     struct Outcome {

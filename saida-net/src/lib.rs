@@ -1,12 +1,15 @@
-//! Socket I/O behind one owned-buffer stream type, so that protocol code is the same on both
-//! backends: io_uring (`tokio-uring`) and epoll (tokio current-thread).
+//! `saida-net`: socket I/O behind one owned-buffer stream type, so that protocol code is the
+//! same on both backends: io_uring (`tokio-uring`) and epoll (tokio current-thread).
 //!
 //! The [`Stream`] shape, `read(buf) -> (result, buf)`, is the one io_uring needs (the kernel owns
 //! the buffer while the operation runs) and costs epoll nothing. [`Conn`] adds TLS on top of
 //! either backend, so a session can upgrade in place with STARTTLS.
 //!
-//! Not here: protocol, timeouts (the session wraps calls in `tokio::time::timeout`), listener
-//! setup (see `shard`).
+//! Also here: the TLS adapter and configurations (`tls`), the `SO_REUSEPORT` listener every
+//! shard binds ([`bind_reuseport`]), and an in-memory stream for transcript tests (`memory`).
+//!
+//! Not here: protocol, timeouts (the session wraps calls in `tokio::time::timeout`), which
+//! listeners exist (the daemon's configuration).
 
 pub mod epoll;
 pub mod tls;
@@ -81,8 +84,26 @@ impl<S: Stream> Stream for Conn<S> {
     }
 }
 
+/// Backlog of every listener.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// A non-blocking TCP listener on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT` (so every shard
+/// binds the same address and the kernel spreads connections), IPv6 listeners IPv6-only.
+pub fn bind_reuseport(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// An in-memory stream for transcript tests: reads come from a script, writes are collected.
-#[cfg(test)]
 pub mod memory {
     use super::Stream;
     use std::cell::RefCell;
