@@ -28,7 +28,6 @@ use spool::{
 };
 use tokio::sync::watch;
 
-use crate::admin::{DomainSummary, Request, Selector, ShardReply};
 use crate::config::Config;
 use crate::delivery::dsn::{FailedRecipient, build_bounce};
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog, LogRotation, rfc3339};
@@ -39,6 +38,7 @@ use crate::dns::{MxResolver, Resolution};
 use crate::metrics::{Counter, Hist};
 use crate::shard::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
+use saida_control::{DomainSummary, Request, Selector, ShardReply};
 use saida_net::Dial;
 use smtp_proto::client::{Envelope, EnvelopeError};
 use smtp_proto::headers::find_message_id;

@@ -120,8 +120,8 @@ pub enum ShardMsg {
     ),
     /// An operator request, answered on `reply`.
     Admin(
-        crate::admin::Request,
-        crossbeam_channel::Sender<crate::admin::ShardReply>,
+        saida_control::Request,
+        crossbeam_channel::Sender<saida_control::ShardReply>,
     ),
 }
 
