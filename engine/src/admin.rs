@@ -2,66 +2,8 @@
 //! checks and `POST /messages`, with its token, and `saida queue`'s client. The requests and
 //! answers themselves are `saida_control`'s; shards answer them over their inboxes.
 
+use crate::config::{AdminConfig, TOKEN_CHARS_MIN};
 use saida_control::{Answer, Request};
-use serde::Deserialize;
-
-/// `[admin]`: the local HTTP endpoint of `saida queue`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Listen address; empty = no endpoint.
-    pub address: String,
-    /// Bearer token required for every request but `/metrics`, `/healthz` and `/readyz`;
-    /// empty = the token in `token_file`, generated at first start.
-    pub token: String,
-    /// Where the generated token is kept (mode 0600); empty = `<spool.dir>/admin.token`.
-    pub token_file: String,
-    /// Record metrics (counters, histograms). Off: `/metrics` shows zeros; for measuring the
-    /// cost of recording.
-    pub metrics: bool,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            address: "127.0.0.1:8025".into(),
-            token: String::new(),
-            token_file: String::new(),
-            metrics: true,
-        }
-    }
-}
-
-/// Shortest configured token accepted.
-pub const TOKEN_CHARS_MIN: usize = 16;
-
-impl AdminConfig {
-    /// Checks the address, and that a configured token is long enough.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if !self.token.is_empty() && self.token.len() < TOKEN_CHARS_MIN {
-            return Err((
-                "admin.token".into(),
-                format!("a token needs {TOKEN_CHARS_MIN} characters or more"),
-            ));
-        }
-        if self.address.is_empty() {
-            return Ok(());
-        }
-        self.address
-            .parse::<std::net::SocketAddr>()
-            .map_err(|_| ("admin.address".to_string(), "not ip:port".to_string()))?;
-        Ok(())
-    }
-
-    /// The file holding the generated token.
-    pub fn token_path(&self, spool_dir: &std::path::Path) -> std::path::PathBuf {
-        if self.token_file.is_empty() {
-            spool_dir.join("admin.token")
-        } else {
-            self.token_file.clone().into()
-        }
-    }
-}
 
 /// Why the admin token could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +103,7 @@ fn token_matches(given: &str, token: &str) -> bool {
 struct Endpoint {
     token: String,
     limits: crate::api::Limits,
-    router: crate::shard::Router,
+    router: crate::mesh::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     idempotency: std::sync::Mutex<crate::api::IdempotencyStore>,
 }
@@ -175,7 +117,7 @@ type Body = http_body_util::Full<hyper::body::Bytes>;
 pub fn serve(
     config: &crate::config::Config,
     token: String,
-    router: crate::shard::Router,
+    router: crate::mesh::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<()> {
     let address = &config.admin.address;
@@ -381,7 +323,7 @@ static NEXT_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// `POST /messages`: queues the request's messages on one shard, or answers an earlier
 /// request's queue ids for a repeated idempotency key.
 fn inject(
-    router: &crate::shard::Router,
+    router: &crate::mesh::Router,
     json: &[u8],
     header_key: Option<String>,
     limits: &crate::api::Limits,
@@ -435,7 +377,7 @@ fn inject(
     }
     let shard = NEXT_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % router.shards();
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let msg = crate::shard::ShardMsg::Inject(messages, tx);
+    let msg = crate::mesh::ShardMsg::Inject(messages, tx);
     if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_err() {
         if let Some(k) = &key {
             lock().forget(k);
@@ -470,11 +412,11 @@ fn inject(
 }
 
 /// Broadcasts a request to every shard and merges their answers.
-pub fn ask_shards(router: &crate::shard::Router, req: &Request) -> Answer {
+pub fn ask_shards(router: &crate::mesh::Router, req: &Request) -> Answer {
     let (tx, rx) = crossbeam_channel::bounded(router.shards());
     let mut asked = 0;
     for shard in 0..router.shards() {
-        let msg = crate::shard::ShardMsg::Admin(req.clone(), tx.clone());
+        let msg = crate::mesh::ShardMsg::Admin(req.clone(), tx.clone());
         if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_ok() {
             asked += 1;
         }

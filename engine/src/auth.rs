@@ -171,6 +171,21 @@ mod tests {
     }
 }
 
+/// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6 as IPv4), other IPv6
+/// by its /64.
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// Failed-AUTH accounting shared by all shards, and the bounds on concurrent exchanges and
 /// verifications.
 ///
@@ -224,7 +239,7 @@ impl AuthThrottle {
     }
 
     fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
-        crate::shard::client_key(ip)
+        client_key(ip)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, ClientAttempts>> {

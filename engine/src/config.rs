@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::cidr::Cidr;
+
 /// A configuration error, formatted as `FILE:LINE: key: problem`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}:{line}: {key}: {message}", file.display())]
@@ -43,7 +45,7 @@ pub struct Config {
     #[serde(rename = "route")]
     pub routes: Vec<crate::delivery::policy::Route>,
     pub dns: crate::delivery::policy::DnsConfig,
-    pub admin: crate::admin::AdminConfig,
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -388,72 +390,6 @@ fn relay_networks_bounded(networks: &[Cidr]) -> Result<(), String> {
     Ok(())
 }
 
-/// An IP network in CIDR notation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// True when `ip` lies in this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.prefix)
-                };
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.prefix)
-                };
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or(format!("bad prefix in `{s}`"))?,
-            None => max,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -776,6 +712,64 @@ fn find_key_line(text: &str, dotted: &str) -> usize {
                 || l.trim_start_matches('[').starts_with(last)
         })
         .map_or(0, |i| i + 1)
+}
+
+/// `[admin]`: the local HTTP endpoint of `saida queue`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address; empty = no endpoint.
+    pub address: String,
+    /// Bearer token required for every request but `/metrics`, `/healthz` and `/readyz`;
+    /// empty = the token in `token_file`, generated at first start.
+    pub token: String,
+    /// Where the generated token is kept (mode 0600); empty = `<spool.dir>/admin.token`.
+    pub token_file: String,
+    /// Record metrics (counters, histograms). Off: `/metrics` shows zeros; for measuring the
+    /// cost of recording.
+    pub metrics: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: "127.0.0.1:8025".into(),
+            token: String::new(),
+            token_file: String::new(),
+            metrics: true,
+        }
+    }
+}
+
+/// Shortest configured token accepted.
+pub const TOKEN_CHARS_MIN: usize = 16;
+
+impl AdminConfig {
+    /// Checks the address, and that a configured token is long enough.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !self.token.is_empty() && self.token.len() < TOKEN_CHARS_MIN {
+            return Err((
+                "admin.token".into(),
+                format!("a token needs {TOKEN_CHARS_MIN} characters or more"),
+            ));
+        }
+        if self.address.is_empty() {
+            return Ok(());
+        }
+        self.address
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| ("admin.address".to_string(), "not ip:port".to_string()))?;
+        Ok(())
+    }
+
+    /// The file holding the generated token.
+    pub fn token_path(&self, spool_dir: &std::path::Path) -> std::path::PathBuf {
+        if self.token_file.is_empty() {
+            spool_dir.join("admin.token")
+        } else {
+            self.token_file.clone().into()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,10 +11,12 @@
 mod admin;
 mod api;
 mod auth;
+mod cidr;
 mod config;
 mod delivery;
 mod demo;
 mod dns;
+mod mesh;
 mod metrics;
 mod shard;
 mod smtp;

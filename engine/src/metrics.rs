@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 use prometheus::proto::{self, MetricFamily, MetricType};
 
-use crate::shard::RouterStats;
+use crate::mesh::RouterStats;
 
 /// Bucket upper bounds, in seconds, of every latency histogram: 0.5 ms to 1 day.
 pub const LATENCY_BUCKETS: &[f64] = &[

@@ -358,7 +358,10 @@ pub fn client_config_unverified() -> Arc<rustls::ClientConfig> {
 }
 
 /// Accepts any certificate chain, but verifies that the server holds its key.
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the provider is kept for the verifier's lifetime, not read"
+)]
 #[derive(Debug)]
 struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
 

@@ -15,7 +15,10 @@ use common::{body, message, small_config};
 use spool::{QueueId, Spool, SpoolError};
 
 /// A mounted tmpfs; the `TempDir` is kept so the mount point outlives the mount.
-struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+struct Tmpfs(
+    PathBuf,
+    #[allow(dead_code, reason = "kept only to remove the mount point on drop")] tempfile::TempDir,
+);
 
 impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {

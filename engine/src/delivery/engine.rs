@@ -35,8 +35,8 @@ use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
 use crate::delivery::queue::{DomainQueue, Job, JobRcpt};
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
+use crate::mesh::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::metrics::{Counter, Hist};
-use crate::shard::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
 use saida_control::{DomainSummary, Request, Selector, ShardReply};
 use saida_net::Dial;
@@ -320,7 +320,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             let Some(rcpt) = msg.recipients.get(r.index as usize) else {
                 continue;
             };
-            let domain = crate::shard::route::domain_of(rcpt.address)
+            let domain = crate::mesh::route::domain_of(rcpt.address)
                 .trim_end_matches('.')
                 .to_ascii_lowercase();
             let jr = JobRcpt {
@@ -1212,7 +1212,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         info: &AttemptInfo,
     ) -> bool {
         let d = &self.config.delivery;
-        let sender_domain = crate::shard::route::domain_of(msg.sender).to_ascii_lowercase();
+        let sender_domain = crate::mesh::route::domain_of(msg.sender).to_ascii_lowercase();
         if !d.bounces
             || d.bounce_exempt_sender_domains
                 .iter()
@@ -1326,7 +1326,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             Request::Suspend(d) | Request::Resume(d) => {
                 let suspend = matches!(req, Request::Suspend(_));
                 let d = d.to_ascii_lowercase();
-                let owner = crate::shard::route::owner_shard(&d, self.router.shards());
+                let owner = crate::mesh::route::owner_shard(&d, self.router.shards());
                 if owner == self.shard as usize {
                     let key: Rc<str> = d.as_str().into();
                     let mut domains = self.domains.borrow_mut();

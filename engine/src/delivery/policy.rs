@@ -59,7 +59,7 @@ macro_rules! with_limits {
 
         impl $name {
             /// The per-destination keys of this table.
-            #[allow(dead_code)] // not called on `Limits` itself
+            #[allow(dead_code, reason = "not called on `Limits` itself")]
             pub fn limits(&self) -> Limits {
                 Limits {
                     connections_max: self.connections_max,
@@ -174,7 +174,7 @@ pub struct DnsConfig {
     pub cache_entries_max: usize,
     /// Loopback, link-local or unspecified networks an MX answer may point to (a test bed on
     /// 127.0.0.0/8); empty = none: such addresses from DNS are refused (a mail loop).
-    pub local_networks_allowed: Vec<crate::config::Cidr>,
+    pub local_networks_allowed: Vec<crate::cidr::Cidr>,
 }
 
 impl Default for DnsConfig {

@@ -2,11 +2,9 @@
 //! runtime (io_uring or epoll), its own listening sockets (`SO_REUSEPORT`: the kernel spreads
 //! connections), its own spool directory and commit group.
 //!
-//! Cross-shard traffic goes over bounded `crossbeam` channels built once at start-up
-//! ([`Router`]): a shard that accepted a message hands each recipient to the shard owning the
-//! recipient's domain ([`route::owner_shard`]). A full inbox is back-pressure: the sender waits
-//! (asynchronously, without blocking its shard) until there is room, and the wait is counted;
-//! nothing is ever dropped while the receiving shard runs.
+//! Cross-shard traffic goes over the mesh (`crate::mesh`): bounded channels built once at
+//! start-up, a shard that accepted a message handing each recipient to the shard owning the
+//! recipient's domain.
 //!
 //! # Adopted spools
 //! A spool is a directory `shard-N` under `[spool] dir`, and `N` is the spool's id (written
@@ -15,7 +13,7 @@
 //! at start, shard `N % shards` *adopts* each one. It recovers it, hands its recipients to their
 //! domains' owners like its own, journals their outcomes there, and takes no new mail into it;
 //! once nothing in it is live it is closed and its directory removed. Messages always stay in
-//! the spool that took them: [`Router::send_to_spool`] finds the shard hosting a spool id.
+//! the spool that took them: `Router::send_to_spool` finds the shard hosting a spool id.
 //!
 //! # Backends
 //! `backend = "auto"` tries io_uring (`tokio_uring::Runtime::new`, which reports an error where
@@ -29,254 +27,31 @@
 //! in and send no other. All of it within `shutdown_grace_secs`; then the spools are closed
 //! (which commits everything pending) and the process exits.
 
-pub mod route;
-
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::Receiver;
 use spool::{Location, QueueId, Spool};
 use tokio::sync::watch;
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, client_key};
 use crate::config::{Backend, Config, ListenerTls};
 use crate::delivery::engine::Deliverer;
+use crate::mesh::{
+    Handoff, HandoffRcpt, Outcome, Router, RouterStats, ShardMsg, SpoolReaders, route,
+};
 use crate::smtp::server::session::{ConnInfo, Session, ShardContext};
 use saida_net::epoll::EpollStream;
 use saida_net::tls::{ReloadingTls, TlsStream};
 use saida_net::uring::UringStream;
 use saida_net::{Conn, Stream};
 use smtp_proto::reply::Reply;
-
-/// Capacity of each shard's inbox.
-pub const INBOX_LEN_MAX: usize = 65_536;
-/// After this long waiting for room in a full inbox, a sender logs a warning (once per item) and
-/// goes on waiting.
-const INBOX_WAIT_WARN: Duration = Duration::from_secs(30);
-
-/// A recipient handed to its domain's owner, with its delivery state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HandoffRcpt {
-    /// Index in the message's recipient list.
-    pub index: u32,
-    pub attempts: u32,
-    /// 0 = now.
-    pub next_attempt_micros: u64,
-}
-
-/// Recipients of one stored message that a shard owns.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Handoff {
-    pub queue_id: QueueId,
-    /// The shard whose spool holds the message.
-    pub spool_shard: u16,
-    /// Where its base record is (read through that spool's `SpoolReader`).
-    pub base: Location,
-    pub received_at_micros: u64,
-    pub rcpts: Vec<HandoffRcpt>,
-}
-
-/// One recipient's outcome, owned so that it can cross shards.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub rcpt_index: u32,
-    pub state: spool::RcptState,
-    pub attempts: u32,
-    pub next_attempt_micros: u64,
-    pub reply: String,
-}
-
-/// What shards send each other.
-pub enum ShardMsg {
-    /// To a domain's owner: queue these recipients for delivery.
-    Deliver(Handoff),
-    /// To the spool's shard: journal these outcomes of one message.
-    Outcomes {
-        /// The spool holding the message (its host may hold several: adopted spools).
-        spool: u16,
-        queue_id: QueueId,
-        at_micros: u64,
-        outcomes: Vec<Outcome>,
-    },
-    /// To the spool's shard: the owner could not read the message at the location it was given
-    /// (compaction moved it); hand the owner these recipients again, those still non-terminal.
-    Reoffer {
-        spool: u16,
-        queue_id: QueueId,
-        owner: u16,
-        rcpts: Vec<u32>,
-    },
-    /// HTTP injection: queue these messages in this shard's spool and answer with their queue
-    /// ids once committed.
-    Inject(
-        Vec<crate::api::Prepared>,
-        crossbeam_channel::Sender<Result<Vec<String>, crate::api::InjectFailure>>,
-    ),
-    /// An operator request, answered on `reply`.
-    Admin(
-        saida_control::Request,
-        crossbeam_channel::Sender<saida_control::ShardReply>,
-    ),
-}
-
-/// Counters of cross-shard traffic.
-#[derive(Default, Debug)]
-pub struct RouterStats {
-    pub sent: AtomicU64,
-    /// Items sent to a shard that has stopped (only during shutdown; their recipients stay in
-    /// the spool and are queued again at the next start).
-    pub dropped: AtomicU64,
-    /// Sends that found the inbox full and had to wait for room (back-pressure).
-    pub inbox_full_waits: AtomicU64,
-    /// Recipients queued in memory on all shards (the admission bound).
-    pub queued_rcpts: AtomicUsize,
-    /// Delivery connection workers running on all shards (shutdown waits for them, so that
-    /// their outcomes reach spools that are still open).
-    pub workers: AtomicUsize,
-    /// Outcomes journaled (counted when their record is committed).
-    pub delivered: AtomicU64,
-    pub deferred: AtomicU64,
-    pub failed: AtomicU64,
-}
-
-/// Every shard's `SpoolReader`, set by each shard once its spool is open.
-pub type SpoolReaders = Arc<Vec<std::sync::OnceLock<spool::SpoolReader>>>;
-
-/// Senders to every shard's inbox. Cloned into each shard.
-#[derive(Clone)]
-pub struct Router {
-    senders: Vec<Sender<ShardMsg>>,
-    pub stats: Arc<RouterStats>,
-    /// Recipients in memory across shards beyond which new mail is refused with 452.
-    queued_rcpts_max: usize,
-}
-
-impl Router {
-    /// A router for `shards` shards and each shard's inbox.
-    pub fn new(shards: usize, queued_rcpts_max: usize) -> (Router, Vec<Receiver<ShardMsg>>) {
-        let (senders, receivers) = (0..shards.max(1))
-            .map(|_| crossbeam_channel::bounded(INBOX_LEN_MAX))
-            .unzip();
-        (
-            Router {
-                senders,
-                stats: Arc::default(),
-                queued_rcpts_max,
-            },
-            receivers,
-        )
-    }
-
-    pub fn shards(&self) -> usize {
-        self.senders.len()
-    }
-
-    /// The shard hosting spool `spool`: its own shard, or the adopter of a spool left by a
-    /// larger shard count.
-    pub fn host_of(&self, spool: u16) -> usize {
-        spool as usize % self.senders.len()
-    }
-
-    /// Sends to the shard hosting spool `spool` (see [`Router::send`]).
-    pub async fn send_to_spool(&self, spool: u16, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.send(self.host_of(spool), msg).await
-    }
-
-    /// True when the delivery queues are full: new mail should wait (`452 4.3.1`).
-    pub fn queues_full(&self) -> bool {
-        self.stats.queued_rcpts.load(Ordering::Relaxed) >= self.queued_rcpts_max
-    }
-
-    /// Sends to `shard`'s inbox, waiting (asynchronously) while it is full, for as long as it
-    /// takes: hand-offs and outcomes are never dropped. A shard's inbox is drained by a task that
-    /// never waits on another shard, so two shards waiting on each other cannot deadlock. Fails
-    /// only when the receiving shard has stopped.
-    pub async fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
-        let mut msg = msg;
-        let started = tokio::time::Instant::now();
-        let (mut pause, mut waited, mut warned) = (Duration::from_micros(200), false, false);
-        loop {
-            match self.senders[shard].try_send(msg) {
-                Ok(()) => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(TrySendError::Full(m)) => {
-                    msg = m;
-                    if !waited {
-                        waited = true;
-                        self.stats.inbox_full_waits.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if !warned && started.elapsed() >= INBOX_WAIT_WARN {
-                        warned = true;
-                        tracing::warn!(shard, "shard inbox full for 30 s; still waiting for room");
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                }
-                Err(TrySendError::Disconnected(m)) => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    return Err(m);
-                }
-            }
-        }
-    }
-
-    /// Sends from a thread outside the shards (the admin endpoint), waiting while the inbox is
-    /// full, up to `timeout`.
-    pub fn send_blocking(
-        &self,
-        shard: usize,
-        msg: ShardMsg,
-        timeout: Duration,
-    ) -> Result<(), ShardMsg> {
-        self.senders[shard]
-            .send_timeout(msg, timeout)
-            .map_err(|e| e.into_inner())
-    }
-
-    /// Hands each recipient of a committed message to the shard owning its domain.
-    pub async fn hand_off(
-        &self,
-        spool_shard: u16,
-        queue_id: QueueId,
-        base: Location,
-        received_at_micros: u64,
-        rcpts: &[(&str, HandoffRcpt)],
-    ) {
-        let shards = self.senders.len();
-        let mut by_owner: Vec<Vec<HandoffRcpt>> = vec![Vec::new(); shards];
-        for (addr, r) in rcpts {
-            by_owner[route::owner_shard(route::domain_of(addr), shards)].push(*r);
-        }
-        for (owner, rcpts) in by_owner
-            .into_iter()
-            .enumerate()
-            .filter(|(_, r)| !r.is_empty())
-        {
-            let h = Handoff {
-                queue_id,
-                spool_shard,
-                base,
-                received_at_micros,
-                rcpts,
-            };
-            if self.send(owner, ShardMsg::Deliver(h)).await.is_err() {
-                tracing::warn!(
-                    %queue_id,
-                    owner,
-                    "shard stopped; recipients stay spooled until the next start"
-                );
-            }
-        }
-    }
-}
 
 /// Connection limits shared by all shards (touched at connect and disconnect only).
 ///
@@ -297,21 +72,6 @@ pub struct ConnGuard {
     key: Option<IpAddr>,
     /// Admitted into the reserve: the session must authenticate to keep it.
     pub reserved: bool,
-}
-
-/// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6 as IPv4), other IPv6
-/// by its /64.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
 }
 
 impl ConnLimits {
@@ -1326,85 +1086,6 @@ async fn requeue_recovered(spool: Rc<RefCell<Spool>>, router: Router, shard: u16
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
-    const BASE: Location = Location {
-        segment: 1,
-        offset: 64,
-        len: 128,
-    };
-
-    fn rcpt(index: u32) -> HandoffRcpt {
-        HandoffRcpt {
-            index,
-            attempts: 0,
-            next_attempt_micros: 0,
-        }
-    }
-
-    #[test]
-    fn router_sends_each_recipient_to_its_domain_owner() {
-        let (router, inboxes) = Router::new(3, 1000);
-        let rcpts = ["a@one.test", "b@two.test", "c@one.test", "d@three.test"];
-        let with_state: Vec<(&str, HandoffRcpt)> =
-            (0..4).map(|i| (rcpts[i], rcpt(i as u32))).collect();
-        block_on(router.hand_off(1, QueueId(9), BASE, 7, &with_state));
-        let mut seen = Vec::new();
-        for (shard, inbox) in inboxes.iter().enumerate() {
-            for m in inbox.try_iter() {
-                let ShardMsg::Deliver(h) = m else {
-                    panic!("not a hand-off")
-                };
-                assert_eq!((h.queue_id, h.spool_shard, h.base), (QueueId(9), 1, BASE));
-                for r in h.rcpts {
-                    let domain = route::domain_of(rcpts[r.index as usize]);
-                    assert_eq!(route::owner_shard(domain, 3), shard);
-                    seen.push(r.index);
-                }
-            }
-        }
-        seen.sort();
-        assert_eq!(seen, vec![0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn a_full_inbox_is_waited_on_for_as_long_as_it_takes_and_nothing_is_dropped() {
-        let (router, inbox) = Router::new(1, 1000);
-        let local = tokio::task::LocalSet::new();
-        block_on(local.run_until(async {
-            for i in 0..INBOX_LEN_MAX {
-                router
-                    .hand_off(0, QueueId(i as u128), BASE, 0, &[("x@y.test", rcpt(0))])
-                    .await;
-            }
-            // Full: the sender waits, well past the old 30 s give-up (virtual time).
-            let r = router.clone();
-            let sender = tokio::task::spawn_local(async move {
-                r.hand_off(0, QueueId(u128::MAX), BASE, 0, &[("x@y.test", rcpt(0))])
-                    .await;
-            });
-            tokio::time::sleep(INBOX_WAIT_WARN * 4).await;
-            assert!(!sender.is_finished(), "the sender gave up");
-            assert_eq!(router.stats.inbox_full_waits.load(Ordering::Relaxed), 1);
-            // Room again: the waiting item goes through, after every earlier one.
-            let _ = inbox[0].try_recv();
-            sender.await.unwrap();
-            let last = inbox[0].try_iter().last();
-            let Some(ShardMsg::Deliver(h)) = last else {
-                panic!("the waiting hand-off was lost")
-            };
-            assert_eq!(h.queue_id, QueueId(u128::MAX));
-            assert_eq!(router.stats.dropped.load(Ordering::Relaxed), 0);
-        }));
-    }
 
     #[test]
     fn connection_limits_per_ip_and_total() {

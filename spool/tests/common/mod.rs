@@ -1,5 +1,8 @@
 //! Helpers shared by the spool's integration tests.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the helpers"
+)]
 
 use std::path::Path;
 

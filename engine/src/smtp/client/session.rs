@@ -574,7 +574,7 @@ impl<S: Stream> ClientSession<S> {
 mod tests {
     use super::*;
     use crate::config::{Config, ListenerTls};
-    use crate::shard::Router;
+    use crate::mesh::Router;
     use crate::smtp::server::session::{ConnInfo, Session, ShardContext};
     use saida_net::epoll::EpollStream;
     use saida_net::tls::{ReloadingTls, client_config_unverified, client_config_verified};

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Credentials};
 use crate::config::{BareLineEnds, Config, ListenerTls};
-use crate::shard::HandoffRcpt;
+use crate::mesh::HandoffRcpt;
 use crate::smtp::server::inflight::{Charge, InflightBudget};
 use saida_net::tls::{ReloadingTls, TlsStream};
 use saida_net::{Conn, Stream};
@@ -54,7 +54,7 @@ pub struct ShardContext {
     /// Flips to true on SIGTERM.
     pub shutdown: watch::Receiver<bool>,
     /// Hands accepted recipients to the shards owning their domains.
-    pub router: crate::shard::Router,
+    pub router: crate::mesh::Router,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Message bytes all sessions may hold in memory at once.
     pub inflight: Arc<InflightBudget>,
@@ -1107,7 +1107,7 @@ enum ReadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::Router;
+    use crate::mesh::Router;
     use saida_net::memory::MemoryStream;
     use std::time::Instant;
 
