@@ -37,9 +37,9 @@ use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
 use crate::mesh::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::metrics::{Counter, Hist};
-use crate::smtp::client::session::{ClientError, ClientSession, ClientSetup, TlsPolicy};
 use saida_control::{DomainSummary, Request, Selector, ShardReply};
 use saida_net::Dial;
+use smtp_client::{ClientError, ClientSession, ClientSetup, TlsPolicy};
 use smtp_proto::client::{Envelope, EnvelopeError};
 use smtp_proto::headers::find_message_id;
 
@@ -605,7 +605,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
     }
 
-    fn record_phases(&self, p: &crate::smtp::client::session::Phases) {
+    fn record_phases(&self, p: &smtp_client::Phases) {
         for (h, d) in [
             (Hist::Banner, p.banner),
             (Hist::Ehlo, p.ehlo),

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::delivery::schedule::RetrySchedule;
 use crate::dns::DnsSettings;
-use crate::smtp::client::session::{Timeouts, TlsPolicy};
+use smtp_client::{Timeouts, TlsPolicy};
 
 /// `tls = ...` in `[delivery]` and `[[route]]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -1,5 +1,5 @@
-//! The SMTP client used for delivery: one outbound connection (`session`: banner, EHLO/HELO,
-//! STARTTLS by policy, pipelined transactions with connection reuse, BDAT), on the grammar of
-//! `smtp_proto::client`.
+//! The delivery client is crate `smtp_client` (one outbound connection on `smtp-proto` and
+//! `saida-net`); here are its tests against saida's own server sessions.
 
-pub mod session;
+#[cfg(test)]
+mod session_tests;
