@@ -1,6 +1,6 @@
-//! `smtp-client`: one outbound SMTP connection: banner, EHLO (HELO fallback), STARTTLS by policy, then any
-//! number of transactions on the same connection (PIPELINING and CHUNKING when offered), RSET
-//! between them, QUIT at the end.
+//! `smtp-client`: one outbound SMTP connection: banner, EHLO (HELO fallback), STARTTLS by policy,
+//! then any number of transactions on the same connection (PIPELINING and CHUNKING when offered),
+//! RSET between them, QUIT at the end.
 //!
 //! Every wait is bounded by a timeout (RFC 5321 §4.5.3.2 defaults in [`Timeouts`]); every error
 //! says whether it concerns the connection (try the next MX, retry later) or the message.
