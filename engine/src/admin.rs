@@ -376,7 +376,7 @@ fn inject(
         }
     }
     let shard = NEXT_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % router.shards();
-    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let msg = crate::mesh::ShardMsg::Inject(messages, tx);
     if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_err() {
         if let Some(k) = &key {
@@ -413,7 +413,7 @@ fn inject(
 
 /// Broadcasts a request to every shard and merges their answers.
 pub fn ask_shards(router: &crate::mesh::Router, req: &Request) -> Answer {
-    let (tx, rx) = crossbeam_channel::bounded(router.shards());
+    let (tx, rx) = std::sync::mpsc::sync_channel(router.shards());
     let mut asked = 0;
     for shard in 0..router.shards() {
         let msg = crate::mesh::ShardMsg::Admin(req.clone(), tx.clone());
@@ -427,7 +427,8 @@ pub fn ask_shards(router: &crate::mesh::Router, req: &Request) -> Answer {
     };
     let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
     for _ in 0..asked {
-        match rx.recv_deadline(deadline) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
             Ok(r) => {
                 answer.domains.extend(r.domains);
                 answer.affected += r.affected;

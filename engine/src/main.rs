@@ -16,6 +16,7 @@ mod config;
 mod delivery;
 mod demo;
 mod dns;
+mod intake;
 mod mesh;
 mod metrics;
 mod shard;

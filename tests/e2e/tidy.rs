@@ -162,6 +162,7 @@ const DAEMON_LAYERS: &[(&str, u8)] = &[
     ("config", 4),
     ("api", 5),
     ("mesh", 6),
+    ("intake", 7),
     ("metrics", 7),
     ("smtp::server::session", 8),
     ("delivery::engine", 9),

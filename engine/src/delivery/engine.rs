@@ -35,7 +35,7 @@ use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
 use crate::delivery::queue::{DomainQueue, Job, JobRcpt};
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
-use crate::mesh::{Handoff, HandoffRcpt, Outcome, Router, ShardMsg, SpoolReaders};
+use crate::mesh::{Handoff, Outcome, Router, ShardMsg, SpoolReaders};
 use crate::metrics::{Counter, Hist};
 use saida_control::{DomainSummary, Request, Selector, ShardReply};
 use saida_net::Dial;
@@ -1264,34 +1264,15 @@ impl<S: Dial + 'static> Deliverer<S> {
             recipients: vec![Recipient::new(&bounce.recipient)],
             body: &bounce.body,
         };
-        let ticket = self.spool.borrow_mut().accept(&message);
-        let committed = match ticket {
-            Ok(t) => t.await,
-            Err(e) => Err(e),
-        };
-        match committed {
+        match crate::intake::commit(&self.spool, &message).await {
             Ok(base) => {
                 self.metrics.inc(Counter::Bounces, 1);
                 tracing::info!(%queue_id, original = %msg.queue_id, to = %bounce.recipient,
                     "bounce queued");
-                let rcpt = HandoffRcpt {
-                    index: 0,
-                    attempts: 0,
-                    next_attempt_micros: 0,
-                };
-                self.router
-                    .hand_off(
-                        self.shard,
-                        queue_id,
-                        base,
-                        now,
-                        &[(&bounce.recipient, rcpt)],
-                    )
-                    .await;
+                crate::intake::hand_off(&self.router, self.shard, &message, base).await;
                 true
             }
             Err(e) => {
-                self.spool.borrow_mut().abandon(queue_id);
                 tracing::error!(original = %msg.queue_id, error = %e, "bounce not queued");
                 false
             }

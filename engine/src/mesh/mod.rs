@@ -1,9 +1,10 @@
 //! The cross-shard mesh: the messages shards send each other ([`ShardMsg`]) and the
-//! [`Router`] that carries them over bounded `crossbeam` channels built once at start-up. A
+//! [`Router`] that carries them over bounded tokio channels built once at start-up. A
 //! shard that accepted a message hands each recipient to the shard owning the recipient's
-//! domain ([`route::owner_shard`]). A full inbox is back-pressure: the sender waits
-//! (asynchronously, without blocking its shard) until there is room, and the wait is counted;
-//! nothing is ever dropped while the receiving shard runs.
+//! domain ([`route::owner_shard`]). A full inbox is back-pressure: the sender waits on the
+//! channel (asynchronously, without blocking its shard, woken when there is room: no polling),
+//! and the wait is counted; nothing is ever dropped while the receiving shard runs. Replies to
+//! the admin endpoint come back on `std` channels, which its blocking threads wait on.
 //!
 //! Not here: what a shard does with a message (the shard runtime, delivery, admin).
 
@@ -13,8 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use spool::{Location, QueueId};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender};
 
 /// Capacity of each shard's inbox.
 pub const INBOX_LEN_MAX: usize = 65_536;
@@ -78,12 +80,12 @@ pub enum ShardMsg {
     /// ids once committed.
     Inject(
         Vec<crate::api::Prepared>,
-        crossbeam_channel::Sender<Result<Vec<String>, crate::api::InjectFailure>>,
+        std::sync::mpsc::SyncSender<Result<Vec<String>, crate::api::InjectFailure>>,
     ),
     /// An operator request, answered on `reply`.
     Admin(
         saida_control::Request,
-        crossbeam_channel::Sender<saida_control::ShardReply>,
+        std::sync::mpsc::SyncSender<saida_control::ShardReply>,
     ),
 }
 
@@ -123,7 +125,7 @@ impl Router {
     /// A router for `shards` shards and each shard's inbox.
     pub fn new(shards: usize, queued_rcpts_max: usize) -> (Router, Vec<Receiver<ShardMsg>>) {
         let (senders, receivers) = (0..shards.max(1))
-            .map(|_| crossbeam_channel::bounded(INBOX_LEN_MAX))
+            .map(|_| tokio::sync::mpsc::channel(INBOX_LEN_MAX))
             .unzip();
         (
             Router {
@@ -160,47 +162,64 @@ impl Router {
     /// never waits on another shard, so two shards waiting on each other cannot deadlock. Fails
     /// only when the receiving shard has stopped.
     pub async fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
-        let mut msg = msg;
-        let started = tokio::time::Instant::now();
-        let (mut pause, mut waited, mut warned) = (Duration::from_micros(200), false, false);
-        loop {
-            match self.senders[shard].try_send(msg) {
-                Ok(()) => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(TrySendError::Full(m)) => {
-                    msg = m;
-                    if !waited {
-                        waited = true;
-                        self.stats.inbox_full_waits.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if !warned && started.elapsed() >= INBOX_WAIT_WARN {
-                        warned = true;
-                        tracing::warn!(shard, "shard inbox full for 30 s; still waiting for room");
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                }
-                Err(TrySendError::Disconnected(m)) => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    return Err(m);
-                }
+        let sender = &self.senders[shard];
+        let msg = match sender.try_send(msg) {
+            Ok(()) => {
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(TrySendError::Closed(m)) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return Err(m);
+            }
+            Err(TrySendError::Full(m)) => m,
+        };
+        self.stats.inbox_full_waits.fetch_add(1, Ordering::Relaxed);
+        let permit = match tokio::time::timeout(INBOX_WAIT_WARN, sender.reserve()).await {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(shard, "shard inbox full for 30 s; still waiting for room");
+                sender.reserve().await
+            }
+        };
+        match permit {
+            Ok(permit) => {
+                permit.send(msg);
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                Err(msg)
             }
         }
     }
 
-    /// Sends from a thread outside the shards (the admin endpoint), waiting while the inbox is
-    /// full, up to `timeout`.
+    /// Sends from a thread outside the shards (the admin endpoint's blocking threads, inside
+    /// its runtime), waiting while the inbox is full, up to `timeout`; gives the message back
+    /// when it could not be sent.
     pub fn send_blocking(
         &self,
         shard: usize,
         msg: ShardMsg,
         timeout: Duration,
     ) -> Result<(), ShardMsg> {
-        self.senders[shard]
-            .send_timeout(msg, timeout)
-            .map_err(|e| e.into_inner())
+        let sender = &self.senders[shard];
+        let msg = match sender.try_send(msg) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(m)) => return Err(m),
+            Err(TrySendError::Full(m)) => m,
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(msg);
+        };
+        match runtime.block_on(tokio::time::timeout(timeout, sender.reserve())) {
+            Ok(Ok(permit)) => {
+                permit.send(msg);
+                Ok(())
+            }
+            _ => Err(msg),
+        }
     }
 
     /// Hands each recipient of a committed message to the shard owning its domain.
@@ -269,14 +288,14 @@ mod tests {
 
     #[test]
     fn router_sends_each_recipient_to_its_domain_owner() {
-        let (router, inboxes) = Router::new(3, 1000);
+        let (router, mut inboxes) = Router::new(3, 1000);
         let rcpts = ["a@one.test", "b@two.test", "c@one.test", "d@three.test"];
         let with_state: Vec<(&str, HandoffRcpt)> =
             (0..4).map(|i| (rcpts[i], rcpt(i as u32))).collect();
         block_on(router.hand_off(1, QueueId(9), BASE, 7, &with_state));
         let mut seen = Vec::new();
-        for (shard, inbox) in inboxes.iter().enumerate() {
-            for m in inbox.try_iter() {
+        for (shard, inbox) in inboxes.iter_mut().enumerate() {
+            while let Ok(m) = inbox.try_recv() {
                 let ShardMsg::Deliver(h) = m else {
                     panic!("not a hand-off")
                 };
@@ -294,7 +313,7 @@ mod tests {
 
     #[test]
     fn a_full_inbox_is_waited_on_for_as_long_as_it_takes_and_nothing_is_dropped() {
-        let (router, inbox) = Router::new(1, 1000);
+        let (router, mut inbox) = Router::new(1, 1000);
         let local = tokio::task::LocalSet::new();
         block_on(local.run_until(async {
             for i in 0..INBOX_LEN_MAX {
@@ -314,7 +333,10 @@ mod tests {
             // Room again: the waiting item goes through, after every earlier one.
             let _ = inbox[0].try_recv();
             sender.await.unwrap();
-            let last = inbox[0].try_iter().last();
+            let mut last = None;
+            while let Ok(m) = inbox[0].try_recv() {
+                last = Some(m);
+            }
             let Some(ShardMsg::Deliver(h)) = last else {
                 panic!("the waiting hand-off was lost")
             };

@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use crossbeam_channel::Receiver;
 use spool::{Location, QueueId, Spool};
+use tokio::sync::mpsc::Receiver;
 use tokio::sync::watch;
 
 use crate::auth::{Credentials, client_key};
@@ -517,7 +517,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         let (ctx, limits, active) = (Rc::clone(&ctx), Arc::clone(&limits), Rc::clone(&active));
         tokio::task::spawn_local(accept_loop(acceptor, mode, ctx, limits, active));
     }
-    let inbox_done = Rc::new(Cell::new(false));
+    let inbox_done = Rc::new(tokio::sync::Notify::new());
     tokio::task::spawn_local(drain_inbox(
         inbox,
         Rc::clone(&deliverer),
@@ -585,7 +585,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    inbox_done.set(true);
+    inbox_done.notify_one();
     for _ in 0..100 {
         if Rc::strong_count(&inbox_done) == 1 {
             break;
@@ -684,16 +684,17 @@ async fn accept_loop<A: Acceptor>(
 }
 
 /// Handles what other shards send: hand-offs (queued for delivery), outcomes (journaled in this
-/// shard's spool), re-offers and operator requests. Polls the channel, backing off to 2 ms
-/// when it is empty. Stops after `done` is set and the inbox is empty.
+/// shard's spool), re-offers and operator requests, in batches of up to 4096, waking when
+/// something arrives. Once `done` is notified it drains what is left and stops.
 async fn drain_inbox<S: saida_net::Dial + 'static>(
     inbox: Receiver<ShardMsg>,
     deliverer: Rc<Deliverer<S>>,
     spools: SpoolSet,
     router: Router,
     shard: u16,
-    done: Rc<Cell<bool>>,
+    done: Rc<tokio::sync::Notify>,
 ) {
+    let mut inbox = inbox;
     let Some(spool) = spools.borrow().get(&shard).cloned() else {
         return;
     };
@@ -709,11 +710,30 @@ async fn drain_inbox<S: saida_net::Dial + 'static>(
         found
     };
     let enabled = deliverer.enabled();
-    let mut pause = Duration::from_micros(50);
+    let mut stopping = false;
     loop {
-        let mut n = 0;
-        for msg in inbox.try_iter().take(4096) {
-            n += 1;
+        let first = if stopping {
+            inbox.try_recv().ok()
+        } else {
+            tokio::select! {
+                biased;
+                m = inbox.recv() => m,
+                () = done.notified() => {
+                    stopping = true;
+                    inbox.try_recv().ok()
+                }
+            }
+        };
+        // Empty after `done`, or every sender gone: nothing more can come.
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match inbox.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        for msg in batch {
             match msg {
                 ShardMsg::Deliver(h) => {
                     if enabled {
@@ -753,16 +773,7 @@ async fn drain_inbox<S: saida_net::Dial + 'static>(
                 }
             }
         }
-        if n == 0 {
-            if done.get() {
-                return;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(2));
-        } else {
-            pause = Duration::from_micros(50);
-            tokio::task::yield_now().await;
-        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -902,31 +913,13 @@ async fn inject(
             recipients: m.to.iter().map(|a| spool::Recipient::new(a)).collect(),
             body: &body,
         };
-        let ticket = spool.borrow_mut().accept(&message);
-        let committed = match ticket {
-            Ok(t) => t.await,
-            Err(e) => Err(e),
-        };
-        match committed {
-            Ok(base) => {
-                let rcpts: Vec<(&str, HandoffRcpt)> = (0u32..)
-                    .zip(&m.to)
-                    .map(|(index, a)| {
-                        let r = HandoffRcpt {
-                            index,
-                            attempts: 0,
-                            next_attempt_micros: 0,
-                        };
-                        (a.as_str(), r)
-                    })
-                    .collect();
-                router.hand_off(shard, queue_id, base, now, &rcpts).await;
+        match crate::intake::store(spool, router, shard, &message).await {
+            Ok(_) => {
                 let rcpts = m.to.len();
                 tracing::info!(queue_id = %qid, from = %m.from, rcpts, "accepted over HTTP");
                 ids.push(qid);
             }
             Err(e) => {
-                spool.borrow_mut().abandon(queue_id);
                 let (code, enhanced, text) = e.reply();
                 return Err(InjectFailure::new(
                     &format!("{code} {enhanced} {text}"),

@@ -7,15 +7,15 @@ mod tests {
     use crate::config::{Config, ListenerTls};
     use crate::mesh::Router;
     use crate::smtp::server::session::{ConnInfo, Session, ShardContext};
+    use saida_net::Conn;
     use saida_net::epoll::EpollStream;
     use saida_net::tls::{ReloadingTls, client_config_unverified, client_config_verified};
     use smtp_client::*;
     use smtp_proto::client::*;
-    use std::sync::Arc;
-    use saida_net::Conn;
-    use std::time::Duration;
     use std::cell::RefCell;
     use std::rc::Rc;
+    use std::sync::Arc;
+    use std::time::Duration;
 
     struct Server {
         port: u16,

@@ -27,7 +27,6 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Credentials};
 use crate::config::{BareLineEnds, Config, ListenerTls};
-use crate::mesh::HandoffRcpt;
 use crate::smtp::server::inflight::{Charge, InflightBudget};
 use saida_net::tls::{ReloadingTls, TlsStream};
 use saida_net::{Conn, Stream};
@@ -698,11 +697,7 @@ impl<S: Stream> Session<S> {
             body: &body,
         };
         let appended = std::time::Instant::now();
-        let ticket = spool.borrow_mut().accept(&message);
-        let result = match ticket {
-            Ok(t) => t.await,
-            Err(e) => Err(e),
-        };
+        let result = crate::intake::commit(&spool, &message).await;
         self.ctx.metrics.record(
             self.ctx.shard,
             crate::metrics::Hist::SpoolCommit,
@@ -722,21 +717,7 @@ impl<S: Stream> Session<S> {
                     crate::metrics::Hist::Ack,
                     eod.elapsed().as_micros() as u64,
                 );
-                let rcpts: Vec<(&str, HandoffRcpt)> = (0u32..)
-                    .zip(&tx.rcpts)
-                    .map(|(index, r)| {
-                        let state = HandoffRcpt {
-                            index,
-                            attempts: 0,
-                            next_attempt_micros: 0,
-                        };
-                        (r.0.as_str(), state)
-                    })
-                    .collect();
-                self.ctx
-                    .router
-                    .hand_off(self.ctx.shard, queue_id, base, received_at, &rcpts)
-                    .await;
+                crate::intake::hand_off(&self.ctx.router, self.ctx.shard, &message, base).await;
                 tracing::info!(
                     queue_id = %qid,
                     client = %self.info.peer.ip(),
@@ -751,7 +732,6 @@ impl<S: Stream> Session<S> {
                 self.ctx
                     .metrics
                     .inc(crate::metrics::Counter::RejectedSpool, 1);
-                spool.borrow_mut().abandon(queue_id);
                 let client = self.info.peer.ip();
                 tracing::error!(error = %e, %client, "spool refused a message");
                 let (code, enhanced, text) = e.reply();
