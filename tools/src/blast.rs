@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
+use saida_net::epoll::EpollStream;
+use saida_net::tls::TlsStream;
+use saida_net::{Dial, Stream};
 use smtp_proto::client::{dot_stuff, parse_reply};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -129,7 +131,8 @@ struct Plan {
     deadline: Option<Instant>,
     next: AtomicU64,
     stats: Stats,
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// STARTTLS without verifying the certificate (saida-net's opportunistic client config).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -178,7 +181,7 @@ fn run(args: Args) -> Result<std::process::ExitCode, String> {
         None => None,
     };
     let tls = if args.starttls {
-        Some(tls_connector())
+        Some(saida_net::tls::client_config_unverified())
     } else {
         None
     };
@@ -235,66 +238,6 @@ fn run(args: Args) -> Result<std::process::ExitCode, String> {
 fn new_hist() -> Histogram<u64> {
     // 1 µs ..= 1 hour, 3 significant digits; the bounds are constants that are valid.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap())
-}
-
-fn tls_connector() -> tokio_rustls::TlsConnector {
-    #[derive(Debug)]
-    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-    impl rustls::client::danger::ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(AnyCert(Arc::clone(&provider)));
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth()
-        });
-    match config {
-        Ok(c) => tokio_rustls::TlsConnector::from(Arc::new(c)),
-        // ring supports the default protocol versions; this cannot fail in practice.
-        Err(e) => panic!("TLS client configuration: {e}"),
-    }
 }
 
 fn progress_loop(plan: &Plan, done: &std::sync::atomic::AtomicBool) {
@@ -362,12 +305,12 @@ fn finished(plan: &Plan, i: u64) -> bool {
         || plan.deadline.is_some_and(|d| Instant::now() >= d)
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
-
+/// A connection on saida's own stream type (plain, or TLS after STARTTLS).
 struct Conn {
-    io: Box<dyn Io>,
+    io: saida_net::Conn<EpollStream>,
     buf: Vec<u8>,
+    /// Reused for writes (the stream takes owned buffers).
+    wbuf: Vec<u8>,
 }
 
 impl Conn {
@@ -378,17 +321,23 @@ impl Conn {
                 self.buf.drain(..consumed);
                 return Ok((reply.code, reply.summary()));
             }
-            let mut chunk = [0u8; 8192];
-            let n = self.io.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.reserve(8192);
+            let (r, buf) = self.io.read(buf).await;
+            self.buf = buf;
+            if r.map_err(|e| e.to_string())? == 0 {
                 return Err("connection closed by the server".into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.io.write_all(bytes).await.map_err(|e| e.to_string())
+        let mut w = std::mem::take(&mut self.wbuf);
+        w.clear();
+        w.extend_from_slice(bytes);
+        let (r, w) = self.io.write_all(w).await;
+        self.wbuf = w;
+        r.map_err(|e| e.to_string())
     }
 
     async fn expect(&mut self, class: u16, what: &str) -> Result<(), String> {
@@ -401,13 +350,13 @@ impl Conn {
 }
 
 async fn connection(plan: &Plan, hist: &mut Histogram<u64>) -> Result<(), String> {
-    let stream = tokio::net::TcpStream::connect(plan.args.target)
+    let stream = EpollStream::connect(plan.args.target)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
     let mut c = Conn {
-        io: Box::new(stream),
+        io: saida_net::Conn::Plain(stream),
         buf: Vec::with_capacity(8192),
+        wbuf: Vec::with_capacity(64 << 10),
     };
     c.expect(2, "banner").await?;
     c.send(b"EHLO blast.test\r\n").await?;
@@ -417,14 +366,17 @@ async fn connection(plan: &Plan, hist: &mut Histogram<u64>) -> Result<(), String
         c.expect(2, "STARTTLS").await?;
         let name =
             rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let Conn { io, .. } = c;
-        let tls = tls
-            .connect(name, io)
+        let saida_net::Conn::Plain(plain) = std::mem::replace(&mut c.io, saida_net::Conn::Closed)
+        else {
+            return Err("TLS: the connection is not plain".into());
+        };
+        let tls = TlsStream::connect(plain, Arc::clone(tls), name)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
         c = Conn {
-            io: Box::new(tls),
+            io: saida_net::Conn::Tls(Box::new(tls)),
             buf: Vec::with_capacity(8192),
+            wbuf: Vec::with_capacity(64 << 10),
         };
         c.send(b"EHLO blast.test\r\n").await?;
         c.expect(2, "EHLO after STARTTLS").await?;

@@ -1,8 +1,8 @@
 //! `saida-sink`: an SMTP server that accepts mail and throws it away (or records it), for load
 //! tests and for the end-to-end tests of saida's delivery.
 //!
-//! Thread-per-core like the engine: one current-thread runtime per thread, each with its own
-//! `SO_REUSEPORT` listeners. Speaks ESMTP with PIPELINING, CHUNKING (BDAT), 8BITMIME, SMTPUTF8,
+//! Thread-per-core like the engine, on the engine's own crates: one current-thread runtime per
+//! thread, each with its own `SO_REUSEPORT` listeners and `saida-net` streams (TLS included). Speaks ESMTP with PIPELINING, CHUNKING (BDAT), 8BITMIME, SMTPUTF8,
 //! SIZE and, with `--tls`, STARTTLS on a self-signed certificate.
 //!
 //! Behaviour comes from a profile (`--profile FILE`, see `profile`): reply mixes per recipient
@@ -33,10 +33,12 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use profile::{Behaviour, Delay, Profile};
+use saida_net::Stream;
+use saida_net::epoll::EpollStream;
+use saida_net::tls::TlsStream;
 use smtp_proto::command::{Command, parse_command};
 use smtp_proto::content::{BareLineEnd, ContentError, ContentReader, Progress};
 use smtp_proto::line::{LineReceiver, Scan};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -115,7 +117,7 @@ struct Shared {
     rate: HashMap<SocketAddr, Mutex<(u64, u64)>>,
     /// End-to-end latency (µs) of messages carrying `X-Saida-Sent`.
     latency: Mutex<hdrhistogram::Histogram<u64>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     greylist: Mutex<HashSet<(String, String)>>,
     counters: Counters,
@@ -393,7 +395,7 @@ fn wait_for_signal() {
     }
 }
 
-fn self_signed() -> Result<tokio_rustls::TlsAcceptor, String> {
+fn self_signed() -> Result<Arc<rustls::ServerConfig>, String> {
     let ck = rcgen::generate_simple_self_signed(vec!["sink.test".into(), "localhost".into()])
         .map_err(|e| e.to_string())?;
     let cert = ck.cert.der().clone();
@@ -405,18 +407,11 @@ fn self_signed() -> Result<tokio_rustls::TlsAcceptor, String> {
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)
         .map_err(|e| e.to_string())?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
+    saida_net::bind_reuseport(addr)
 }
 
 fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
@@ -450,7 +445,7 @@ fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
                     tokio::task::spawn_local(async move {
                         let n = shared.counters.connections.fetch_add(1, Ordering::Relaxed) + 1;
                         let conn = Conn {
-                            io: Box::new(s),
+                            io: saida_net::Conn::Plain(EpollStream(s)),
                             buf: Vec::with_capacity(8192),
                             out: Vec::with_capacity(1024),
                             tls: false,
@@ -466,11 +461,9 @@ fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
     });
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
-
+/// A connection on saida's own stream type (plain, or TLS after STARTTLS).
 struct Conn {
-    io: Box<dyn Io>,
+    io: saida_net::Conn<EpollStream>,
     buf: Vec<u8>,
     out: Vec<u8>,
     tls: bool,
@@ -506,10 +499,11 @@ impl Conn {
     }
 
     async fn fill(&mut self) -> std::io::Result<bool> {
-        let mut chunk = [0u8; 16384];
-        let n = self.io.read(&mut chunk).await?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n > 0)
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.reserve(16384);
+        let (r, buf) = self.io.read(buf).await;
+        self.buf = buf;
+        Ok(r? > 0)
     }
 
     fn send(&mut self, r: &smtp_proto::reply::Reply) {
@@ -523,10 +517,12 @@ impl Conn {
 
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.io.write_all(&self.out).await?;
-            self.out.clear();
+            let (r, mut out) = self.io.write_all(std::mem::take(&mut self.out)).await;
+            out.clear();
+            self.out = out;
+            r?;
         }
-        self.io.flush().await
+        Ok(())
     }
 
     /// Content up to the end of data, dot-unstuffed, read by the same strict reader as
@@ -658,9 +654,13 @@ async fn converse(
                 c.reply("220 2.0.0 go ahead");
                 c.flush().await?;
                 c.buf.clear();
-                let tls = acceptor.accept(c.io).await?;
+                let plain = match std::mem::replace(&mut c.io, saida_net::Conn::Closed) {
+                    saida_net::Conn::Plain(p) => p,
+                    _ => return Ok(()),
+                };
+                let tls = TlsStream::accept(plain, acceptor).await?;
                 c = Conn {
-                    io: Box::new(tls),
+                    io: saida_net::Conn::Tls(Box::new(tls)),
                     buf: Vec::with_capacity(8192),
                     out: Vec::new(),
                     tls: true,
