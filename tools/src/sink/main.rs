@@ -2,7 +2,8 @@
 //! tests and for the end-to-end tests of saida's delivery.
 //!
 //! Thread-per-core like the engine, on the engine's own crates: one current-thread runtime per
-//! thread, each with its own `SO_REUSEPORT` listeners and `saida-net` streams (TLS included). Speaks ESMTP with PIPELINING, CHUNKING (BDAT), 8BITMIME, SMTPUTF8,
+//! thread, each with its own `SO_REUSEPORT` listeners and `saida-net` streams (TLS included).
+//! Speaks ESMTP with PIPELINING, CHUNKING (BDAT), 8BITMIME, SMTPUTF8,
 //! SIZE and, with `--tls`, STARTTLS on a self-signed certificate.
 //!
 //! Behaviour comes from a profile (`--profile FILE`, see `profile`): reply mixes per recipient
