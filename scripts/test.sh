@@ -27,30 +27,25 @@ fi
 # The end-to-end tests in tests/ run the built binaries, so build them first.
 cargo build --workspace --bins --locked
 
-# A short fuzz run of the spool decoders (the long run is in docs/operations.md). cargo-fuzz
-# needs a nightly compiler feature; RUSTC_BOOTSTRAP=1 enables it on the stable toolchain.
+# Short fuzz runs of the spool decoders and the SMTP parsers (longer runs: docs/operations.md).
+# cargo-fuzz needs a nightly compiler feature; RUSTC_BOOTSTRAP=1 enables it on stable.
 if ! command -v cargo-fuzz >/dev/null; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
 mkdir -p target
-log="$PWD/target/fuzz-decode.log"
-if ! (cd spool-format/fuzz &&
-      RUSTC_BOOTSTRAP=1 cargo fuzz run decode corpus/decode -- -max_total_time=20 >"$log" 2>&1); then
-    tail -40 "$log" >&2
-    echo "fuzzing the spool decoders failed; crash inputs are in spool-format/fuzz/artifacts/" >&2
-    exit 1
-fi
-echo "fuzz decode: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
-
-# The same for the SMTP parsers (commands, lines, content, replies; raw bytes and SMTP tokens).
-log="$PWD/target/fuzz-smtp.log"
-if ! (cd smtp-proto/fuzz &&
-      RUSTC_BOOTSTRAP=1 cargo fuzz run smtp corpus/smtp -- -max_total_time=20 >"$log" 2>&1); then
-    tail -40 "$log" >&2
-    echo "fuzzing the SMTP parsers failed; crash inputs are in smtp-proto/fuzz/artifacts/" >&2
-    exit 1
-fi
-echo "fuzz smtp: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
+# fuzz DIR TARGET WHAT: 20 seconds of TARGET in DIR, on its committed corpus.
+fuzz() {
+    local log="$PWD/target/fuzz-$2.log"
+    if ! (cd "$1" &&
+          RUSTC_BOOTSTRAP=1 cargo fuzz run "$2" "corpus/$2" -- -max_total_time=20 >"$log" 2>&1); then
+        tail -40 "$log" >&2
+        echo "fuzzing $3 failed; crash inputs are in $1/artifacts/" >&2
+        exit 1
+    fi
+    echo "fuzz $2: $(grep -E '^Done [0-9]+ runs' "$log" | tail -1)"
+}
+fuzz spool-format/fuzz decode "the spool decoders"
+fuzz smtp-proto/fuzz smtp "the SMTP parsers (commands, lines, content, replies)"
 
 # The spool's fault simulation, bounded (SAIDA_FAULT_SECS, default 20 s), with its seeds and
 # totals printed (docs/operations.md says how to run it longer or replay a seed).

@@ -224,7 +224,7 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = shared.args.metrics {
         let l = std::net::TcpListener::bind(addr).map_err(|e| format!("metrics on {addr}: {e}"))?;
         let shared = Arc::clone(&shared);
-        std::thread::spawn(move || serve_metrics(&shared, l));
+        std::thread::spawn(move || serve_metrics(shared, l));
     }
     println!("saida-sink listening on {:?}", shared.args.listen);
     let _ = std::io::stdout().flush();
@@ -262,62 +262,91 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// `GET /metrics` in Prometheus text format (any other path: 404).
-fn serve_metrics(shared: &Shared, l: std::net::TcpListener) {
-    use std::io::Read;
-    for mut conn in l.incoming().flatten() {
-        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-        let mut buf = [0u8; 2048];
-        let n = conn.read(&mut buf).unwrap_or(0);
-        let head = String::from_utf8_lossy(&buf[..n]);
-        let (status, body) = if head.starts_with("GET /metrics") {
-            let c = &shared.counters;
-            let mut body = String::new();
-            for (name, help, v) in [
-                ("connections", "Connections accepted", &c.connections),
-                ("transactions", "Transactions answered 250", &c.transactions),
-                ("messages", "Messages accepted", &c.messages),
-                ("recipients", "Recipients accepted", &c.recipients),
-                ("bytes", "Message bytes accepted", &c.bytes),
-                (
-                    "refused_connections",
-                    "Connections refused by a cap",
-                    &c.refused_connections,
-                ),
-                (
-                    "rate_limited",
-                    "Messages refused by the rate cap",
-                    &c.rate_limited,
-                ),
-                (
-                    "disconnects",
-                    "Connections dropped at end of data",
-                    &c.disconnects,
-                ),
-                (
-                    "bad_content",
-                    "Messages refused for bare CR or LF, NUL or over-long lines",
-                    &c.bad_content,
-                ),
-            ] {
-                body.push_str(&format!(
-                    "# HELP saida_sink_{name}_total {help}.\n\
-                     # TYPE saida_sink_{name}_total counter\n\
-                     saida_sink_{name}_total {}\n",
-                    v.load(Ordering::Relaxed)
-                ));
-            }
-            ("200 OK", body)
-        } else {
-            ("404 Not Found", String::new())
+/// `GET /metrics` in Prometheus text format (any other path: 404), served by hyper on its own
+/// thread: one connection at a time is enough for a scraper, each within 10 s.
+fn serve_metrics(shared: Arc<Shared>, l: std::net::TcpListener) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("saida-sink: no runtime for the metrics endpoint");
+        return;
+    };
+    runtime.block_on(async move {
+        let Ok(listener) = l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+        else {
+            eprintln!("saida-sink: cannot serve metrics");
+            return;
         };
-        let _ = write!(
-            conn,
-            "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = Arc::clone(&shared);
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let found = req.method() == hyper::Method::GET && req.uri().path() == "/metrics";
+                let body = if found {
+                    metrics_text(&shared)
+                } else {
+                    String::new()
+                };
+                let mut resp =
+                    hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+                if !found {
+                    *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+                }
+                resp.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), conn).await;
+        }
+    });
+}
+
+/// The counters in Prometheus text format.
+fn metrics_text(shared: &Shared) -> String {
+    let c = &shared.counters;
+    let mut body = String::new();
+    for (name, help, v) in [
+        ("connections", "Connections accepted", &c.connections),
+        ("transactions", "Transactions answered 250", &c.transactions),
+        ("messages", "Messages accepted", &c.messages),
+        ("recipients", "Recipients accepted", &c.recipients),
+        ("bytes", "Message bytes accepted", &c.bytes),
+        (
+            "refused_connections",
+            "Connections refused by a cap",
+            &c.refused_connections,
+        ),
+        (
+            "rate_limited",
+            "Messages refused by the rate cap",
+            &c.rate_limited,
+        ),
+        (
+            "disconnects",
+            "Connections dropped at end of data",
+            &c.disconnects,
+        ),
+        (
+            "bad_content",
+            "Messages refused for bare CR or LF, NUL or over-long lines",
+            &c.bad_content,
+        ),
+    ] {
+        body.push_str(&format!(
+            "# HELP saida_sink_{name}_total {help}.\n\
+                 # TYPE saida_sink_{name}_total counter\n\
+                 saida_sink_{name}_total {}\n",
+            v.load(Ordering::Relaxed)
+        ));
     }
+    body
 }
 
 /// A fast per-thread random number in [0, 1).
