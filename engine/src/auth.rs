@@ -1,6 +1,6 @@
 //! Sender authentication: the credentials file (`user:argon2-hash` per line, made with
-//! `saida passwd`), password verification, and the SASL PLAIN and LOGIN decodings (RFC 4616,
-//! draft-murchison-sasl-login).
+//! `saida passwd`), password verification, and the AUTH throttle (the SASL PLAIN and LOGIN
+//! decodings are `smtp_proto::sasl`).
 //!
 //! Verification costs tens of milliseconds of CPU by design (argon2), so sessions run it on the
 //! blocking pool, never on a shard thread. Unknown users cost the same as wrong passwords, so
@@ -11,8 +11,6 @@ use std::path::Path;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 
 /// Users and their password hashes.
 pub struct Credentials {
@@ -106,31 +104,6 @@ pub fn hash_password(password: &str) -> Result<String, CredentialsError> {
         .map_err(|e| err(e.to_string()))
 }
 
-/// Decodes a SASL PLAIN response (`authzid NUL authcid NUL passwd`, base64). The authorization
-/// identity must be empty or equal to the user.
-pub fn decode_plain(b64: &str) -> Option<(String, String)> {
-    let raw = B64.decode(b64.trim()).ok()?;
-    let mut parts = raw.split(|&b| b == 0);
-    let (authz, user, pass) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || user.is_empty() || (!authz.is_empty() && authz != user) {
-        return None;
-    }
-    Some((
-        String::from_utf8(user.to_vec()).ok()?,
-        String::from_utf8(pass.to_vec()).ok()?,
-    ))
-}
-
-/// Decodes one base64 line of a SASL LOGIN exchange.
-pub fn decode_b64_text(b64: &str) -> Option<String> {
-    String::from_utf8(B64.decode(b64.trim()).ok()?).ok()
-}
-
-/// Base64 of `text`, for `334` challenges.
-pub fn b64(text: &str) -> String {
-    B64.encode(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,20 +127,6 @@ mod tests {
         std::fs::write(&path, "\nalice-no-hash\n").unwrap();
         let e = Credentials::load(&path).err().unwrap();
         assert_eq!(e.line, 2);
-    }
-
-    #[test]
-    fn sasl_plain_decoding() {
-        assert_eq!(
-            decode_plain(&B64.encode("\0alice\0pw")),
-            Some(("alice".into(), "pw".into()))
-        );
-        assert_eq!(
-            decode_plain(&B64.encode("alice\0alice\0pw")),
-            Some(("alice".into(), "pw".into()))
-        );
-        assert_eq!(decode_plain(&B64.encode("bob\0alice\0pw")), None);
-        assert_eq!(decode_plain("not base64!"), None);
     }
 }
 

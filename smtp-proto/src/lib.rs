@@ -4,7 +4,8 @@
 //! enhanced status codes (`command`), the DATA/BDAT content reader that never lets a bare LF or
 //! CR end a message (`content`), replies and their encoding (`reply`), the client side's reply
 //! parser, EHLO capabilities, transaction builder and dot-stuffing (`client`), and the header
-//! helpers (`Received:`, `Message-ID:`, RFC 5322 dates, loop counting: `headers`).
+//! helpers (`Received:`, `Message-ID:`, RFC 5322 dates, loop counting: `headers`), and the
+//! SASL PLAIN/LOGIN encodings of AUTH (`sasl`).
 //!
 //! `fuzzing` holds the oracles of the fuzz target in `fuzz/`, run by a property test too.
 //!
@@ -20,3 +21,4 @@ pub mod fuzzing;
 pub mod headers;
 pub mod line;
 pub mod reply;
+pub mod sasl;

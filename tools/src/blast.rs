@@ -383,7 +383,7 @@ async fn connection(plan: &Plan, hist: &mut Histogram<u64>) -> Result<(), String
     }
     if let Some(auth) = &plan.args.auth {
         let (user, pass) = auth.split_once(':').ok_or("--auth is user:password")?;
-        let token = base64(format!("\0{user}\0{pass}").as_bytes());
+        let token = smtp_proto::sasl::plain_response(user, pass);
         c.send(format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
         c.expect(2, "AUTH").await?;
     }
@@ -525,27 +525,6 @@ fn splitmix(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for k in 0..4 {
-            if k <= chunk.len() {
-                s.push(T[(n >> (18 - 6 * k) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
 }
 
 fn report(plan: &Plan, hist: &Histogram<u64>, elapsed: Duration) -> Result<(), String> {

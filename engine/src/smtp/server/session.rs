@@ -838,18 +838,19 @@ impl<S: Stream> Session<S> {
                         None => return Ok(()),
                     },
                 };
-                auth::decode_plain(&resp)
+                smtp_proto::sasl::decode_plain(&resp)
             }
             "LOGIN" => {
                 let user = match initial {
                     Some(i) => Some(i),
-                    None => self.sasl_step(&auth::b64("Username:")).await?,
+                    None => self.sasl_step(&smtp_proto::sasl::b64("Username:")).await?,
                 };
                 let Some(user) = user else { return Ok(()) };
-                let Some(pass) = self.sasl_step(&auth::b64("Password:")).await? else {
+                let Some(pass) = self.sasl_step(&smtp_proto::sasl::b64("Password:")).await? else {
                     return Ok(());
                 };
-                auth::decode_b64_text(&user).zip(auth::decode_b64_text(&pass))
+                smtp_proto::sasl::decode_b64_text(&user)
+                    .zip(smtp_proto::sasl::decode_b64_text(&pass))
             }
             _ => {
                 return self.error(Reply::new(
@@ -1417,8 +1418,7 @@ mod tests {
     }
 
     fn plain(user: &str, pass: &str) -> String {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"))
+        smtp_proto::sasl::plain_response(user, pass)
     }
 
     #[test]
@@ -1464,8 +1464,7 @@ mod tests {
 
     #[test]
     fn auth_login_exchange_works() {
-        use base64::Engine;
-        let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let b = smtp_proto::sasl::b64;
         let mut c = Config::default();
         c.auth.require_tls = false;
         let (_d, creds) = users();

@@ -1,0 +1,11 @@
+//! Fuzz target: only the `lines` oracle of `smtp_proto::fuzzing` (raw bytes or SMTP tokens, by
+//! the first byte), for a long run on one parser; `smtp` runs all four.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Some((first, rest)) = data.split_first() {
+        let mut input = vec![(first & 4) | 1];
+        input.extend_from_slice(rest);
+        smtp_proto::fuzzing::all(&input);
+    }
+});
