@@ -138,6 +138,28 @@ pub fn http_get(address: &str, path: &str) -> String {
     body.to_string()
 }
 
+/// Waits until the daemon whose admin endpoint is `admin` holds no live message in any spool
+/// (everything delivered, failed or bounced, and every bounce delivered): from then on nothing
+/// more can be sent. Panics after `secs`.
+pub fn wait_spool_empty(admin: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let text = http_get(admin, "/metrics");
+        let live = text
+            .lines()
+            .find_map(|l| l.strip_prefix("saida_spool_live_messages "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if live == Some(0.0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spool never emptied (live: {live:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// `POST path` of a JSON `body` on `address` with a bearer `token`; returns the status and
 /// the answer's body.
 pub fn http_post_json(address: &str, path: &str, token: &str, body: &str) -> (u16, String) {

@@ -341,9 +341,14 @@ print(hashlib.sha256(s.sock.getpeercert(binary_form=True)).hexdigest()); s.quit(
         )
     };
     let before = fingerprint();
-    // A new certificate replaces the files (the modification time changes with them).
-    std::thread::sleep(Duration::from_millis(1100));
-    self_signed(tmp.path());
+    // A new certificate replaces the files, stamped later than the old ones (whatever the
+    // file system's time granularity), so the reload check sees a change.
+    let (cert, key) = self_signed(tmp.path());
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    for f in [cert, key] {
+        let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        file.set_modified(later).unwrap();
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         std::thread::sleep(Duration::from_millis(300));
