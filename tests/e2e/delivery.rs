@@ -103,6 +103,15 @@ fn fan_out_pipelining_and_connection_reuse() {
     });
     assert_eq!(count(&log, "outcome", "delivered"), expected.len());
     assert!(log.iter().all(|l| l["mx_ip"] == "127.0.0.2"));
+    // The sink saw each transaction come from saida's address with saida's EHLO name.
+    let records = sink.records();
+    assert!(
+        records
+            .iter()
+            .all(|r| r["peer"] == "127.0.0.1" && r["ehlo"] == "saida.test"),
+        "{:?}",
+        records.first()
+    );
 }
 
 #[test]

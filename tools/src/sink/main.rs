@@ -19,7 +19,8 @@
 //! listener refuse every session with a `421` greeting (for failover tests).
 //!
 //! `--record FILE` appends one JSON line per accepted recipient (connection number, transaction
-//! number on that connection, listener, sender, recipient, size, TLS, and the body with
+//! number on that connection, listener, the client's address (`peer`) and EHLO name (`ehlo`),
+//! sender, recipient, size, TLS, and the body with
 //! `--record-bodies`), written before the end-of-data reply. Counters are printed as JSON on
 //! SIGTERM/SIGINT, every 100 ms to `--stats FILE`, and in Prometheus text format on
 //! `--metrics ADDR`. Only loopback addresses are bound unless `--allow-remote` is given.
@@ -466,7 +467,7 @@ fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
             tasks.push(tokio::task::spawn_local(async move {
                 let local = l.local_addr().ok();
                 loop {
-                    let Ok((s, _)) = l.accept().await else {
+                    let Ok((s, peer)) = l.accept().await else {
                         continue;
                     };
                     let _ = s.set_nodelay(true);
@@ -479,6 +480,8 @@ fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
                             buf: Vec::with_capacity(8192),
                             out: Vec::with_capacity(1024),
                             tls: false,
+                            peer,
+                            ehlo: String::new(),
                         };
                         let _ = session(&shared, conn, n, listener).await;
                     });
@@ -497,6 +500,9 @@ struct Conn {
     buf: Vec<u8>,
     out: Vec<u8>,
     tls: bool,
+    /// The client's address, and the name it gave in EHLO/HELO (recorded per transaction).
+    peer: SocketAddr,
+    ehlo: String,
 }
 
 impl Conn {
@@ -656,7 +662,8 @@ async fn converse(
             }
         };
         match command {
-            Command::Ehlo(_) => {
+            Command::Ehlo(name) => {
+                c.ehlo = name.to_string();
                 txn = Txn::default();
                 c.reply("250-sink.test");
                 if b.pipelining {
@@ -675,7 +682,10 @@ async fn converse(
                 }
                 c.reply(&format!("250 SIZE {MESSAGE_MAX}"));
             }
-            Command::Helo(_) => c.reply("250 sink.test"),
+            Command::Helo(name) => {
+                c.ehlo = name.to_string();
+                c.reply("250 sink.test");
+            }
             Command::StartTls if !c.tls && b.starttls => {
                 let Some(acceptor) = shared.tls.clone() else {
                     c.reply("502 5.5.1 no TLS here");
@@ -694,6 +704,8 @@ async fn converse(
                     buf: Vec::with_capacity(8192),
                     out: Vec::new(),
                     tls: true,
+                    peer: c.peer,
+                    ehlo: String::new(),
                 };
                 txn = Txn::default();
             }
@@ -893,6 +905,8 @@ fn accept(
                 "rcpt": rcpt,
                 "bytes": body.len(),
                 "tls": c.tls,
+                "peer": c.peer.ip().to_string(),
+                "ehlo": c.ehlo,
             });
             if shared.args.record_bodies {
                 line["body"] = String::from_utf8_lossy(body).into();
