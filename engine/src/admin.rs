@@ -268,10 +268,11 @@ async fn handle(
         if !is_json {
             return error(415, "content-type must be application/json");
         }
-        let key = headers
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(k)) => Some(k.to_string()),
+            Some(Err(_)) => return error(400, "idempotency key: printable ASCII only"),
+        };
         let body = match read_body(req.into_body()).await {
             Ok(b) => b,
             Err((status, why)) => return error(status, &why),

@@ -200,7 +200,7 @@ fn substituted_len(text: &str, vars: Option<&HashMap<String, String>>) -> usize 
 }
 
 /// Fixed header lines `prepare` may add, at most (Date, From, To, MIME fields).
-const ADDED_HEADERS_BYTES_MAX: usize = 512;
+const ADDED_HEADERS_BYTES_MAX: usize = 1024;
 
 /// The messages a request asks for, with `Date`, `From`, `To` (the recipient, or
 /// `undisclosed-recipients:;` for several: the list is never disclosed), `MIME-Version` and a
@@ -222,7 +222,8 @@ pub fn prepare(r: &InjectRequest, now_secs: u64, limits: &Limits) -> Result<Vec<
             None => "the message".to_string(),
             Some(_) => format!("the message to {}", r.to[i]),
         };
-        let mut size = ADDED_HEADERS_BYTES_MAX + 2 + substituted_len(&r.body, *vars) * 2;
+        // The blank line, the body with its LF line ends doubled, and a last CRLF.
+        let mut size = ADDED_HEADERS_BYTES_MAX + 4 + substituted_len(&r.body, *vars) * 2;
         for (k, v) in &r.headers {
             size += k.len() + 4 + substituted_len(v, *vars);
         }
@@ -351,6 +352,9 @@ pub struct IdempotencyStore {
     map: HashMap<String, (Instant, KeyState)>,
     order: VecDeque<String>,
     journal: Option<std::fs::File>,
+    path: Option<std::path::PathBuf>,
+    /// Lines in the journal; it is rewritten with the live keys when they are far fewer.
+    lines: usize,
 }
 
 /// What became of a key's request.
@@ -361,6 +365,9 @@ pub enum KeyState {
     /// Committed with these queue ids.
     Done(Vec<String>),
 }
+
+/// Journal lines allowed beyond twice the live keys before the journal is rewritten.
+const JOURNAL_SLACK_LINES: usize = 10_000;
 
 /// Longest idempotency key.
 pub const IDEMPOTENCY_KEY_CHARS_MAX: usize = 256;
@@ -378,54 +385,98 @@ impl IdempotencyStore {
     /// A store journaled in `path`: the live keys are read back, and the file rewritten with
     /// them.
     pub fn open(path: &std::path::Path) -> std::io::Result<IdempotencyStore> {
-        use std::io::Write;
         let now = now_secs();
         let mut live: HashMap<String, (u64, KeyState)> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
-        if let Ok(text) = std::fs::read_to_string(path) {
-            for line in text.lines() {
-                // A torn last line (a crash mid-write) is skipped.
-                let Ok(l) = serde_json::from_str::<JournalLine>(line) else {
-                    continue;
-                };
-                if now.saturating_sub(l.at) >= IDEMPOTENCY_TTL.as_secs() {
-                    continue;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            // Unreadable is not empty: refuse to start rather than forget every key.
+            Err(e) => return Err(e),
+        };
+        for line in text.lines() {
+            // A torn line (a crash or a failed write mid-line) is skipped.
+            let Ok(l) = serde_json::from_str::<JournalLine>(line) else {
+                continue;
+            };
+            if now.saturating_sub(l.at) >= IDEMPOTENCY_TTL.as_secs() {
+                continue;
+            }
+            match l.state.as_str() {
+                "pending" => {
+                    order.push(l.key.clone());
+                    live.insert(l.key, (l.at, KeyState::Pending));
                 }
-                match l.state.as_str() {
-                    "pending" => {
-                        order.push(l.key.clone());
-                        live.insert(l.key, (l.at, KeyState::Pending));
-                    }
-                    "done" => {
-                        order.push(l.key.clone());
-                        live.insert(l.key, (l.at, KeyState::Done(l.ids)));
-                    }
-                    _ => {
-                        live.remove(&l.key);
-                    }
+                "done" => {
+                    order.push(l.key.clone());
+                    live.insert(l.key, (l.at, KeyState::Done(l.ids)));
+                }
+                _ => {
+                    live.remove(&l.key);
                 }
             }
         }
-        let mut store = IdempotencyStore::default();
+        let mut store = IdempotencyStore {
+            path: Some(path.to_path_buf()),
+            ..IdempotencyStore::default()
+        };
+        for k in order {
+            let Some((at, state)) = live.remove(&k) else {
+                continue;
+            };
+            let age = Duration::from_secs(now.saturating_sub(at));
+            let since = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            store.order.push_back(k.clone());
+            store.map.insert(k, (since, state));
+        }
+        store.rewrite()?;
+        Ok(store)
+    }
+
+    /// Rewrites the journal with the live keys only (temporary file, fsync, rename).
+    fn rewrite(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        let now = now_secs();
         let tmp = path.with_extension("tmp");
+        let mut lines = 0;
         {
             let mut f = std::fs::File::create(&tmp)?;
-            for k in order {
-                let Some((at, state)) = live.remove(&k) else {
+            for k in &self.order {
+                let Some((since, state)) = self.map.get(k) else {
                     continue;
                 };
-                let line = journal_line(&k, &state, at);
-                f.write_all(line.as_bytes())?;
-                let age = Duration::from_secs(now.saturating_sub(at));
-                let since = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                store.order.push_back(k.clone());
-                store.map.insert(k, (since, state));
+                let at = now.saturating_sub(since.elapsed().as_secs());
+                f.write_all(journal_line(k, state, at).as_bytes())?;
+                lines += 1;
             }
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, path)?;
-        store.journal = Some(std::fs::OpenOptions::new().append(true).open(path)?);
-        Ok(store)
+        std::fs::rename(&tmp, &path)?;
+        self.journal = Some(std::fs::OpenOptions::new().append(true).open(&path)?);
+        self.lines = lines;
+        Ok(())
+    }
+
+    /// Appends one line and syncs it. A failed write is cut back off, so the next line does
+    /// not land glued to a torn one.
+    fn append(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(f) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let len = f.metadata()?.len();
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|()| f.sync_data()) {
+            let _ = f.set_len(len);
+            return Err(e);
+        }
+        self.lines += 1;
+        if self.lines > 2 * self.map.len() + JOURNAL_SLACK_LINES {
+            self.rewrite()?;
+        }
+        Ok(())
     }
 
     /// The state of an earlier request with this key, if any (and not expired).
@@ -449,6 +500,7 @@ impl IdempotencyStore {
     /// Nothing of the request was queued: the key is free again.
     pub fn forget(&mut self, key: &str) {
         self.map.remove(key);
+        self.order.retain(|k| k != key);
         self.write(&journal_line_failed(key));
     }
 
@@ -460,22 +512,25 @@ impl IdempotencyStore {
             };
             self.map.remove(&old);
         }
-        if let Some(f) = self.journal.as_mut() {
-            use std::io::Write;
-            f.write_all(journal_line(key, &state, now_secs()).as_bytes())?;
-            f.sync_data()?;
-        }
-        if !self.map.contains_key(key) {
+        let line = journal_line(key, &state, now_secs());
+        let pending = state == KeyState::Pending;
+        let known = self.map.contains_key(key);
+        if !known {
             self.order.push_back(key.to_string());
         }
         self.map.insert(key.to_string(), (Instant::now(), state));
-        Ok(())
+        let written = self.append(&line);
+        if written.is_err() && pending && !known {
+            // Not recorded, so not dispatched: the key stays free.
+            self.map.remove(key);
+            self.order.retain(|k| k != key);
+        }
+        written
     }
 
     fn write(&mut self, line: &str) {
-        if let Some(f) = self.journal.as_mut() {
-            use std::io::Write;
-            let _ = f.write_all(line.as_bytes()).and_then(|()| f.sync_data());
+        if let Err(e) = self.append(line) {
+            tracing::warn!(error = %e, "idempotency journal write failed");
         }
     }
 
@@ -656,6 +711,18 @@ mod tests {
         }
         assert_eq!(s.get("k"), None, "the oldest key is forgotten at the bound");
         assert!(s.map.len() <= IDEMPOTENCY_KEYS_MAX);
+    }
+
+    #[test]
+    fn a_forgotten_key_can_be_used_again_without_a_stale_entry() {
+        let mut s = IdempotencyStore::default();
+        for _ in 0..3 {
+            s.begin("k").unwrap();
+            s.forget("k");
+        }
+        s.begin("k").unwrap();
+        assert_eq!(s.order.len(), 1, "{:?}", s.order);
+        assert_eq!(s.get("k"), Some(KeyState::Pending));
     }
 
     #[test]

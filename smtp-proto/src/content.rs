@@ -141,7 +141,8 @@ impl ContentReader {
     fn fail(&mut self, e: ContentError, out: &mut Vec<u8>) {
         if self.error.is_none() {
             self.error = Some(e);
-            out.clear(); // nothing of a refused message is kept
+            // Nothing of a refused message is kept, not even its buffer's memory.
+            *out = Vec::new();
         }
     }
 
@@ -273,6 +274,20 @@ mod tests {
         let mut out = Vec::new();
         let p = r.feed(input, &mut out);
         (p, out, r.error())
+    }
+
+    #[test]
+    fn a_refused_message_frees_its_buffer() {
+        let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);
+        let mut out = Vec::with_capacity(64 << 10);
+        out.extend_from_slice(&[b'x'; 1000]);
+        r.feed(b"a\0b\r\n", &mut out);
+        assert_eq!(r.error(), Some(ContentError::Nul));
+        assert_eq!(
+            out.capacity(),
+            0,
+            "the refused content's memory is given back"
+        );
     }
 
     #[test]

@@ -466,7 +466,8 @@ impl<S: Dial + 'static> Deliverer<S> {
                 if starved.1.insert(Rc::clone(domain)) {
                     starved.0.push_back(Rc::clone(domain));
                 }
-                self.slot_wanted.notify_waiters();
+                // One idle connection of another domain makes room.
+                self.slot_wanted.notify_one();
             }
             q.workers += n;
             n
@@ -530,7 +531,14 @@ impl<S: Dial + 'static> Deliverer<S> {
         };
         self.worker_ended();
         if again {
-            self.kick(&domain);
+            // Domains already waiting for a slot go first; this one queues behind them.
+            let mut starved = self.starved.borrow_mut();
+            if starved.0.is_empty() {
+                drop(starved);
+                self.kick(&domain);
+            } else if starved.1.insert(Rc::clone(&domain)) {
+                starved.0.push_back(Rc::clone(&domain));
+            }
         }
         // A slot is free: the domain that has waited longest for one gets it.
         while self.workers.get() < self.config.delivery.workers_per_shard_max {

@@ -69,6 +69,9 @@ pub struct ConnInfo {
     pub reserved_slot: bool,
 }
 
+/// Time given to the last write of a session whose hard deadline has passed.
+const FINAL_WRITE_SECS: u64 = 5;
+
 /// The deadline of one message transfer (DATA, or one BDAT chunk): `data_timeout_secs` plus
 /// the time its bytes take at `data_rate_min_bytes_per_sec`. A client trickling bytes cannot
 /// stretch a transfer past it.
@@ -178,8 +181,8 @@ impl<S: Stream> Session<S> {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        let timeout = Duration::from_secs(self.config().smtp.command_timeout_secs);
-        match tokio::time::timeout(timeout, self.conn.write_all(out)).await {
+        let deadline = self.command_deadline();
+        match tokio::time::timeout_at(deadline.into(), self.conn.write_all(out)).await {
             Ok((r, mut out)) => {
                 out.clear();
                 self.out = out;
@@ -764,8 +767,8 @@ impl<S: Stream> Session<S> {
         };
         let config = tls.borrow_mut().get();
         let handshake = TlsStream::accept(stream, config);
-        let timeout = Duration::from_secs(self.config().smtp.command_timeout_secs);
-        match tokio::time::timeout(timeout, handshake).await {
+        let deadline = self.command_deadline();
+        match tokio::time::timeout_at(deadline.into(), handshake).await {
             Ok(Ok(t)) => {
                 self.conn = Conn::Tls(Box::new(t));
                 // RFC 3207 §4.2: forget everything learnt before TLS.
@@ -889,7 +892,8 @@ impl<S: Stream> Session<S> {
         // A delay that doubles with each failure from this address slows guessing down.
         let base = self.config().auth.failure_delay_ms;
         let delay = base.saturating_mul(1 << failures.min(6).saturating_sub(1));
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let until = (Instant::now() + Duration::from_millis(delay)).min(self.hard_deadline());
+        tokio::time::sleep_until(until.into()).await;
         if failures >= self.config().auth.failures_max {
             self.reply(Reply::new(421, "4.7.0", "Too many authentication failures"));
             return Err(Stop::Close);
@@ -914,7 +918,16 @@ impl<S: Stream> Session<S> {
                 ))?;
                 return Ok(None);
             }
-            _ => return Err(Stop::Close),
+            LineRead::Timeout => {
+                let r = self.timeout_reply();
+                self.reply(r);
+                return Err(Stop::Close);
+            }
+            LineRead::Shutdown => {
+                self.reply(Reply::new(421, "4.3.2", "Service shutting down"));
+                return Err(Stop::Close);
+            }
+            LineRead::Eof => return Err(Stop::Close),
         };
         let line = String::from_utf8_lossy(&self.inbuf[range]).into_owned();
         if line.trim() == "*" {
@@ -939,6 +952,18 @@ impl<S: Stream> Session<S> {
             return self.ends_at.min(self.ends_at - lifetime + probation);
         }
         self.ends_at
+    }
+
+    /// `command_timeout_secs` from now, or the session's hard deadline if sooner (but at least
+    /// `FINAL_WRITE_SECS` from now, so that the `421` saying the deadline passed still goes
+    /// out): the bound of a write to the client and of a TLS handshake.
+    fn command_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(self.config().smtp.command_timeout_secs);
+        let hard = self
+            .hard_deadline()
+            .max(now + Duration::from_secs(FINAL_WRITE_SECS));
+        (now + timeout).min(hard)
     }
 
     /// The `421` for a deadline that passed, saying which.
