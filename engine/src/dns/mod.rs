@@ -320,13 +320,24 @@ mod tests {
         }
     }
 
+    /// A dnsmasq on a port that was free a moment ago; started again on another port when
+    /// another process took that one first (dnsmasq then exits at once).
     fn dnsmasq() -> Dnsmasq {
+        for _ in 0..5 {
+            if let Some(d) = dnsmasq_once() {
+                return d;
+            }
+        }
+        panic!("dnsmasq exited at start five times (ports taken?)");
+    }
+
+    fn dnsmasq_once() -> Option<Dnsmasq> {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = std::process::Command::new("dnsmasq")
+        let mut child = std::process::Command::new("dnsmasq")
             .args([
                 "--no-daemon",
                 "--listen-address=127.0.0.1",
@@ -363,13 +374,16 @@ mod tests {
         // Wait until it answers on TCP too (it binds UDP and TCP together).
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "dnsmasq did not start on port {port}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Dnsmasq(child, port)
+        Some(Dnsmasq(child, port))
     }
 
     fn resolver(port: u16) -> MxResolver {
