@@ -46,6 +46,10 @@ pub struct Config {
     pub routes: Vec<crate::delivery::policy::Route>,
     pub dns: crate::delivery::policy::DnsConfig,
     pub admin: AdminConfig,
+    #[serde(rename = "source")]
+    pub sources: Vec<crate::delivery::egress::SourceConfig>,
+    #[serde(rename = "pool")]
+    pub pools: Vec<crate::delivery::egress::PoolConfig>,
 }
 
 impl Default for Config {
@@ -66,6 +70,8 @@ impl Default for Config {
             routes: Vec::new(),
             dns: Default::default(),
             admin: Default::default(),
+            sources: Vec::new(),
+            pools: Vec::new(),
         }
     }
 }
@@ -557,6 +563,17 @@ impl Config {
         )?;
         range("smtp.command_timeout_secs", s.command_timeout_secs, 1, 3600)?;
         range("smtp.data_timeout_secs", s.data_timeout_secs, 1, 3600)?;
+        crate::delivery::egress::validate(&self.sources, &self.pools)?;
+        let named = std::iter::once(("delivery.pool", &self.delivery.pool))
+            .chain(self.routes.iter().map(|r| ("route.pool", &r.pool)));
+        for (key, pool) in named {
+            if let Some(p) = pool
+                .as_ref()
+                .filter(|p| !self.pools.iter().any(|x| &x.name == *p))
+            {
+                return Err((key.to_string(), format!("no [[pool]] named `{p}`")));
+            }
+        }
         relay_networks_bounded(&self.relay.networks)
             .map_err(|m| ("relay.networks".to_string(), m))?;
         range("auth.failures_max", self.auth.failures_max, 1, 100)?;

@@ -34,4 +34,11 @@ impl Dial for EpollStream {
         s.set_nodelay(true)?;
         Ok(EpollStream(s))
     }
+
+    async fn connect_from(local: std::net::IpAddr, addr: std::net::SocketAddr) -> io::Result<Self> {
+        let socket = super::bound_socket(local, addr)?;
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        Ok(EpollStream(socket.connect(addr).await?))
+    }
 }

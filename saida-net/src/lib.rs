@@ -33,6 +33,20 @@ pub trait Stream {
 #[allow(async_fn_in_trait)]
 pub trait Dial: Stream + Sized {
     async fn connect(addr: std::net::SocketAddr) -> io::Result<Self>;
+    /// Connects from the local address `local` (an egress source), `TCP_NODELAY` set.
+    async fn connect_from(local: std::net::IpAddr, addr: std::net::SocketAddr) -> io::Result<Self>;
+}
+
+/// A socket bound to `local` (any port), ready to connect to `addr`.
+fn bound_socket(
+    local: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&std::net::SocketAddr::new(local, 0).into())?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
 }
 
 /// A connection: plain, or TLS over the same stream.

@@ -36,4 +36,19 @@ impl Dial for UringStream {
         s.set_nodelay(true)?;
         Ok(UringStream(s))
     }
+
+    /// tokio-uring cannot bind before connecting, so the bound socket connects on the blocking
+    /// pool (bounded by the caller's connect timeout) and is then handed to io_uring.
+    async fn connect_from(local: std::net::IpAddr, addr: std::net::SocketAddr) -> io::Result<Self> {
+        let socket = super::bound_socket(local, addr)?;
+        let connected = tokio::task::spawn_blocking(move || {
+            socket.connect(&addr.into())?;
+            io::Result::Ok(std::net::TcpStream::from(socket))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(UringStream(tokio_uring::net::TcpStream::from_std(
+            connected,
+        )))
+    }
 }

@@ -659,3 +659,80 @@ fn a_shard_never_runs_more_connections_than_its_cap() {
     );
     assert_eq!(sink.records().len(), 30);
 }
+
+#[test]
+fn connections_leave_from_their_pools_sources_by_weight() {
+    let port = free_port();
+    let sink = Sink::start(&[format!("127.0.0.9:{port}")], &[]);
+    // Pool `p`: four loopback sources weighted 4:3:2:1, each with its EHLO name. Pool `q`: a
+    // source whose address is not on this host (TEST-NET-1) beside a good one.
+    let mut config = String::new();
+    for (i, name) in ["a", "b", "c", "d", "good"].iter().enumerate() {
+        let ip = format!("127.0.0.{}", i + 2);
+        config.push_str(&format!(
+            "[[source]]\nname = \"{name}\"\naddress = \"{ip}\"\nehlo = \"{name}.out.test\"\n\n"
+        ));
+    }
+    config.push_str(
+        "[[source]]\nname = \"bad\"\naddress = \"192.0.2.1\"\nehlo = \"bad.out.test\"\n\n\
+         [[pool]]\nname = \"p\"\nsources = [{ source = \"a\", weight = 4 }, \
+         { source = \"b\", weight = 3 }, { source = \"c\", weight = 2 }, \
+         { source = \"d\", weight = 1 }]\n\n\
+         [[pool]]\nname = \"q\"\nsources = [{ source = \"bad\" }, { source = \"good\" }]\n\n",
+    );
+    config.push_str(&delivery(&format!(
+        "[[route]]\ndomain = \"w.test\"\nhosts = [\"127.0.0.9:{port}\"]\npool = \"p\"\n\
+         msgs_per_connection_max = 1\n\n\
+         [[route]]\ndomain = \"q.test\"\nhosts = [\"127.0.0.9:{port}\"]\npool = \"q\"\n"
+    )));
+    let d = Daemon::start("epoll", &config);
+    let msgs: Vec<(&str, Vec<String>)> = (0..100)
+        .map(|i| ("a@origin.test", vec![format!("r{i}@w.test")]))
+        .chain((0..10).map(|i| ("a@origin.test", vec![format!("s{i}@q.test")])))
+        .collect();
+    assert_eq!(send_messages(d.port, &msgs), 110);
+    let records = sink.wait_until(30, "110 deliveries", |r| r.len() == 110);
+    let mut by_source: HashMap<(String, String), usize> = HashMap::new();
+    for r in &records {
+        let key = (
+            r["peer"].as_str().unwrap_or("").to_string(),
+            r["ehlo"].to_string(),
+        );
+        *by_source.entry(key).or_default() += 1;
+    }
+    let count = |ip: &str, name: &str| {
+        by_source
+            .get(&(ip.to_string(), format!("\"{name}.out.test\"")))
+            .copied()
+            .unwrap_or(0)
+    };
+    // One connection per message: the weights hold exactly (smooth weighted round robin).
+    assert_eq!(
+        (
+            count("127.0.0.2", "a"),
+            count("127.0.0.3", "b"),
+            count("127.0.0.4", "c")
+        ),
+        (40, 30, 20),
+        "{by_source:?}"
+    );
+    assert_eq!(count("127.0.0.5", "d"), 10, "{by_source:?}");
+    // The unbindable source is left out alone: q.test all went out from `good`.
+    assert_eq!(count("127.0.0.6", "good"), 10, "{by_source:?}");
+    assert!(
+        d.log().contains("egress source cannot be bound"),
+        "{}",
+        d.log()
+    );
+    let log = wait_log(&d, "110 delivered", |l| count_delivered(l) == 110);
+    assert!(
+        log.iter()
+            .filter(|l| l["domain"] == "w.test")
+            .all(|l| l["source"] != "")
+    );
+    assert!(log.iter().any(|l| l["source"] == "good"));
+}
+
+fn count_delivered(log: &[serde_json::Value]) -> usize {
+    count(log, "outcome", "delivered")
+}

@@ -155,6 +155,7 @@ const DAEMON_LAYERS: &[(&str, u8)] = &[
     ("delivery::throttle", 1),
     ("delivery::log", 1),
     ("delivery::dsn", 1),
+    ("delivery::egress", 1),
     ("smtp::client", 1),
     ("smtp::server::inflight", 1),
     ("delivery::policy", 2),

@@ -105,6 +105,7 @@ fn bounded_text(mut text: String) -> String {
 struct AttemptInfo {
     host: Option<String>,
     ip: Option<IpAddr>,
+    source: Option<String>,
     tls: Option<(String, String)>,
     started: Option<Instant>,
 }
@@ -155,6 +156,8 @@ pub struct Deliverer<S: Dial> {
     tls_any: Arc<rustls::ClientConfig>,
     tls_verified: Arc<rustls::ClientConfig>,
     shutdown: watch::Receiver<bool>,
+    /// Egress sources and pools, with which sources are suspended.
+    egress: crate::delivery::egress::Egress,
     /// Connection workers running (the shard waits for them at shutdown); at most
     /// `delivery.workers_per_shard_max`.
     pub workers: Cell<usize>,
@@ -242,6 +245,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             shard,
             suspended_file,
             policies,
+            egress: crate::delivery::egress::Egress::new(&config.sources, &config.pools, &helo),
             helo,
             resolver,
             readers,
@@ -574,7 +578,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             if self.stopping() || !self.has_ready(domain) {
                 return;
             }
-            let (session, host) = match self.connect_any(&hosts, start_host, policy).await {
+            let (session, host, source) = match self.connect_any(&hosts, start_host, policy).await {
                 Ok(x) => x,
                 Err(verdict) => {
                     // While another connection of this domain works, its queue keeps moving:
@@ -599,7 +603,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             self.count_connected(domain, true);
             let end = self
-                .use_connection(domain, policy, session, &hosts[host])
+                .use_connection(domain, policy, session, &hosts[host], source)
                 .await;
             self.count_connected(domain, false);
             match end {
@@ -766,7 +770,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         hosts: &[Host],
         start: usize,
         policy: &DomainPolicy,
-    ) -> Result<(ClientSession<S>, usize), Verdict> {
+    ) -> Result<(ClientSession<S>, usize, Option<String>), Verdict> {
         let mut last = Verdict::local(451, "4.4.1", "no host to connect to");
         let mut tls_failed = Vec::new();
         let order = (0..hosts.len()).map(|k| ((start + k) % hosts.len(), true));
@@ -777,11 +781,11 @@ impl<S: Dial + 'static> Deliverer<S> {
             let host = &hosts[i];
             let t = Instant::now();
             match self.connect_one(host, policy, use_starttls).await {
-                Ok(s) => {
+                Ok((s, source)) => {
                     let micros = t.elapsed().as_micros() as u64;
                     self.metrics.record(self.shard, Hist::Connect, micros);
                     self.record_phases(&s.phases);
-                    return Ok((s, i));
+                    return Ok((s, i, source));
                 }
                 Err(e) => {
                     tracing::debug!(host = %host.name, addr = %host.addr, error = %e,
@@ -811,14 +815,47 @@ impl<S: Dial + 'static> Deliverer<S> {
         host: &Host,
         policy: &DomainPolicy,
         use_starttls: bool,
-    ) -> Result<ClientSession<S>, ClientError> {
-        let stream = match tokio::time::timeout(policy.connect_timeout, S::connect(host.addr)).await
-        {
-            Ok(r) => r?,
-            Err(_) => return Err(ClientError::Timeout("connect")),
+    ) -> Result<(ClientSession<S>, Option<String>), ClientError> {
+        // A source whose address cannot be bound is suspended and another of the pool tried.
+        let mut tries = 0;
+        let (stream, source) = loop {
+            tries += 1;
+            let source = match &policy.pool {
+                None => None,
+                Some(pool) => match self.egress.pick(pool) {
+                    Some(s) => Some(s),
+                    None => {
+                        let why = format!("every source of pool `{pool}` is suspended");
+                        return Err(ClientError::Io(std::io::Error::other(why)));
+                    }
+                },
+            };
+            let connect = async {
+                match &source {
+                    Some(s) => S::connect_from(s.address, host.addr).await,
+                    None => S::connect(host.addr).await,
+                }
+            };
+            match tokio::time::timeout(policy.connect_timeout, connect).await {
+                Ok(Ok(stream)) => break (stream, source),
+                Ok(Err(e)) => {
+                    let Some(s) = source.as_ref().filter(|_| is_bind_failure(&e)) else {
+                        return Err(e.into());
+                    };
+                    self.egress.suspend(&s.name);
+                    tracing::error!(shard = self.shard, source = %s.name, address = %s.address,
+                        error = %e, "egress source cannot be bound; suspended");
+                    if tries >= crate::delivery::egress::BIND_TRIES_MAX {
+                        return Err(e.into());
+                    }
+                }
+                Err(_) => return Err(ClientError::Timeout("connect")),
+            }
         };
         let setup = ClientSetup {
-            helo_name: self.helo.clone(),
+            helo_name: source
+                .as_ref()
+                .map_or_else(|| self.helo.clone(), |s| s.ehlo.clone()),
             own_name: self.config.server.hostname.clone(),
             policy: policy.tls,
             tls: if policy.tls == TlsPolicy::Verified {
@@ -830,7 +867,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             timeouts: policy.timeouts,
             use_starttls,
         };
-        ClientSession::start(stream, &setup).await
+        let session = ClientSession::start(stream, &setup).await?;
+        Ok((session, source.map(|s| s.name)))
     }
 
     /// Sends jobs on one connection until it is used up, idle, broken or shutdown comes.
@@ -840,6 +878,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         policy: &DomainPolicy,
         mut session: ClientSession<S>,
         host: &Host,
+        source: Option<String>,
     ) -> ConnEnd {
         let tls = session.tls_info();
         let mut sent = 0u32;
@@ -879,6 +918,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             let info = AttemptInfo {
                 host: Some(host.name.clone()),
                 ip: Some(host.addr.ip()),
+                source: source.clone(),
                 tls: tls.clone(),
                 started: Some(Instant::now()),
             };
@@ -1029,6 +1069,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 ..AttemptInfo {
                     host: info.host.clone(),
                     ip: info.ip,
+                    source: info.source.clone(),
                     tls: info.tls.clone(),
                     started: None,
                 }
@@ -1135,6 +1176,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     domain,
                     mx_host: info.host.as_deref(),
                     mx_ip: info.ip.map(|i| i.to_string()),
+                    source: info.source.as_deref(),
                     tls_version: tls.map(|t| t.0.as_str()),
                     tls_cipher: tls.map(|t| t.1.as_str()),
                     outcome: log_outcome,
@@ -1508,6 +1550,15 @@ fn envelope<'m>(msg: &Message<'m>, job: &Job) -> Envelope<'m> {
         },
         envid: msg.envid,
     }
+}
+
+/// True when connecting failed because the local address could not be bound (not configured
+/// on this host, or not allowed).
+fn is_bind_failure(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::PermissionDenied
+    )
 }
 
 /// Why an address from an MX answer must not be connected to, if it must not: loopback,

@@ -36,6 +36,8 @@ pub struct AttemptRecord<'a> {
     pub domain: &'a str,
     pub mx_host: Option<&'a str>,
     pub mx_ip: Option<String>,
+    /// The egress source the connection left from (`[[source]]`), if a pool chose one.
+    pub source: Option<&'a str>,
     pub tls_version: Option<&'a str>,
     pub tls_cipher: Option<&'a str>,
     pub outcome: AttemptOutcome,

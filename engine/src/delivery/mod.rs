@@ -4,6 +4,7 @@
 //! limits (`throttle`), bounces (`dsn`) and the delivery log (`log`).
 
 pub mod dsn;
+pub mod egress;
 pub mod engine;
 pub mod log;
 pub mod policy;

@@ -55,6 +55,8 @@ macro_rules! with_limits {
             pub retry_delays_secs: Option<Vec<u64>>,
             pub max_age_secs: Option<u64>,
             pub tls: Option<TlsMode>,
+            /// The `[[pool]]` connections leave from; none = the kernel's address.
+            pub pool: Option<String>,
         }
 
         impl $name {
@@ -75,6 +77,7 @@ macro_rules! with_limits {
                     retry_delays_secs: self.retry_delays_secs.clone(),
                     max_age_secs: self.max_age_secs,
                     tls: self.tls,
+                    pool: self.pool.clone(),
                 }
             }
         }
@@ -148,6 +151,7 @@ impl Default for DeliveryConfig {
             retry_delays_secs: None,
             max_age_secs: None,
             tls: None,
+            pool: None,
         }
     }
 }
@@ -223,6 +227,8 @@ pub struct DomainPolicy {
     pub timeouts: Timeouts,
     pub schedule: RetrySchedule,
     pub tls: TlsPolicy,
+    /// The egress pool new connections pick their source from.
+    pub pool: Option<String>,
 }
 
 /// Defaults of `[delivery]` keys, safe for large providers: few connections per destination,
@@ -300,6 +306,9 @@ fn apply(base: &DomainPolicy, l: &Limits) -> Result<DomainPolicy, (String, Strin
     if let Some(t) = l.tls {
         p.tls = t.into();
     }
+    if let Some(pool) = &l.pool {
+        p.pool = Some(pool.clone());
+    }
     p.schedule
         .validate()
         .map_err(|m| ("retry_delays_secs".to_string(), m))?;
@@ -340,6 +349,7 @@ impl DeliveryPolicies {
             timeouts: Timeouts::default(),
             schedule: RetrySchedule::default(),
             tls: TlsPolicy::Opportunistic,
+            pool: None,
         };
         let defaults =
             apply(&builtin, &delivery.limits()).map_err(|(k, m)| (format!("delivery.{k}"), m))?;
