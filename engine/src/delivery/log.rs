@@ -210,6 +210,7 @@ mod tests {
             domain: "dest.test",
             mx_host: Some("mx.dest.test"),
             mx_ip: Some("127.0.0.2".into()),
+            source: None,
             tls_version: Some("TLSv1_3"),
             tls_cipher: Some("TLS13_AES_128_GCM_SHA256"),
             outcome: AttemptOutcome::Deferred,
