@@ -662,6 +662,13 @@ fn a_shard_never_runs_more_connections_than_its_cap() {
 
 #[test]
 fn connections_leave_from_their_pools_sources_by_weight() {
+    // Both backends: epoll binds before connecting; io_uring connects a bound socket.
+    for backend in ["epoll", "io_uring"] {
+        sources_by_weight(backend);
+    }
+}
+
+fn sources_by_weight(backend: &str) {
     let port = free_port();
     let sink = Sink::start(&[format!("127.0.0.9:{port}")], &[]);
     // Pool `p`: four loopback sources weighted 4:3:2:1, each with its EHLO name. Pool `q`: a
@@ -685,7 +692,7 @@ fn connections_leave_from_their_pools_sources_by_weight() {
          msgs_per_connection_max = 1\n\n\
          [[route]]\ndomain = \"q.test\"\nhosts = [\"127.0.0.9:{port}\"]\npool = \"q\"\n"
     )));
-    let d = Daemon::start("epoll", &config);
+    let d = Daemon::start(backend, &config);
     let msgs: Vec<(&str, Vec<String>)> = (0..100)
         .map(|i| ("a@origin.test", vec![format!("r{i}@w.test")]))
         .chain((0..10).map(|i| ("a@origin.test", vec![format!("s{i}@q.test")])))
