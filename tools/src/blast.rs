@@ -331,6 +331,13 @@ impl Conn {
         }
     }
 
+    /// Writes `buf` without copying it (the stream takes it and gives it back).
+    async fn send_owned(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+        let (r, back) = self.io.write_all(std::mem::take(buf)).await;
+        *buf = back;
+        r.map_err(|e| e.to_string())
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
         let mut w = std::mem::take(&mut self.wbuf);
         w.clear();
@@ -455,7 +462,7 @@ async fn transaction(plan: &Plan, c: &mut Conn, i: u64, out: &mut Vec<u8>) -> Re
         return Ok(refused.unwrap_or(code));
     }
     build_message(plan, i, &first_rcpt, out);
-    c.send(out).await?;
+    c.send_owned(out).await?;
     let (code, _) = c.reply().await?;
     Ok(if accepted == 0 {
         refused.unwrap_or(code)

@@ -311,79 +311,22 @@ impl MxResolver {
 mod tests {
     use super::*;
 
-    struct Dnsmasq(std::process::Child, u16);
-
-    impl Drop for Dnsmasq {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    /// A dnsmasq on a port that was free a moment ago; started again on another port when
-    /// another process took that one first (dnsmasq then exits at once).
-    fn dnsmasq() -> Dnsmasq {
-        for _ in 0..5 {
-            if let Some(d) = dnsmasq_once() {
-                return d;
-            }
-        }
-        panic!("dnsmasq exited at start five times (ports taken?)");
-    }
-
-    fn dnsmasq_once() -> Option<Dnsmasq> {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = std::process::Command::new("dnsmasq")
-            .args([
-                "--no-daemon",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-            ])
-            .args([
-                "--no-hosts",
-                "--pid-file=",
-                "--local=/test/",
-                "--local-ttl=300",
-            ])
-            .arg(format!("--port={port}"))
-            .args([
-                "--mx-host=multi.test,mx1.multi.test,10",
-                "--mx-host=multi.test,mx2.multi.test,10",
-            ])
-            .args(["--mx-host=multi.test,mx3.multi.test,20"])
-            .args([
-                "--host-record=mx1.multi.test,127.0.0.2",
-                "--host-record=mx2.multi.test,127.0.0.3",
-            ])
-            .args([
-                "--host-record=mx3.multi.test,127.0.0.4",
-                "--host-record=implicit.test,127.0.0.5",
-            ])
-            .args([
-                "--dns-rr=nullmx.test,15,000000",
-                "--mx-host=noaddr.test,ghost.noaddr.test,10",
-            ])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("dnsmasq is needed for the DNS tests (scripts/test.sh installs dnsmasq-base)");
-        // Wait until it answers on TCP too (it binds UDP and TCP together).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if child.try_wait().ok().flatten().is_some() {
-                return None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dnsmasq did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Dnsmasq(child, port))
+    /// dnsmasq on loopback (`saida_e2e::Dnsmasq`, shared with the end-to-end tests) with the
+    /// records these tests ask about.
+    fn dnsmasq() -> saida_e2e::Dnsmasq {
+        let records = [
+            "--mx-host=multi.test,mx1.multi.test,10",
+            "--mx-host=multi.test,mx2.multi.test,10",
+            "--mx-host=multi.test,mx3.multi.test,20",
+            "--host-record=mx1.multi.test,127.0.0.2",
+            "--host-record=mx2.multi.test,127.0.0.3",
+            "--host-record=mx3.multi.test,127.0.0.4",
+            "--host-record=implicit.test,127.0.0.5",
+            "--dns-rr=nullmx.test,15,000000",
+            "--mx-host=noaddr.test,ghost.noaddr.test,10",
+        ];
+        let records: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+        saida_e2e::Dnsmasq::start(&records)
     }
 
     fn resolver(port: u16) -> MxResolver {
@@ -408,7 +351,7 @@ mod tests {
     fn mx_hosts_by_preference_with_equal_ones_shuffled() {
         let dns = dnsmasq();
         run(async {
-            let r = resolver(dns.1);
+            let r = resolver(dns.port);
             let mut firsts = std::collections::HashSet::new();
             for _ in 0..40 {
                 r.cache.borrow_mut().clear();
@@ -433,7 +376,7 @@ mod tests {
     fn implicit_null_and_missing_domains() {
         let dns = dnsmasq();
         run(async {
-            let r = resolver(dns.1);
+            let r = resolver(dns.port);
             let Resolution::Hosts(h) = r.resolve("implicit.test").await.unwrap() else {
                 panic!()
             };
@@ -471,7 +414,7 @@ mod tests {
     fn cache_answers_without_asking_and_stays_bounded() {
         let dns = dnsmasq();
         run(async {
-            let r = resolver(dns.1);
+            let r = resolver(dns.port);
             // Five answers (negative ones are cached too) into a cache of three.
             for d in ["x1.test", "x2.test", "x3.test", "x4.test", "x5.test"] {
                 assert_eq!(r.resolve(d).await.unwrap(), Resolution::NoSuchDomain);
