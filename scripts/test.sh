@@ -18,6 +18,8 @@ command -v python3 >/dev/null || need+=(python3)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 # promtool (Debian package prometheus) checks the /metrics exposition.
 command -v promtool >/dev/null || need+=(prometheus)
+# openssl makes the RSA DKIM keys of the signing tests (ring signs with RSA but cannot make keys).
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing test dependencies: ${need[*]}"
     apt-get update -qq

@@ -138,6 +138,25 @@ pub fn http_get(address: &str, path: &str) -> String {
     body.to_string()
 }
 
+/// `GET path` on `address` with a bearer `token`; returns the body (panics unless 200).
+pub fn http_get_token(address: &str, path: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).expect("connect to the HTTP endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {token}\r\n\
+         connection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read the answer");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
 /// Waits until the daemon whose admin endpoint is `admin` holds no live message in any spool
 /// (everything delivered, failed or bounced, and every bounce delivered): from then on nothing
 /// more can be sent. Panics after `secs`.
@@ -395,4 +414,23 @@ pub fn delivery_log(dir: &std::path::Path) -> Vec<serde_json::Value> {
         }
     }
     out
+}
+
+/// A credentials file line for `user` made by `saida passwd`.
+pub fn passwd_line(user: &str, password: &str) -> Vec<u8> {
+    use std::io::Write;
+    let out = std::process::Command::new(binary("saida"))
+        .args(["passwd", user])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            if let Some(mut stdin) = c.stdin.take() {
+                stdin.write_all(format!("{password}\n").as_bytes())?;
+            }
+            c.wait_with_output()
+        })
+        .expect("saida passwd");
+    assert!(out.status.success());
+    out.stdout
 }

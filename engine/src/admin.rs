@@ -106,6 +106,18 @@ struct Endpoint {
     router: crate::mesh::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     idempotency: std::sync::Mutex<crate::api::IdempotencyStore>,
+    /// Tenants: their API tokens may inject their mail (and do nothing else).
+    tenants: std::sync::Arc<crate::tenant::Tenants>,
+    /// Where the suspended tenants are saved.
+    spool_dir: std::path::PathBuf,
+}
+
+/// Who sent a request.
+enum Caller<'a> {
+    /// The admin token: every request.
+    Operator,
+    /// A tenant's API token: `POST /messages` for that tenant only.
+    Tenant(&'a crate::tenant::Tenant),
 }
 
 type Body = http_body_util::Full<hyper::body::Bytes>;
@@ -119,6 +131,7 @@ pub fn serve(
     token: String,
     router: crate::mesh::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    tenants: std::sync::Arc<crate::tenant::Tenants>,
 ) -> std::io::Result<()> {
     let address = &config.admin.address;
     if address.is_empty() {
@@ -135,6 +148,8 @@ pub fn serve(
         router,
         metrics,
         idempotency: std::sync::Mutex::new(idempotency),
+        tenants,
+        spool_dir: config.spool.dir.clone(),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -248,16 +263,30 @@ async fn handle(
         tracing::warn!(client = %peer, %path, "admin request from a browser page refused");
         return error(403, "requests from browser pages are refused");
     }
-    let authorized = headers
+    let given: Vec<&str> = headers
         .get_all(hyper::header::AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .filter_map(|v| v.trim().strip_prefix("Bearer "))
-        .any(|given| token_matches(given.trim(), &endpoint.token));
-    if !authorized {
+        .map(str::trim)
+        .collect();
+    let caller = if given.iter().any(|g| token_matches(g, &endpoint.token)) {
+        Caller::Operator
+    } else if let Some(t) = given.iter().find_map(|g| endpoint.tenants.of_token(g)) {
+        Caller::Tenant(t)
+    } else {
         let why = "admin request without a valid token refused";
         tracing::warn!(client = %peer, %method, %path, "{why}");
         return error(401, "token required");
+    };
+    let tenant = match caller {
+        Caller::Operator => None,
+        Caller::Tenant(t) => Some(t.name().to_string()),
+    };
+    if tenant.is_some() && (method.as_str(), path.as_str()) != ("POST", "/messages") {
+        tracing::warn!(client = %peer, %method, %path, tenant = ?tenant,
+            "a tenant's API token may only inject mail");
+        return error(403, "this token may only POST /messages");
     }
     if (method.as_str(), path.as_str()) == ("POST", "/messages") {
         let is_json = headers
@@ -279,7 +308,8 @@ async fn handle(
         };
         let ep = std::sync::Arc::clone(&endpoint);
         let work = tokio::task::spawn_blocking(move || {
-            inject(&ep.router, &body, key, &ep.limits, &ep.idempotency)
+            let tenant = tenant.as_deref().and_then(|t| ep.tenants.named(t));
+            inject(&ep, &body, key, tenant)
         });
         return match work.await {
             Ok((status, value)) => json(status, &value),
@@ -290,8 +320,25 @@ async fn handle(
         Err((status, why)) => error(status, &why),
         Ok(req) => {
             tracing::info!(client = %peer, %method, %path, "admin request");
+            if let Request::SuspendTenant(t)
+            | Request::ResumeTenant(t)
+            | Request::TenantSummary(t) = &req
+            {
+                if endpoint.tenants.named(t).is_none() {
+                    return error(404, &format!("no tenant `{t}`"));
+                }
+            }
             let ep = std::sync::Arc::clone(&endpoint);
-            match tokio::task::spawn_blocking(move || ask_shards(&ep.router, &req)).await {
+            let work = move || {
+                let answer = ask_shards(&ep.router, &req);
+                if matches!(req, Request::SuspendTenant(_) | Request::ResumeTenant(_)) {
+                    if let Err(e) = crate::tenant::save_suspended(&ep.tenants, &ep.spool_dir) {
+                        tracing::error!(error = %e, "suspended tenants not saved");
+                    }
+                }
+                answer
+            };
+            match tokio::task::spawn_blocking(work).await {
                 Ok(answer) => response(
                     200,
                     "application/json",
@@ -324,17 +371,23 @@ static NEXT_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 /// `POST /messages`: queues the request's messages on one shard, or answers an earlier
 /// request's queue ids for a repeated idempotency key.
 fn inject(
-    router: &crate::mesh::Router,
+    endpoint: &Endpoint,
     json: &[u8],
     header_key: Option<String>,
-    limits: &crate::api::Limits,
-    idempotency: &std::sync::Mutex<crate::api::IdempotencyStore>,
+    tenant: Option<&crate::tenant::Tenant>,
 ) -> (u16, serde_json::Value) {
     use crate::api::KeyState;
+    let (router, limits, idempotency) = (&endpoint.router, &endpoint.limits, &endpoint.idempotency);
     let req = match crate::api::parse(json) {
         Ok(r) => r,
         Err(e) => return (400, serde_json::json!({ "error": e })),
     };
+    if let Some(t) = tenant {
+        if !t.sender_allowed(&req.from) {
+            let why = "553 5.7.1 Sender address not allowed for this account";
+            return (403, serde_json::json!({ "error": why }));
+        }
+    }
     let key = req.idempotency_key.clone().or(header_key);
     if let Some(k) = &key {
         let printable = k.bytes().all(|b| b.is_ascii_graphic());
@@ -350,6 +403,30 @@ fn inject(
     let messages = match crate::api::prepare(&req, now_secs, limits) {
         Ok(m) => m,
         Err(e) => return (400, serde_json::json!({ "error": e })),
+    };
+    if let Some(t) = tenant {
+        for m in &messages {
+            if !t.from_header_allowed(&m.content) {
+                let why = "553 5.7.1 From: header address not allowed for this account";
+                return (403, serde_json::json!({ "error": why }));
+            }
+        }
+    }
+    if let Some(t) = tenant {
+        if let Err(q) = t.admit_n(messages.len() as u64) {
+            endpoint
+                .metrics
+                .inc(crate::metrics::Counter::TenantQuota, 1);
+            return (
+                429,
+                serde_json::json!({ "error": format!("452 4.7.1 {q}") }),
+            );
+        }
+    }
+    // Keys are the caller's own: one tenant never sees another's answers.
+    let key = match tenant {
+        Some(t) => key.map(|k| format!("{}/{k}", t.name())),
+        None => key,
     };
     let lock = || idempotency.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(k) = &key {
@@ -378,7 +455,11 @@ fn inject(
     }
     let shard = NEXT_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % router.shards();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let msg = crate::mesh::ShardMsg::Inject(messages, tx);
+    let msg = crate::mesh::ShardMsg::Inject {
+        messages,
+        tenant: tenant.map_or("api", |t| t.name()).to_string(),
+        reply: tx,
+    };
     if router.send_blocking(shard, msg, ADMIN_TIMEOUT).is_err() {
         if let Some(k) = &key {
             lock().forget(k);

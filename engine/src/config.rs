@@ -50,6 +50,12 @@ pub struct Config {
     pub sources: Vec<crate::delivery::egress::SourceConfig>,
     #[serde(rename = "pool")]
     pub pools: Vec<crate::delivery::egress::PoolConfig>,
+    #[serde(rename = "tenant")]
+    pub tenants: Vec<crate::tenant::TenantConfig>,
+    /// `[[dkim]]`: signing keys one by one.
+    #[serde(rename = "dkim")]
+    pub dkim_keys: Vec<DkimKey>,
+    pub signing: Signing,
 }
 
 impl Default for Config {
@@ -72,7 +78,106 @@ impl Default for Config {
             admin: Default::default(),
             sources: Vec::new(),
             pools: Vec::new(),
+            tenants: Vec::new(),
+            dkim_keys: Vec::new(),
+            signing: Signing::default(),
         }
+    }
+}
+
+/// `[[dkim]]`: one signing key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKey {
+    pub domain: String,
+    pub selector: String,
+    /// PEM file: RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8).
+    pub key: PathBuf,
+}
+
+/// `[signing]`: how accepted messages are DKIM-signed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Signing {
+    /// Directory of `<domain>.<selector>.pem` keys; empty = none.
+    pub dkim_keys_dir: String,
+    /// Header fields signed (absent ones too, so they cannot be added later).
+    pub dkim_headers: Vec<String>,
+    /// `relaxed/relaxed` (default), `relaxed/simple`, `simple/relaxed` or `simple/simple`.
+    pub dkim_canonicalization: String,
+    /// Signature lifetime (`x=`); 0 = none.
+    pub dkim_expire_secs: u64,
+    /// How often key files are checked for changes.
+    pub dkim_reload_secs: u64,
+    /// Domains whose keys sign every message besides the `From:` domain's (an ESP's own).
+    pub dkim_also: Vec<String>,
+}
+
+impl Default for Signing {
+    fn default() -> Self {
+        Signing {
+            dkim_keys_dir: String::new(),
+            dkim_headers: saida_dkim::DEFAULT_HEADERS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
+            dkim_canonicalization: "relaxed/relaxed".into(),
+            dkim_expire_secs: 0,
+            dkim_reload_secs: 60,
+            dkim_also: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Where the DKIM keys come from and how they sign; the error names the key.
+    pub fn dkim_sources(&self) -> Result<saida_dkim::KeySources, (String, String)> {
+        let s = &self.signing;
+        let (header_canonicalization, body_canonicalization) =
+            saida_dkim::parse_canonicalization(&s.dkim_canonicalization).ok_or((
+                "signing.dkim_canonicalization".to_string(),
+                "`relaxed/relaxed`, `relaxed/simple`, `simple/relaxed` or `simple/simple`".into(),
+            ))?;
+        if !s
+            .dkim_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case("from"))
+        {
+            let why = "must include From (RFC 6376 §5.4)".to_string();
+            return Err(("signing.dkim_headers".into(), why));
+        }
+        let mut entries = Vec::new();
+        for k in &self.dkim_keys {
+            let selector_ok = !k.selector.is_empty()
+                && k.selector
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !selector_ok {
+                let why = format!("`{}`: letters, digits, `-_.`", k.selector);
+                return Err(("dkim.selector".into(), why));
+            }
+            if !k.domain.contains('.') {
+                return Err((
+                    "dkim.domain".into(),
+                    format!("`{}` is not a domain", k.domain),
+                ));
+            }
+            entries.push(saida_dkim::KeyEntry {
+                domain: k.domain.to_ascii_lowercase(),
+                selector: k.selector.clone(),
+                key: k.key.clone(),
+            });
+        }
+        Ok(saida_dkim::KeySources {
+            entries,
+            dir: (!s.dkim_keys_dir.is_empty()).then(|| PathBuf::from(&s.dkim_keys_dir)),
+            options: saida_dkim::SignOptions {
+                headers: s.dkim_headers.clone(),
+                header_canonicalization,
+                body_canonicalization,
+                expire_secs: s.dkim_expire_secs,
+            },
+        })
     }
 }
 
@@ -574,6 +679,21 @@ impl Config {
                 return Err((key.to_string(), format!("no [[pool]] named `{p}`")));
             }
         }
+        self.dkim_sources()?;
+        range(
+            "signing.dkim_reload_secs",
+            self.signing.dkim_reload_secs,
+            1,
+            86_400,
+        )?;
+        range(
+            "signing.dkim_expire_secs",
+            self.signing.dkim_expire_secs,
+            0,
+            1 << 31,
+        )?;
+        let pools: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
+        crate::tenant::validate(&self.tenants, &pools)?;
         relay_networks_bounded(&self.relay.networks)
             .map_err(|m| ("relay.networks".to_string(), m))?;
         range("auth.failures_max", self.auth.failures_max, 1, 100)?;
@@ -657,20 +777,11 @@ impl Config {
     /// `auth.sender_domains` only from those domains (or their subdomains); others from any.
     /// The null sender is a bounce and never a user's to send.
     pub fn sender_allowed(&self, user: &str, from: &str) -> bool {
-        let Some(domains) = self.auth.sender_domains.get(user) else {
-            return true;
-        };
-        let Some((_, domain)) = from.rsplit_once('@') else {
-            return false;
-        };
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        domains.iter().any(|d| {
-            let d = d.trim_end_matches('.').to_ascii_lowercase();
-            domain == d
-                || domain
-                    .strip_suffix(&d)
-                    .is_some_and(|rest| rest.ends_with('.'))
-        })
+        match self.auth.sender_domains.get(user) {
+            Some(domains) if domains.is_empty() => false,
+            Some(domains) => crate::tenant::domain_allowed(domains, from),
+            None => true,
+        }
     }
 
     pub fn may_relay(&self, ip: IpAddr) -> bool {

@@ -4,6 +4,7 @@
 //! - `saida check-config FILE`: validates a configuration and exits;
 //! - `saida passwd USER`: reads a password on standard input and prints a credentials line;
 //! - `saida queue ...`: queue summary and control through the daemon's admin endpoint;
+//! - `saida dkim-record KEY`: prints the DNS TXT record that publishes a DKIM key;
 //! - `saida demo`: the spool crash demo.
 
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ mod mesh;
 mod metrics;
 mod shard;
 mod smtp;
+mod tenant;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +54,9 @@ enum Command {
     Passwd { user: String },
     /// Print docs/metrics.md, generated from the metric declarations.
     MetricsDoc,
+    /// Print the DNS TXT record (`v=DKIM1; k=...; p=...`) that publishes the public half of a
+    /// DKIM private key file (PEM: RSA or Ed25519), for `<selector>._domainkey.<domain>`.
+    DkimRecord { key: PathBuf },
     /// Inspect and control the running daemon's queues through its admin endpoint.
     Queue(QueueArgs),
     /// Spool demo: a writer process appends messages with group commit and is killed with
@@ -85,8 +90,16 @@ struct QueueArgs {
 
 #[derive(Subcommand)]
 enum QueueAction {
-    /// Queued recipients per destination domain.
-    Summary,
+    /// Queued recipients per destination domain (and tenant).
+    Summary {
+        /// Only this tenant's queues.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Stop delivering a tenant's mail (it stays queued; new mail is still taken).
+    SuspendTenant { tenant: String },
+    /// Deliver a suspended tenant's mail again.
+    ResumeTenant { tenant: String },
     /// Stop delivering to a domain (mail stays queued).
     Suspend { domain: String },
     /// Deliver to a suspended domain again.
@@ -117,7 +130,12 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
         _ => unreachable!("clap requires one of --id and --domain"),
     };
     let (method, path) = match &args.action {
-        QueueAction::Summary => ("GET", "/queue".to_string()),
+        QueueAction::Summary { tenant: None } => ("GET", "/queue".to_string()),
+        QueueAction::Summary { tenant: Some(t) } => ("GET", format!("/queue/tenants/{t}")),
+        QueueAction::SuspendTenant { tenant } => {
+            ("POST", format!("/queue/tenants/{tenant}/suspend"))
+        }
+        QueueAction::ResumeTenant { tenant } => ("POST", format!("/queue/tenants/{tenant}/resume")),
         QueueAction::Suspend { domain } => ("POST", format!("/queue/domains/{domain}/suspend")),
         QueueAction::Resume { domain } => ("POST", format!("/queue/domains/{domain}/resume")),
         QueueAction::Flush { domain: None } => ("POST", "/queue/flush".to_string()),
@@ -139,15 +157,16 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let answer = admin::client(&address, &token, method, &path)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
-    } else if matches!(args.action, QueueAction::Summary) {
+    } else if matches!(args.action, QueueAction::Summary { .. }) {
         println!(
-            "{:<40} {:>10} {:>8} {:>9} {:>11} {:>6} state",
-            "domain", "rcpts", "ready", "deferred", "oldest(s)", "conns"
+            "{:<40} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} state",
+            "domain", "tenant", "rcpts", "ready", "deferred", "oldest(s)", "conns"
         );
         for d in &answer.domains {
             println!(
-                "{:<40} {:>10} {:>8} {:>9} {:>11} {:>6} {}",
+                "{:<40} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} {}",
                 d.domain,
+                if d.tenant.is_empty() { "-" } else { &d.tenant },
                 d.queued_rcpts,
                 d.ready_jobs,
                 d.deferred_jobs,
@@ -162,6 +181,14 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
     if answer.shards_silent > 0 {
         anyhow::bail!("{} shard(s) did not answer", answer.shards_silent);
     }
+    Ok(())
+}
+
+fn dkim_record(key: &std::path::Path) -> anyhow::Result<()> {
+    let pem = std::fs::read(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let options = saida_dkim::SignOptions::default();
+    let signer = saida_dkim::Signer::from_pem(key, &pem, "example.invalid", "s", &options)?;
+    println!("{}", signer.dns_record());
     Ok(())
 }
 
@@ -180,6 +207,7 @@ fn main() -> ExitCode {
         },
         Command::Passwd { user } => passwd(&user),
         Command::Queue(args) => queue(args),
+        Command::DkimRecord { key } => dkim_record(&key),
         Command::MetricsDoc => {
             print!("{}", metrics::docs_markdown());
             Ok(())
@@ -234,6 +262,7 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         token,
         server.router.clone(),
         std::sync::Arc::clone(&server.metrics),
+        std::sync::Arc::clone(&server.tenants),
     )
     .map_err(|e| anyhow::anyhow!("admin endpoint {}: {e}", config.admin.address))?;
     tracing::info!(

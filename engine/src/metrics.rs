@@ -10,8 +10,8 @@
 //! (3 values), `reason` (a fixed list), `backend` (2 values), and `destination` / `tenant`
 //! (the [`TOP_LABELS`] biggest by volume, the rest folded into `other`).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
 use prometheus::proto::{self, MetricFamily, MetricType};
@@ -35,6 +35,7 @@ pub enum Counter {
     RejectedSpool,
     RejectedQueueFull,
     InflightRefused,
+    TenantQuota,
     AuthFailures,
     RelayRefused,
     DeliveryAttempts,
@@ -93,6 +94,12 @@ pub const COUNTERS: &[(Counter, &str, Option<(&str, &str)>, &str)] = &[
         "Messages refused at the end of data, by reason",
     ),
     (
+        Counter::TenantQuota,
+        "messages_rejected",
+        Some(("reason", "tenant_quota")),
+        "Messages refused at the end of data, by reason",
+    ),
+    (
         Counter::AuthFailures,
         "auth_failures",
         None,
@@ -136,6 +143,7 @@ pub enum Hist {
     Data,
     EndOfData,
     SpoolCommit,
+    DkimSign,
 }
 
 /// (histogram, name, help); exported as `saida_<name>_seconds`.
@@ -210,6 +218,11 @@ pub const HISTOGRAMS: &[(Hist, &str, &str)] = &[
         "spool_commit",
         "A message's append to its commit (group commit wait, write and fdatasync)",
     ),
+    (
+        Hist::DkimSign,
+        "dkim_sign",
+        "DKIM signing of one accepted message (every signature it gets)",
+    ),
 ];
 
 /// Gauges computed at scrape time: (name, help).
@@ -260,6 +273,10 @@ pub struct QueueSnapshot {
 
 /// Tenant label values allowed besides `none` and `unlisted`: messages injected over HTTP.
 const TENANT_LABELS: &[&str] = &["api"];
+
+const TENANT_QUEUE_HELP: &str =
+    "Recipients queued per configured tenant (its queue quota counts these)";
+const TENANT_SUSPENDED_HELP: &str = "1 while an operator has suspended the tenant's delivery";
 
 /// Label values exported per destination and per tenant; the rest is summed as `other`.
 pub const TOP_LABELS: usize = 20;
@@ -376,6 +393,9 @@ pub struct Metrics {
     pub ready: AtomicBool,
     /// `io_uring` or `epoll`.
     pub backend: Mutex<String>,
+    /// Configured tenants: their names are the only tenant label values besides the fixed
+    /// ones, and their queued recipients are gauges.
+    tenants: Arc<crate::tenant::Tenants>,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -404,7 +424,14 @@ impl Metrics {
             queues: (0..shards).map(|_| Mutex::default()).collect(),
             ready: AtomicBool::new(false),
             backend: Mutex::new(String::new()),
+            tenants: Arc::default(),
         }
+    }
+
+    /// The configured tenants' names become label values of the tenant metrics.
+    pub fn with_tenants(mut self, tenants: Arc<crate::tenant::Tenants>) -> Metrics {
+        self.tenants = tenants;
+        self
     }
 
     pub fn inc(&self, c: Counter, n: u64) {
@@ -423,7 +450,7 @@ impl Metrics {
         // an AUTH user name, which is neither bounded nor for publishing.
         let tenant = match tenant {
             "" => "none",
-            t if TENANT_LABELS.contains(&t) => t,
+            t if TENANT_LABELS.contains(&t) || self.tenants.named(t).is_some() => t,
             _ => "unlisted",
         };
         for (table, key) in [(&self.by_destination, domain), (&self.by_tenant, tenant)] {
@@ -668,6 +695,27 @@ impl Metrics {
                 }
             }
         }
+        for t in self.tenants.all() {
+            let label = [("tenant", t.name())];
+            let queued = gauge(t.queued_rcpts() as f64, &label);
+            let name = "saida_tenant_queued_recipients";
+            push(
+                &mut families,
+                name,
+                TENANT_QUEUE_HELP,
+                MetricType::GAUGE,
+                queued,
+            );
+            let suspended = gauge(f64::from(u8::from(t.suspended())), &label);
+            let name = "saida_tenant_suspended";
+            push(
+                &mut families,
+                name,
+                TENANT_SUSPENDED_HELP,
+                MetricType::GAUGE,
+                suspended,
+            );
+        }
         for (i, (_, name, help)) in HISTOGRAMS.iter().enumerate() {
             let mut merged = new_hist();
             for shard in &self.hists {
@@ -797,7 +845,9 @@ pub fn docs_markdown() -> String {
     s.push_str(&format!(
         "| `saida_queue_recipients` | gauge | `state` | {QUEUE_STATE_HELP} |\n\
          | `saida_destination_queued_recipients` | gauge | `destination` | {DEST_QUEUE_HELP} |\n\
-         | `saida_destination_connections` | gauge | `destination` | {DEST_CONN_HELP} |\n"
+         | `saida_destination_connections` | gauge | `destination` | {DEST_CONN_HELP} |\n\
+         | `saida_tenant_queued_recipients` | gauge | `tenant` | {TENANT_QUEUE_HELP} |\n\
+         | `saida_tenant_suspended` | gauge | `tenant` | {TENANT_SUSPENDED_HELP} |\n"
     ));
     s.push_str(&format!(
         "| `saida_shard_inbox_full_waits_total` | counter | | {INBOX_WAITS_HELP} |\n"

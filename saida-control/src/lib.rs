@@ -16,6 +16,11 @@ use spool_format::QueueId;
 pub enum Request {
     /// Queued recipients per domain.
     Summary,
+    /// Queued recipients per domain of one tenant.
+    TenantSummary(String),
+    /// Stop delivering a tenant's mail (queued mail stays; new mail is queued), and resume.
+    SuspendTenant(String),
+    ResumeTenant(String),
     /// Stop delivering to a domain (queued mail stays; new mail is queued).
     Suspend(String),
     Resume(String),
@@ -41,6 +46,9 @@ pub enum Selector {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainSummary {
     pub domain: String,
+    /// The configured tenant whose queue this is; empty for mail of no tenant.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
     pub shard: u16,
     pub queued_rcpts: usize,
     pub ready_jobs: usize,
@@ -69,9 +77,23 @@ pub fn route(method: &str, path: &str) -> Result<Request, (u16, String)> {
         s.parse::<QueueId>()
             .map_err(|_| (400, format!("`{s}` is not a queue id")))
     };
+    let tenant = |s: &str| {
+        let valid = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if valid {
+            Ok(s.to_string())
+        } else {
+            Err((400, format!("`{s}` is not a tenant name")))
+        }
+    };
     match (method, parts.as_slice()) {
         ("GET", ["queue"]) => Ok(Request::Summary),
         ("GET", ["queue", "messages", qid]) => Ok(Request::Status(id(qid)?)),
+        ("GET", ["queue", "tenants", t]) => Ok(Request::TenantSummary(tenant(t)?)),
+        ("POST", ["queue", "tenants", t, "suspend"]) => Ok(Request::SuspendTenant(tenant(t)?)),
+        ("POST", ["queue", "tenants", t, "resume"]) => Ok(Request::ResumeTenant(tenant(t)?)),
         ("POST", ["queue", "flush"]) => Ok(Request::Flush(None)),
         ("POST", ["queue", "domains", d, action]) => {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
@@ -124,6 +146,15 @@ mod tests {
             Ok(Request::Suspend("example.com".into()))
         );
         assert_eq!(route("POST", "/queue/flush"), Ok(Request::Flush(None)));
+        assert_eq!(
+            route("POST", "/queue/tenants/acme/suspend"),
+            Ok(Request::SuspendTenant("acme".into()))
+        );
+        assert_eq!(
+            route("GET", "/queue/tenants/acme"),
+            Ok(Request::TenantSummary("acme".into()))
+        );
+        assert_eq!(route("GET", "/queue/tenants/a%20b").unwrap_err().0, 400);
         let id = QueueId(0xABC);
         assert_eq!(
             route("POST", &format!("/queue/messages/{id}/delete")),
@@ -158,6 +189,7 @@ mod tests {
             let Some(p) = &path else { continue };
             let concrete = p
                 .replace("{domain}", "example.com")
+                .replace("{tenant}", "acme")
                 .replace("{id}", &QueueId(0xABC).to_string());
             let served_before_routing = matches!(
                 (method, concrete.as_str()),

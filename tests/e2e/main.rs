@@ -10,4 +10,5 @@ mod observability;
 mod smtp_server;
 mod spool_demo;
 mod spool_trust;
+mod tenants;
 mod tidy;

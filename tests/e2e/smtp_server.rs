@@ -587,31 +587,12 @@ fn the_connection_reserve_is_kept_for_clients_that_authenticate() {
     drop(held);
 }
 
-/// A credentials file line for `user` made by `saida passwd`.
-fn passwd_line(user: &str, password: &str) -> Vec<u8> {
-    let out = std::process::Command::new(saida_e2e::binary("saida"))
-        .args(["passwd", user])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{password}\n").as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success());
-    out.stdout
-}
-
 /// A daemon whose only user is alice (password `s3cret`), AUTH allowed without TLS, with
 /// `more` appended to `[auth]`; the credentials' directory lives as long as the daemon.
 fn with_alice(more: &str) -> (Daemon, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let users = tmp.path().join("users");
-    std::fs::write(&users, passwd_line("alice", "s3cret")).unwrap();
+    std::fs::write(&users, saida_e2e::passwd_line("alice", "s3cret")).unwrap();
     let config = format!(
         "[auth]\ncredentials_file = \"{}\"\nrequire_tls = false\n{more}",
         users.display()

@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::delivery::dsn::{FailedRecipient, build_bounce};
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog, LogRotation, rfc3339};
 use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
-use crate::delivery::queue::{DomainQueue, Job, JobRcpt};
+use crate::delivery::queue::{DomainQueue, Job, JobRcpt, queue_name, split_queue_name};
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
 use crate::mesh::{Handoff, Outcome, Router, ShardMsg, SpoolReaders};
@@ -171,6 +171,8 @@ pub struct Deliverer<S: Dial> {
     /// MX lookups under way at once, at most `delivery.dns_lookups_per_shard_max`.
     dns_lookups: tokio::sync::Semaphore,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Tenants: their queues are apart, their pools and suspension apply, their quotas count.
+    tenants: Arc<crate::tenant::Tenants>,
     rng: Cell<u64>,
     _stream: PhantomData<S>,
 }
@@ -185,6 +187,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         spool: Rc<RefCell<Spool>>,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<crate::metrics::Metrics>,
+        tenants: Arc<crate::tenant::Tenants>,
     ) -> Result<Rc<Self>, String> {
         let policies = DeliveryPolicies::new(&config.delivery, &config.routes)
             .map_err(|(k, m)| format!("{k}: {m}"))?;
@@ -261,15 +264,11 @@ impl<S: Dial + 'static> Deliverer<S> {
             slot_wanted: tokio::sync::Notify::new(),
             dns_lookups: tokio::sync::Semaphore::new(config.delivery.dns_lookups_per_shard_max),
             metrics,
+            tenants,
             rng: Cell::new(now_micros() | 1),
             config,
             _stream: PhantomData,
         }))
-    }
-
-    /// The configuration (for the shard's other tasks).
-    pub fn config(&self) -> Arc<Config> {
-        Arc::clone(&self.config)
     }
 
     /// Whether this daemon delivers at all (`delivery.enabled`).
@@ -318,7 +317,8 @@ impl<S: Dial + 'static> Deliverer<S> {
         };
         let Ok(msg) = mref.message() else { return };
         let now = now_micros();
-        // (domain, due, recipients): recipients of one domain due at the same time share a job.
+        let tenant = self.tenants.named(msg.tenant);
+        // (queue, due, recipients): recipients of one domain due at the same time share a job.
         let mut groups: Vec<(String, u64, Vec<JobRcpt>)> = Vec::new();
         for r in &h.rcpts {
             let Some(rcpt) = msg.recipients.get(r.index as usize) else {
@@ -327,6 +327,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             let domain = crate::mesh::route::domain_of(rcpt.address)
                 .trim_end_matches('.')
                 .to_ascii_lowercase();
+            let domain = queue_name(tenant.map(|t| t.name()), &domain);
             let jr = JobRcpt {
                 index: r.index,
                 attempts: r.attempts,
@@ -338,6 +339,9 @@ impl<S: Dial + 'static> Deliverer<S> {
                 Some(g) => g.2.push(jr),
                 None => groups.push((domain, r.next_attempt_micros, vec![jr])),
             }
+        }
+        if let Some(t) = tenant.filter(|_| !h.counted) {
+            t.queued(groups.iter().map(|g| g.2.len()).sum());
         }
         for (domain, due, rcpts) in groups {
             let job = Job {
@@ -395,7 +399,13 @@ impl<S: Dial + 'static> Deliverer<S> {
         match self.read(job.queue_id, job.spool_shard, job.base, rcpts) {
             // `read` already decoded and checked the record, so `message()` cannot fail.
             Ok(m) => Some(m),
-            Err(ReadFailure::Moved) => None,
+            Err(ReadFailure::Moved) => {
+                // They come back through `enqueue`, which counts them for their tenant again.
+                if let Some(t) = self.tenant_of(domain) {
+                    t.finished(job.rcpts.len());
+                }
+                None
+            }
             _ => {
                 let now = now_micros();
                 self.push_job(
@@ -409,6 +419,33 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
     }
 
+    /// The configured tenant whose mail queue `name` holds.
+    fn tenant_of(&self, name: &str) -> Option<&crate::tenant::Tenant> {
+        split_queue_name(name).0.and_then(|t| self.tenants.named(t))
+    }
+
+    /// A new queue: its destination's policy (with the tenant's pool, when it has one), and
+    /// suspended when the destination or the tenant is.
+    fn new_queue(
+        &self,
+        domains: &HashMap<Rc<str>, DomainQueue>,
+        name: &str,
+        now: u64,
+    ) -> DomainQueue {
+        let (tenant, domain) = split_queue_name(name);
+        let mut policy = self.policies.for_domain(domain);
+        let tenant = tenant.and_then(|t| self.tenants.named(t));
+        if let Some(t) = tenant.filter(|t| !t.config.pool.is_empty()) {
+            let mut p = (*policy).clone();
+            p.pool = Some(t.config.pool.clone());
+            policy = Arc::new(p);
+        }
+        let mut q = DomainQueue::new(policy, now);
+        q.suspended = name != domain && domains.get(domain).is_some_and(|d| d.suspended);
+        q.held = tenant.is_some_and(|t| t.suspended());
+        q
+    }
+
     fn push_job(&self, domain: &str, job: Job, due: u64, now: u64) -> Rc<str> {
         let n = job.rcpts.len();
         let mut domains = self.domains.borrow_mut();
@@ -416,7 +453,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             Some((k, _)) => Rc::clone(k),
             None => {
                 let k: Rc<str> = domain.into();
-                let q = DomainQueue::new(self.policies.for_domain(domain), now);
+                let q = self.new_queue(&domains, domain, now);
                 domains.insert(Rc::clone(&k), q);
                 k
             }
@@ -454,7 +491,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             let Some(q) = domains.get_mut(domain) else {
                 return;
             };
-            if q.ready_jobs() > 0 && q.idle_workers > 0 && !q.suspended {
+            if q.ready_jobs() > 0 && q.idle_workers > 0 && !q.paused() {
                 q.wake.notify_one();
             }
             let wanted = q.workers_wanted(now_micros());
@@ -497,7 +534,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 domains
                     .iter_mut()
                     .filter_map(|(k, q)| {
-                        if q.suspended {
+                        if q.paused() {
                             return None;
                         }
                         q.promote_due(now);
@@ -647,14 +684,15 @@ impl<S: Dial + 'static> Deliverer<S> {
         self.domains
             .borrow()
             .get(domain)
-            .is_some_and(|q| q.ready_jobs() > 0 && !q.suspended)
+            .is_some_and(|q| q.ready_jobs() > 0 && !q.paused())
     }
 
     async fn destination_hosts(
         &self,
-        domain: &str,
+        queue: &str,
         policy: &DomainPolicy,
     ) -> Result<Vec<Host>, NoHosts> {
+        let domain = split_queue_name(queue).1;
         let temp = |why: String| NoHosts {
             permanent: false,
             verdict: Verdict::local(451, "4.4.3", why),
@@ -1109,6 +1147,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             .started
             .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
         let waited = now.saturating_sub(job.received_at_micros);
+        let (_, destination) = split_queue_name(domain);
         let m = &self.metrics;
         m.inc(Counter::DeliveryAttempts, job.rcpts.len() as u64);
         for (r, v) in job.rcpts.iter().zip(verdicts.iter()) {
@@ -1173,7 +1212,8 @@ impl<S: Dial + 'static> Deliverer<S> {
                     message_id,
                     sender: msg.sender,
                     recipient: address,
-                    domain,
+                    domain: destination,
+                    tenant: msg.tenant,
                     mx_host: info.host.as_deref(),
                     mx_ip: info.ip.map(|i| i.to_string()),
                     source: info.source.as_deref(),
@@ -1219,7 +1259,10 @@ impl<S: Dial + 'static> Deliverer<S> {
                 _ => counts[2] += 1,
             }
         }
-        self.metrics.outcomes(domain, msg.tenant, counts);
+        self.metrics.outcomes(destination, msg.tenant, counts);
+        if let Some(t) = self.tenant_of(domain) {
+            t.finished((counts[0] + counts[2]) as usize);
+        }
         let out = ShardMsg::Outcomes {
             spool: job.spool_shard,
             queue_id: job.queue_id,
@@ -1314,7 +1357,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             recipients: vec![Recipient::new(&bounce.recipient)],
             body: &bounce.body,
         };
-        match crate::intake::commit(&self.spool, &message).await {
+        match crate::intake::commit(&self.spool, &message, None).await {
             Ok(base) => {
                 self.metrics.inc(Counter::Bounces, 1);
                 tracing::info!(%queue_id, original = %msg.queue_id, to = %bounce.recipient,
@@ -1334,11 +1377,18 @@ impl<S: Dial + 'static> Deliverer<S> {
         let now = now_micros();
         let mut reply = ShardReply::default();
         match req {
-            Request::Summary => {
+            Request::Summary | Request::TenantSummary(_) => {
                 let domains = self.domains.borrow();
                 for (d, q) in domains.iter() {
+                    let (tenant, domain) = split_queue_name(d);
+                    if let Request::TenantSummary(t) = req {
+                        if tenant != Some(t.as_str()) {
+                            continue;
+                        }
+                    }
                     reply.domains.push(DomainSummary {
-                        domain: d.to_string(),
+                        domain: domain.to_string(),
+                        tenant: tenant.unwrap_or_default().to_string(),
                         shard: self.shard,
                         queued_rcpts: q.queued_rcpts(),
                         ready_jobs: q.ready_jobs(),
@@ -1349,7 +1399,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                         next_attempt_in_secs: q
                             .next_due_micros()
                             .map(|t| t.saturating_sub(now) / 1_000_000),
-                        suspended: q.suspended,
+                        suspended: q.paused(),
                         connections: q.workers,
                     });
                 }
@@ -1359,17 +1409,28 @@ impl<S: Dial + 'static> Deliverer<S> {
                 let d = d.to_ascii_lowercase();
                 let owner = crate::mesh::route::owner_shard(&d, self.router.shards());
                 if owner == self.shard as usize {
+                    // The destination's own queue keeps the saved state; its tenants' queues
+                    // follow it.
                     let key: Rc<str> = d.as_str().into();
                     let mut domains = self.domains.borrow_mut();
-                    let q = domains
-                        .entry(Rc::clone(&key))
-                        .or_insert_with(|| DomainQueue::new(self.policies.for_domain(&d), now));
-                    q.suspended = suspend;
-                    q.wake.notify_waiters();
+                    if !domains.contains_key(&key) {
+                        let q = self.new_queue(&domains, &d, now);
+                        domains.insert(Rc::clone(&key), q);
+                    }
+                    let mut keys = Vec::new();
+                    for (k, q) in domains.iter_mut() {
+                        if split_queue_name(k).1 == d {
+                            q.suspended = suspend;
+                            q.wake.notify_waiters();
+                            keys.push(Rc::clone(k));
+                        }
+                    }
                     reply.affected = 1;
                     drop(domains);
                     self.save_suspended();
-                    self.kick(&key);
+                    for k in keys {
+                        self.kick(&k);
+                    }
                 }
             }
             Request::Status(id) => {
@@ -1395,12 +1456,38 @@ impl<S: Dial + 'static> Deliverer<S> {
                     reply.affected = 1;
                 }
             }
+            Request::SuspendTenant(name) | Request::ResumeTenant(name) => {
+                let hold = matches!(req, Request::SuspendTenant(_));
+                let Some(t) = self.tenants.named(name) else {
+                    return reply;
+                };
+                t.set_suspended(hold);
+                let keys: Vec<Rc<str>> = {
+                    let mut domains = self.domains.borrow_mut();
+                    domains
+                        .iter_mut()
+                        .filter(|(k, _)| split_queue_name(k).0 == Some(name.as_str()))
+                        .map(|(k, q)| {
+                            q.held = hold;
+                            q.wake.notify_waiters();
+                            Rc::clone(k)
+                        })
+                        .collect()
+                };
+                reply.affected = usize::from(self.shard == 0);
+                for k in keys {
+                    self.kick(&k);
+                }
+            }
             Request::Flush(d) => {
                 let keys: Vec<Rc<str>> = {
                     let mut domains = self.domains.borrow_mut();
                     domains
                         .iter_mut()
-                        .filter(|(k, _)| d.as_ref().is_none_or(|d| d.eq_ignore_ascii_case(k)))
+                        .filter(|(k, _)| {
+                            let dest = split_queue_name(k).1;
+                            d.as_ref().is_none_or(|d| d.eq_ignore_ascii_case(dest))
+                        })
                         .map(|(k, q)| {
                             reply.affected += q.flush();
                             Rc::clone(k)
@@ -1418,7 +1505,9 @@ impl<S: Dial + 'static> Deliverer<S> {
                     let mut domains = self.domains.borrow_mut();
                     for (k, q) in domains.iter_mut() {
                         let jobs = match sel {
-                            Selector::Domain(d) if d.eq_ignore_ascii_case(k) => {
+                            Selector::Domain(d)
+                                if d.eq_ignore_ascii_case(split_queue_name(k).1) =>
+                            {
                                 q.take_where(|_| true)
                             }
                             Selector::Message(id) => q.take_where(|j| j.queue_id == *id),
@@ -1446,7 +1535,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             .domains
             .borrow()
             .iter()
-            .filter(|(_, q)| q.suspended)
+            .filter(|(d, q)| q.suspended && split_queue_name(d).0.is_none())
             .map(|(d, _)| d.to_string())
             .collect();
         list.sort();
@@ -1474,6 +1563,9 @@ impl<S: Dial + 'static> Deliverer<S> {
             self.settle(domain, &job, &msg, vec![v; n], &AttemptInfo::default())
                 .await;
         } else {
+            if let Some(t) = self.tenant_of(domain) {
+                t.finished(job.rcpts.len());
+            }
             let outcomes = job
                 .rcpts
                 .iter()
@@ -1498,18 +1590,26 @@ impl<S: Dial + 'static> Deliverer<S> {
     /// The queues for the gauges: recipients by state, and the biggest domains.
     pub fn queue_snapshot(&self) -> crate::metrics::QueueSnapshot {
         let mut snap = crate::metrics::QueueSnapshot::default();
-        let mut all: Vec<(String, u64, u64)> = Vec::new();
-        for (d, q) in self.domains.borrow().iter() {
+        // Per destination: the tenants' queues of one domain add up.
+        let mut by_domain: HashMap<&str, (u64, u64)> = HashMap::new();
+        let domains = self.domains.borrow();
+        for (d, q) in domains.iter() {
             let queued = q.queued_rcpts() as u64;
-            if q.suspended {
+            if q.paused() {
                 snap.suspended_rcpts += queued;
             } else {
                 let (ready, deferred) = q.rcpts_by_state();
                 snap.ready_rcpts += ready as u64;
                 snap.deferred_rcpts += deferred as u64;
             }
-            all.push((d.to_string(), queued, q.workers as u64));
+            let row = by_domain.entry(split_queue_name(d).1).or_default();
+            row.0 += queued;
+            row.1 += q.workers as u64;
         }
+        let mut all: Vec<(String, u64, u64)> = by_domain
+            .into_iter()
+            .map(|(d, (queued, workers))| (d.to_string(), queued, workers))
+            .collect();
         all.sort_by(|a, b| b.1.cmp(&a.1));
         for (i, row) in all.into_iter().enumerate() {
             if i < crate::metrics::TOP_LABELS {

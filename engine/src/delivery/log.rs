@@ -32,6 +32,9 @@ pub struct AttemptRecord<'a> {
     /// The message's Message-ID header, if it has one.
     pub message_id: Option<&'a str>,
     pub sender: &'a str,
+    /// The message's tenant (`[[tenant]]` name; an AUTH user's name when the user is no
+    /// tenant's; `api` for HTTP injection with the admin token; empty for none).
+    pub tenant: &'a str,
     pub recipient: &'a str,
     pub domain: &'a str,
     pub mx_host: Option<&'a str>,
@@ -208,6 +211,7 @@ mod tests {
             sender: "s@origin.test",
             recipient: "u@dest.test",
             domain: "dest.test",
+            tenant: "acme",
             mx_host: Some("mx.dest.test"),
             mx_ip: Some("127.0.0.2".into()),
             source: None,

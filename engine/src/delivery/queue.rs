@@ -15,6 +15,24 @@ use spool::{Location, QueueId};
 use crate::delivery::policy::DomainPolicy;
 use crate::delivery::throttle::RateLimit;
 
+/// The name of the queue of `domain`'s mail: the domain itself, or `tenant/domain` for a
+/// configured tenant's mail (`tenant/domain`: no domain, nor address literal, holds a `/`), so
+/// that tenants' queues are apart.
+pub fn queue_name(tenant: Option<&str>, domain: &str) -> String {
+    match tenant {
+        Some(t) => format!("{t}/{domain}"),
+        None => domain.to_string(),
+    }
+}
+
+/// The tenant and destination domain of a queue name ([`queue_name`] backwards).
+pub fn split_queue_name(name: &str) -> (Option<&str>, &str) {
+    match name.split_once('/') {
+        Some((t, d)) => (Some(t), d),
+        None => (None, name),
+    }
+}
+
 /// One recipient of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobRcpt {
@@ -80,7 +98,10 @@ pub struct DomainQueue {
     /// No new connection before this time (after a failed connection, or while the rate limit
     /// has no token for longer than an idle connection may wait).
     pub backoff_until_micros: u64,
+    /// An operator suspended the destination (saved across restarts).
     pub suspended: bool,
+    /// An operator suspended the queue's tenant (`Tenant::suspended` is the saved state).
+    pub held: bool,
     pub rate: RateLimit,
     /// Wakes idle workers when work arrives.
     pub wake: std::rc::Rc<tokio::sync::Notify>,
@@ -100,9 +121,15 @@ impl DomainQueue {
             connected: 0,
             backoff_until_micros: 0,
             suspended: false,
+            held: false,
             rate: RateLimit::new(s, m, h, now_micros),
             wake: Default::default(),
         }
+    }
+
+    /// Suspended by an operator, for the destination or for the tenant.
+    pub fn paused(&self) -> bool {
+        self.suspended || self.held
     }
 
     /// Queues a job: ready now, or deferred until `due_micros`.
@@ -129,7 +156,7 @@ impl DomainQueue {
     /// Takes the next ready job, at most `rcpts_per_transaction_max` recipients of it (the rest
     /// stays at the head).
     pub fn pop(&mut self) -> Option<Job> {
-        if self.suspended {
+        if self.paused() {
             return None;
         }
         let max = self.policy.rcpts_per_transaction_max.max(1);
@@ -238,7 +265,7 @@ impl DomainQueue {
     /// `msgs_per_connection_max` each, up to `connections_max`, when no worker is idle and no
     /// backoff is running.
     pub fn workers_wanted(&self, now_micros: u64) -> usize {
-        if self.suspended
+        if self.paused()
             || self.ready.is_empty()
             || self.idle_workers > 0
             || now_micros < self.backoff_until_micros
@@ -262,6 +289,18 @@ impl DomainQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_names_carry_the_tenant_apart_from_the_domain() {
+        assert_eq!(
+            split_queue_name(&queue_name(None, "d.test")),
+            (None, "d.test")
+        );
+        let n = queue_name(Some("acme"), "d.test");
+        assert_eq!(split_queue_name(&n), (Some("acme"), "d.test"));
+        let literal = "[IPv6:::1]";
+        assert_eq!(split_queue_name(literal), (None, literal));
+    }
     use crate::delivery::policy::{DeliveryConfig, DeliveryPolicies};
 
     fn policy(conns: usize, per_conn: u32, rcpts: usize) -> Arc<DomainPolicy> {

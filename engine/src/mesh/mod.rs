@@ -44,6 +44,9 @@ pub struct Handoff {
     pub base: Location,
     pub received_at_micros: u64,
     pub rcpts: Vec<HandoffRcpt>,
+    /// Intake already counted these recipients in their tenant's queue quota (a fresh
+    /// message); recovered and re-offered ones are counted when they are queued.
+    pub counted: bool,
 }
 
 /// One recipient's outcome, owned so that it can cross shards.
@@ -78,10 +81,12 @@ pub enum ShardMsg {
     },
     /// HTTP injection: queue these messages in this shard's spool and answer with their queue
     /// ids once committed.
-    Inject(
-        Vec<crate::api::Prepared>,
-        std::sync::mpsc::SyncSender<Result<Vec<String>, crate::api::InjectFailure>>,
-    ),
+    Inject {
+        messages: Vec<crate::api::Prepared>,
+        /// The tenant they are queued for (`api` for the admin token).
+        tenant: String,
+        reply: std::sync::mpsc::SyncSender<Result<Vec<String>, crate::api::InjectFailure>>,
+    },
     /// An operator request, answered on `reply`.
     Admin(
         saida_control::Request,
@@ -230,6 +235,7 @@ impl Router {
         base: Location,
         received_at_micros: u64,
         rcpts: &[(&str, HandoffRcpt)],
+        counted: bool,
     ) {
         let shards = self.senders.len();
         let mut by_owner: Vec<Vec<HandoffRcpt>> = vec![Vec::new(); shards];
@@ -247,6 +253,7 @@ impl Router {
                 base,
                 received_at_micros,
                 rcpts,
+                counted,
             };
             if self.send(owner, ShardMsg::Deliver(h)).await.is_err() {
                 tracing::warn!(
@@ -292,7 +299,7 @@ mod tests {
         let rcpts = ["a@one.test", "b@two.test", "c@one.test", "d@three.test"];
         let with_state: Vec<(&str, HandoffRcpt)> =
             (0..4).map(|i| (rcpts[i], rcpt(i as u32))).collect();
-        block_on(router.hand_off(1, QueueId(9), BASE, 7, &with_state));
+        block_on(router.hand_off(1, QueueId(9), BASE, 7, &with_state, false));
         let mut seen = Vec::new();
         for (shard, inbox) in inboxes.iter_mut().enumerate() {
             while let Ok(m) = inbox.try_recv() {
@@ -318,14 +325,28 @@ mod tests {
         block_on(local.run_until(async {
             for i in 0..INBOX_LEN_MAX {
                 router
-                    .hand_off(0, QueueId(i as u128), BASE, 0, &[("x@y.test", rcpt(0))])
+                    .hand_off(
+                        0,
+                        QueueId(i as u128),
+                        BASE,
+                        0,
+                        &[("x@y.test", rcpt(0))],
+                        true,
+                    )
                     .await;
             }
             // Full: the sender waits, well past the old 30 s give-up (virtual time).
             let r = router.clone();
             let sender = tokio::task::spawn_local(async move {
-                r.hand_off(0, QueueId(u128::MAX), BASE, 0, &[("x@y.test", rcpt(0))])
-                    .await;
+                r.hand_off(
+                    0,
+                    QueueId(u128::MAX),
+                    BASE,
+                    0,
+                    &[("x@y.test", rcpt(0))],
+                    true,
+                )
+                .await;
             });
             tokio::time::sleep(INBOX_WAIT_WARN * 4).await;
             assert!(!sender.is_finished(), "the sender gave up");

@@ -150,6 +150,8 @@ struct ShardSetup {
     inbox: Receiver<ShardMsg>,
     readers: SpoolReaders,
     metrics: Arc<crate::metrics::Metrics>,
+    tenants: Arc<crate::tenant::Tenants>,
+    dkim: Arc<saida_dkim::Keyring>,
     limits: Arc<ConnLimits>,
     shutdown: watch::Receiver<bool>,
     listeners: Vec<(std::net::TcpListener, ListenerTls)>,
@@ -165,6 +167,7 @@ pub struct Server {
     pub router_stats: Arc<RouterStats>,
     pub router: Router,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub tenants: Arc<crate::tenant::Tenants>,
     /// The spool directory's lock, released when the server is dropped.
     _spool_lock: spool::lock::DirLock,
 }
@@ -215,10 +218,24 @@ impl Server {
                 "spools of a larger shard count found; adopting them until they drain"
             );
         }
-        let metrics = Arc::new(crate::metrics::Metrics::with_recording(
-            shards,
-            config.admin.metrics,
-        ));
+        let tenants = Arc::new(crate::tenant::Tenants::new(&config.tenants));
+        crate::tenant::restore_suspended(&tenants, &config.spool.dir);
+        let sources = config
+            .dkim_sources()
+            .map_err(|(k, m)| anyhow::anyhow!("{k}: {m}"))?;
+        let dkim = Arc::new(saida_dkim::Keyring::load(sources)?);
+        if !dkim.keys().is_empty() {
+            tracing::info!(keys = dkim.keys().len(), "DKIM keys loaded");
+        }
+        saida_dkim::Keyring::watch(
+            &dkim,
+            Duration::from_secs(config.signing.dkim_reload_secs),
+            |e| tracing::error!(error = %e, "DKIM key not reloaded; the last good one stays"),
+        )?;
+        let metrics = Arc::new(
+            crate::metrics::Metrics::with_recording(shards, config.admin.metrics)
+                .with_tenants(Arc::clone(&tenants)),
+        );
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auth_throttle = Arc::new(crate::auth::AuthThrottle::new(cpus));
         let inflight = crate::smtp::server::inflight::InflightBudget::new(
@@ -265,6 +282,8 @@ impl Server {
                 inbox,
                 readers: Arc::clone(&readers),
                 metrics: Arc::clone(&metrics),
+                tenants: Arc::clone(&tenants),
+                dkim: Arc::clone(&dkim),
                 limits: Arc::clone(&limits),
                 shutdown: shutdown_rx.clone(),
                 listeners,
@@ -301,6 +320,7 @@ impl Server {
             router_stats: Arc::clone(&router.stats),
             router,
             metrics,
+            tenants,
             _spool_lock: spool_lock,
         })
     }
@@ -400,6 +420,8 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         inbox,
         readers,
         metrics,
+        tenants,
+        dkim,
         limits,
         shutdown,
         listeners,
@@ -493,6 +515,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         Rc::clone(&spool),
         shutdown.clone(),
         Arc::clone(&metrics),
+        Arc::clone(&tenants),
     ) {
         Ok(d) => d,
         Err(e) => {
@@ -511,6 +534,8 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         router: router.clone(),
         metrics: Arc::clone(&metrics),
         inflight,
+        tenants: Arc::clone(&tenants),
+        dkim,
     });
     let active = Rc::new(Cell::new(0usize));
     for (acceptor, mode) in acceptors {
@@ -520,6 +545,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
     let inbox_done = Rc::new(tokio::sync::Notify::new());
     tokio::task::spawn_local(drain_inbox(
         inbox,
+        Rc::clone(&ctx),
         Rc::clone(&deliverer),
         Rc::clone(&spools),
         router.clone(),
@@ -688,6 +714,7 @@ async fn accept_loop<A: Acceptor>(
 /// something arrives. Once `done` is notified it drains what is left and stops.
 async fn drain_inbox<S: saida_net::Dial + 'static>(
     inbox: Receiver<ShardMsg>,
+    ctx: Rc<ShardContext>,
     deliverer: Rc<Deliverer<S>>,
     spools: SpoolSet,
     router: Router,
@@ -695,9 +722,6 @@ async fn drain_inbox<S: saida_net::Dial + 'static>(
     done: Rc<tokio::sync::Notify>,
 ) {
     let mut inbox = inbox;
-    let Some(spool) = spools.borrow().get(&shard).cloned() else {
-        return;
-    };
     let spool_of = |id: u16| {
         let found = spools.borrow().get(&id).cloned();
         if found.is_none() {
@@ -763,12 +787,14 @@ async fn drain_inbox<S: saida_net::Dial + 'static>(
                 ShardMsg::Admin(req, reply) => {
                     let _ = reply.send(deliverer.admin(&req));
                 }
-                ShardMsg::Inject(messages, reply) => {
-                    let (spool, router) = (Rc::clone(&spool), router.clone());
-                    let config = deliverer.config();
+                ShardMsg::Inject {
+                    messages,
+                    tenant,
+                    reply,
+                } => {
+                    let ctx = Rc::clone(&ctx);
                     tokio::task::spawn_local(async move {
-                        let r = inject(&spool, &router, &config, shard, messages).await;
-                        let _ = reply.send(r);
+                        let _ = reply.send(inject(&ctx, messages, &tenant).await);
                     });
                 }
             }
@@ -858,14 +884,14 @@ fn retire_drained(spools: &SpoolSet, shard: u16, config: &Config) {
 /// Queues HTTP-injected messages like SMTP ones: stored, committed, then handed off. Returns
 /// the queue ids, or the first failure (messages before it stay queued; their ids are named).
 async fn inject(
-    spool: &Rc<RefCell<Spool>>,
-    router: &Router,
-    config: &Config,
-    shard: u16,
+    ctx: &ShardContext,
     messages: Vec<crate::api::Prepared>,
+    tenant: &str,
 ) -> Result<Vec<String>, crate::api::InjectFailure> {
     use crate::api::InjectFailure;
     use smtp_proto::headers;
+    let (spool, router, config, shard) = (&ctx.spool, &ctx.router, &*ctx.config, ctx.shard);
+    let account = ctx.tenants.named(tenant);
     let mut ids = Vec::new();
     for m in messages {
         if router.queues_full() {
@@ -892,6 +918,13 @@ async fn inject(
             body.extend_from_slice(headers::message_id(&qid, host).as_bytes());
         }
         body.extend_from_slice(&m.content);
+        let also = &config.signing.dkim_also;
+        let body = crate::intake::dkim_sign(&ctx.dkim, also, account, &ctx.metrics, shard, body)
+            .map_err(|e| {
+                let (code, enhanced, text) = e.reply();
+                tracing::error!(error = %e, "injected message not signed");
+                InjectFailure::new(&format!("{code} {enhanced} {text}"), ids.clone())
+            })?;
         let utf8 = !m.from.is_ascii() || m.to.iter().any(|a| !a.is_ascii());
         let eight_bit = !body.is_ascii();
         let message = spool::Message {
@@ -907,13 +940,13 @@ async fn inject(
                 0
             },
             dsn_ret: spool::DsnRet::Unspecified,
-            tenant: "api",
+            tenant,
             sender: &m.from,
             envid: "",
             recipients: m.to.iter().map(|a| spool::Recipient::new(a)).collect(),
             body: &body,
         };
-        match crate::intake::store(spool, router, shard, &message).await {
+        match crate::intake::store(spool, router, shard, &message, account).await {
             Ok(_) => {
                 let rcpts = m.to.len();
                 tracing::info!(queue_id = %qid, from = %m.from, rcpts, "accepted over HTTP");
@@ -1012,6 +1045,7 @@ fn reoffer(
             base,
             received_at_micros: received,
             rcpts,
+            counted: false,
         };
         let _ = router.send(owner as usize, ShardMsg::Deliver(h)).await;
     });
@@ -1061,7 +1095,7 @@ async fn requeue_recovered(spool: Rc<RefCell<Spool>>, router: Router, shard: u16
             let refs: Vec<(&str, HandoffRcpt)> =
                 rcpts.iter().map(|(a, r)| (a.as_str(), *r)).collect();
             router
-                .hand_off(shard, queue_id, base, received, &refs)
+                .hand_off(shard, queue_id, base, received, &refs, false)
                 .await;
         }
     }

@@ -52,6 +52,8 @@ mod tests {
             router: Router::new(1, 1_000_000).0,
             metrics: Arc::new(crate::metrics::Metrics::new(1)),
             inflight: crate::smtp::server::inflight::InflightBudget::new(1 << 30),
+            tenants: Arc::default(),
+            dkim: Arc::new(saida_dkim::Keyring::empty()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

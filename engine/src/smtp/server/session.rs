@@ -57,6 +57,10 @@ pub struct ShardContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Message bytes all sessions may hold in memory at once.
     pub inflight: Arc<InflightBudget>,
+    /// Configured tenants and their quotas, shared by all shards.
+    pub tenants: Arc<crate::tenant::Tenants>,
+    /// DKIM signing keys, shared by all shards (reloaded in the background).
+    pub dkim: Arc<saida_dkim::Keyring>,
 }
 
 /// Facts about the connection.
@@ -397,6 +401,24 @@ impl<S: Stream> Session<S> {
                 ));
             }
         }
+        let ctx = Rc::clone(&self.ctx);
+        if let Some(t) = self.user.as_deref().and_then(|u| ctx.tenants.of_user(u)) {
+            if !t.sender_allowed(from) {
+                tracing::warn!(client = %self.info.peer.ip(), tenant = t.name(), from = ?from,
+                    "sender address outside the tenant's domains");
+                return self.error(Reply::new(
+                    553,
+                    "5.7.1",
+                    "Sender address not allowed for this account",
+                ));
+            }
+            if let Err(q) = t.admit() {
+                ctx.metrics.inc(crate::metrics::Counter::TenantQuota, 1);
+                tracing::warn!(client = %self.info.peer.ip(), tenant = t.name(), "{q}");
+                self.reply(Reply::owned(452, "4.7.1", q.to_string()));
+                return Ok(());
+            }
+        }
         self.tx = Some(Transaction {
             from: from.to_string(),
             smtputf8: p.smtputf8,
@@ -641,6 +663,18 @@ impl<S: Stream> Session<S> {
             ));
             return Ok(());
         }
+        let ctx = Rc::clone(&self.ctx);
+        let account = self.user.as_deref().and_then(|u| ctx.tenants.of_user(u));
+        if let Some(t) = account.filter(|t| !t.from_header_allowed(&content)) {
+            tracing::warn!(client = %self.info.peer.ip(), tenant = t.name(),
+                "From: header outside the tenant's domains");
+            self.reply(Reply::new(
+                553,
+                "5.7.1",
+                "From: header address not allowed for this account",
+            ));
+            return Ok(());
+        }
         let received_at = now_micros();
         let spool = Rc::clone(&self.ctx.spool);
         let queue_id = spool.borrow_mut().next_queue_id(received_at);
@@ -666,6 +700,23 @@ impl<S: Stream> Session<S> {
         }
         body.extend_from_slice(&content);
         drop(content);
+        let signing = &ctx.config.signing.dkim_also;
+        let body = match crate::intake::dkim_sign(
+            &ctx.dkim,
+            signing,
+            account,
+            &ctx.metrics,
+            ctx.shard,
+            body,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, queue_id = %qid, "message refused: not signed");
+                let (code, enhanced, text) = e.reply();
+                self.reply(Reply::new(code, enhanced, text));
+                return Ok(());
+            }
+        };
         let mut flags = 0;
         if tx.smtputf8 {
             flags |= message_flags::SMTPUTF8;
@@ -675,7 +726,10 @@ impl<S: Stream> Session<S> {
             Some(Body::BinaryMime) => flags |= message_flags::BODY_BINARYMIME,
             _ => {}
         }
-        let tenant = self.user.clone().unwrap_or_default();
+        let tenant = match account {
+            Some(t) => t.name().to_string(),
+            None => self.user.clone().unwrap_or_default(),
+        };
         let message = Message {
             queue_id,
             received_at_micros: received_at,
@@ -700,7 +754,7 @@ impl<S: Stream> Session<S> {
             body: &body,
         };
         let appended = std::time::Instant::now();
-        let result = crate::intake::commit(&spool, &message).await;
+        let result = crate::intake::commit(&spool, &message, account).await;
         self.ctx.metrics.record(
             self.ctx.shard,
             crate::metrics::Hist::SpoolCommit,
@@ -1157,6 +1211,8 @@ mod tests {
                 router,
                 metrics: Arc::new(crate::metrics::Metrics::new(1)),
                 inflight: InflightBudget::new(inflight_max),
+                tenants: Arc::default(),
+                dkim: Arc::new(saida_dkim::Keyring::empty()),
             });
             let stream = MemoryStream {
                 hang_at_end,
