@@ -64,6 +64,14 @@ struct Args {
     /// saida-sink vs smtp-sink (this many 2 KB messages each).
     #[arg(long)]
     tools: Option<usize>,
+    /// Instead of the workloads: W1 (scaled by --scale) unsigned, DKIM-signed with one key, and
+    /// signed with one key among 10,000 (a keys directory), alternating, this many rounds each;
+    /// prints the medians, the ratios to unsigned and saida's resident memory.
+    #[arg(long)]
+    dkim: Option<usize>,
+    /// Key algorithm for --dkim: `rsa` (2048 bits) or `ed25519`.
+    #[arg(long, default_value = "ed25519")]
+    dkim_algorithm: String,
 }
 
 struct Workload {
@@ -133,6 +141,15 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.tools {
         return tools_bench(&bin, n, args.connections);
+    }
+    if let Some(rounds) = args.dkim {
+        return dkim_bench(
+            &bin,
+            rounds,
+            args.scale,
+            args.connections,
+            &args.dkim_algorithm,
+        );
     }
     if let Some(rounds) = args.metrics_overhead {
         let w = &WORKLOADS[0];
@@ -314,6 +331,8 @@ enum Target<'a> {
     Ceiling,
     /// saida, with metrics recording on or off.
     Saida(bool),
+    /// saida signing every message with the keys of this directory.
+    SaidaSigned(&'a Path),
     Postfix(&'a Path),
 }
 
@@ -340,13 +359,21 @@ fn run_target(
     let mut _saida = None;
     let (name, port) = match target {
         Target::Ceiling => ("ceiling".to_string(), None),
-        Target::Saida(metrics) => {
+        Target::Saida(_) | Target::SaidaSigned(_) => {
             let port = free_port()?;
+            let (metrics, signing) = match target {
+                Target::SaidaSigned(keys) => (
+                    true,
+                    format!("[signing]\ndkim_keys_dir = \"{}\"\n", keys.display()),
+                ),
+                Target::Saida(metrics) => (metrics, String::new()),
+                _ => (true, String::new()),
+            };
             let config = format!(
                 "[server]\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
                  [spool]\ndir = \"{d}/spool\"\n[smtp]\nconnections_per_ip_max = 100000\n\
                  [log]\nlevel = \"warn\"\n[delivery]\nlog_dir = \"{d}/log\"\n\
-                 [admin]\naddress = \"\"\nmetrics = {metrics}\n\
+                 [admin]\naddress = \"\"\nmetrics = {metrics}\n{signing}\
                  [[route]]\ndomain = \"*\"\nhosts = [\"{sink_addr}\"]\n",
                 d = dir.path().display()
             );
@@ -422,6 +449,91 @@ fn run_target(
         rss_mb,
         cpu_ms_per_1k,
     })
+}
+
+/// W1 unsigned, signed with one key, and with one key among 10,000, alternating `rounds`
+/// times; prints one JSON line with the medians, the ratios and saida's peak RSS. The 10,000
+/// key files are copies of 16 distinct keys made by openssl (each file is parsed into a key of
+/// its own, so memory and load time are those of 10,000 keys); the messages' `From:` domain
+/// (`origin.test`, saida-blast's) is one of them.
+fn dkim_bench(
+    bin: &Path,
+    rounds: usize,
+    scale: f64,
+    conns: usize,
+    algorithm: &str,
+) -> anyhow::Result<()> {
+    let genpkey: &[&str] = match algorithm {
+        "rsa" => &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ],
+        "ed25519" => &["genpkey", "-algorithm", "ED25519"],
+        other => bail!("--dkim-algorithm takes rsa or ed25519, not {other}"),
+    };
+    let work = tempfile::tempdir()?;
+    let mut distinct = Vec::new();
+    for _ in 0..16 {
+        let out = Command::new("openssl")
+            .args(genpkey)
+            .output()
+            .context("openssl")?;
+        if !out.status.success() {
+            bail!("openssl genpkey: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        distinct.push(out.stdout);
+    }
+    let one = work.path().join("one");
+    let many = work.path().join("many");
+    std::fs::create_dir(&one)?;
+    std::fs::create_dir(&many)?;
+    std::fs::write(one.join("origin.test.s1.pem"), &distinct[0])?;
+    std::fs::write(many.join("origin.test.s1.pem"), &distinct[0])?;
+    for i in 1..10_000 {
+        std::fs::write(many.join(format!("k{i}.test.s1.pem")), &distinct[i % 16])?;
+    }
+    let w = &WORKLOADS[0];
+    let n = ((w.messages as f64 * scale) as usize).max(conns);
+    let mut runs: [Vec<Row>; 3] = Default::default();
+    for _ in 0..rounds.max(1) {
+        runs[0].push(run_target(bin, w, n, conns, Target::Saida(true))?);
+        runs[1].push(run_target(bin, w, n, conns, Target::SaidaSigned(&one))?);
+        runs[2].push(run_target(bin, w, n, conns, Target::SaidaSigned(&many))?);
+    }
+    let median = |rows: &[Row], f: &dyn Fn(&Row) -> f64| {
+        let mut v: Vec<f64> = rows.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let e2e = |r: &Row| r.e2e_rate;
+    let rss = |r: &Row| r.rss_mb.unwrap_or(0.0);
+    let cpu = |r: &Row| r.cpu_ms_per_1k.unwrap_or(0.0);
+    let [unsigned, signed, keys10k] = [0, 1, 2].map(|i| median(&runs[i], &e2e));
+    let [rss_unsigned, rss_signed, rss_10k] = [0, 1, 2].map(|i| median(&runs[i], &rss));
+    let [cpu_unsigned, cpu_signed, cpu_10k] = [0, 1, 2].map(|i| median(&runs[i], &cpu));
+    let round1 = |v: f64| (v * 10.0).round() / 10.0;
+    let round2 = |v: f64| (v * 100.0).round() / 100.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "dkim", "workload": "w1", "algorithm": algorithm, "messages": n,
+            "rounds": rounds.max(1),
+            "e2e_per_s": {"unsigned": unsigned.round(), "one_key": signed.round(),
+                "keys_10000": keys10k.round()},
+            "x_unsigned": {"one_key": round2(signed / unsigned),
+                "keys_10000": round2(keys10k / unsigned)},
+            "peak_rss_mb": {"unsigned": round1(rss_unsigned), "one_key": round1(rss_signed),
+                "keys_10000": round1(rss_10k)},
+            "rss_growth_10000_keys_mb": round1(rss_10k - rss_unsigned),
+            "cpu_ms_per_1k": {"unsigned": round1(cpu_unsigned), "one_key": round1(cpu_signed),
+                "keys_10000": round1(cpu_10k)},
+            "sign_cpu_us_per_msg": round1(cpu_signed - cpu_unsigned),
+        })
+    );
+    Ok(())
 }
 
 /// Runs saida-blast (closed loop, one thread) and returns its JSON report.

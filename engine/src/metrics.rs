@@ -284,6 +284,8 @@ pub const TOP_LABELS: usize = 20;
 pub const TRACKED_KEYS_MAX: usize = 10_000;
 const DEST_HELP: &str = "Recipient outcomes by destination domain (top 20 by volume, rest `other`)";
 const TENANT_HELP: &str = "Recipient outcomes by tenant (top 20 by volume, rest `other`)";
+const SOURCE_HELP: &str =
+    "Recipient outcomes by egress source (`[[source]]` name; `none` without a pool)";
 
 /// Counts per key with a bound on keys; exports the biggest and folds the rest.
 #[derive(Default)]
@@ -380,6 +382,7 @@ pub struct Metrics {
     /// [`TOP_LABELS`] by volume, the rest folded into `other`.
     by_destination: Mutex<TopCounts>,
     by_tenant: Mutex<TopCounts>,
+    by_source: Mutex<TopCounts>,
     /// `[shard][hist]`.
     hists: Vec<Vec<Mutex<Histogram<u64>>>>,
     /// Per shard: its spool's figures and health, read live at every scrape (set once the spool
@@ -415,6 +418,7 @@ impl Metrics {
             enabled,
             by_destination: Mutex::default(),
             by_tenant: Mutex::default(),
+            by_source: Mutex::default(),
             counters: COUNTERS.iter().map(|_| AtomicU64::new(0)).collect(),
             hists: (0..shards)
                 .map(|_| HISTOGRAMS.iter().map(|_| Mutex::new(new_hist())).collect())
@@ -441,8 +445,8 @@ impl Metrics {
     }
 
     /// Counts recipient outcomes (index 0 delivered, 1 deferred, 2 failed) for a destination
-    /// domain and a tenant.
-    pub fn outcomes(&self, domain: &str, tenant: &str, counts: [u64; 3]) {
+    /// domain, a tenant and the egress source of the attempt.
+    pub fn outcomes(&self, domain: &str, tenant: &str, source: Option<&str>, counts: [u64; 3]) {
         if !self.enabled || counts == [0; 3] {
             return;
         }
@@ -453,7 +457,12 @@ impl Metrics {
             t if TENANT_LABELS.contains(&t) || self.tenants.named(t).is_some() => t,
             _ => "unlisted",
         };
-        for (table, key) in [(&self.by_destination, domain), (&self.by_tenant, tenant)] {
+        let source = source.unwrap_or("none");
+        for (table, key) in [
+            (&self.by_destination, domain),
+            (&self.by_tenant, tenant),
+            (&self.by_source, source),
+        ] {
             let key = if key.is_empty() { "none" } else { key };
             table
                 .lock()
@@ -677,6 +686,12 @@ impl Metrics {
                 "tenant_outcomes_total",
                 TENANT_HELP,
             ),
+            (
+                &self.by_source,
+                "source",
+                "source_outcomes_total",
+                SOURCE_HELP,
+            ),
         ] {
             let rows = table
                 .lock()
@@ -840,7 +855,8 @@ pub fn docs_markdown() -> String {
     s.push_str(&format!(
         "| `saida_destination_outcomes_total` | counter | `destination`, `outcome` | {DEST_HELP}; \
          counted at the attempt |\n| `saida_tenant_outcomes_total` | counter | `tenant`, `outcome` \
-         | {TENANT_HELP}; counted at the attempt |\n"
+         | {TENANT_HELP}; counted at the attempt |\n| `saida_source_outcomes_total` | counter | \
+         `source`, `outcome` | {SOURCE_HELP}; counted at the attempt |\n"
     ));
     s.push_str(&format!(
         "| `saida_queue_recipients` | gauge | `state` | {QUEUE_STATE_HELP} |\n\
@@ -968,7 +984,7 @@ mod tests {
         let m = Metrics::with_recording(1, false);
         m.inc(Counter::MessagesAccepted, 3);
         m.record(0, Hist::Ack, 100);
-        m.outcomes("a.test", "", [1, 0, 0]);
+        m.outcomes("a.test", "", None, [1, 0, 0]);
         let text = m.render(&RouterStats::default());
         assert!(text.contains("saida_messages_accepted_total 0"), "{text}");
         assert!(text.contains("saida_ack_latency_seconds_count 0"), "{text}");

@@ -331,6 +331,17 @@ fn tenants_send_from_their_pools_within_quotas_and_every_message_verifies() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"saida_messages_rejected_total{reason="tenant_quota"} 2"#));
+    let g = |source: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "saida_source_outcomes_total{{source=\"{source}\",outcome=\"delivered\"}} "
+                ))
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!((g("g1"), g("g2")), (Some(10), Some(10)), "{metrics}");
     assert!(
         metrics.contains("saida_dkim_sign_seconds_count"),
         "{metrics}"

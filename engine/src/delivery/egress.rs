@@ -9,7 +9,10 @@
 //! the pool's other sources carry on. Without a pool, connections leave from the kernel's
 //! choice of address with `[delivery] helo_name`.
 //!
-//! Not here: tenants choosing pools, queues per (source, destination) (issue 13).
+//! A tenant's pool replaces the destination's for the tenant's queues (`delivery::engine`).
+//!
+//! Not here: queues per (source, destination): a queue's connections share it whatever
+//! source each left from.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -302,7 +302,7 @@ impl<S: Dial + 'static> Deliverer<S> {
     /// Queues the recipients of a hand-off, one job per domain, and starts workers.
     pub fn enqueue(self: &Rc<Self>, h: Handoff) {
         let indexes = h.rcpts.iter().map(|r| r.index).collect();
-        let mref = match self.read(h.queue_id, h.spool_shard, h.base, indexes) {
+        let mref = match self.read(h.queue_id, h.spool_shard, h.base, indexes, h.counted) {
             Ok(m) => m,
             Err(ReadFailure::Moved) => return,
             Err(ReadFailure::Unreadable) => {
@@ -358,13 +358,15 @@ impl<S: Dial + 'static> Deliverer<S> {
     }
 
     /// Reads a message through its spool's reader. A stale location (compaction moved the
-    /// message) asks the spool's shard to hand these recipients over again at the new one.
+    /// message) asks the spool's shard to hand these recipients over again at the new one
+    /// (`counted`: they are in their tenant's queue quota already).
     fn read(
         self: &Rc<Self>,
         queue_id: QueueId,
         spool_shard: u16,
         base: spool::Location,
         rcpts: Vec<u32>,
+        counted: bool,
     ) -> Result<MessageRef, ReadFailure> {
         let Some(reader) = self.readers.get(spool_shard as usize).and_then(|r| r.get()) else {
             return Err(ReadFailure::Unreadable);
@@ -379,6 +381,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                         queue_id,
                         owner,
                         rcpts,
+                        counted,
                     };
                     let _ = router.send_to_spool(spool_shard, msg).await;
                 });
@@ -396,16 +399,11 @@ impl<S: Dial + 'static> Deliverer<S> {
     /// retry heap for `READ_RETRY`, attempts unchanged, so it is never silently dropped.
     fn read_job(self: &Rc<Self>, domain: &str, job: &Job) -> Option<MessageRef> {
         let rcpts = job.rcpts.iter().map(|r| r.index).collect();
-        match self.read(job.queue_id, job.spool_shard, job.base, rcpts) {
+        match self.read(job.queue_id, job.spool_shard, job.base, rcpts, true) {
             // `read` already decoded and checked the record, so `message()` cannot fail.
+            // A queued job's recipients come back counted (`Reoffer::counted`).
             Ok(m) => Some(m),
-            Err(ReadFailure::Moved) => {
-                // They come back through `enqueue`, which counts them for their tenant again.
-                if let Some(t) = self.tenant_of(domain) {
-                    t.finished(job.rcpts.len());
-                }
-                None
-            }
+            Err(ReadFailure::Moved) => None,
             _ => {
                 let now = now_micros();
                 self.push_job(
@@ -1259,7 +1257,8 @@ impl<S: Dial + 'static> Deliverer<S> {
                 _ => counts[2] += 1,
             }
         }
-        self.metrics.outcomes(destination, msg.tenant, counts);
+        let source = info.source.as_deref();
+        self.metrics.outcomes(destination, msg.tenant, source, counts);
         if let Some(t) = self.tenant_of(domain) {
             t.finished((counts[0] + counts[2]) as usize);
         }

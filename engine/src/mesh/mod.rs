@@ -78,6 +78,8 @@ pub enum ShardMsg {
         queue_id: QueueId,
         owner: u16,
         rcpts: Vec<u32>,
+        /// They are counted in their tenant's queue quota already.
+        counted: bool,
     },
     /// HTTP injection: queue these messages in this shard's spool and answer with their queue
     /// ids once committed.

@@ -779,9 +779,10 @@ async fn drain_inbox<S: saida_net::Dial + 'static>(
                     queue_id,
                     owner,
                     rcpts,
+                    counted,
                 } => {
                     if let Some(sp) = spool_of(id) {
-                        reoffer(&sp, &router, id, queue_id, owner, &rcpts)
+                        reoffer(&sp, &router, id, queue_id, owner, &rcpts, counted)
                     }
                 }
                 ShardMsg::Admin(req, reply) => {
@@ -1020,6 +1021,7 @@ fn reoffer(
     queue_id: QueueId,
     owner: u16,
     wanted: &[u32],
+    counted: bool,
 ) {
     let Some(h) = recovered_handoff(&spool.borrow(), shard, queue_id) else {
         return;
@@ -1045,7 +1047,7 @@ fn reoffer(
             base,
             received_at_micros: received,
             rcpts,
-            counted: false,
+            counted,
         };
         let _ = router.send(owner as usize, ShardMsg::Deliver(h)).await;
     });
