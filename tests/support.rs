@@ -122,32 +122,22 @@ impl Drop for Daemon {
 
 /// `GET path` on `address` over plain HTTP/1.1; returns the body (panics unless 200).
 pub fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(address).expect("connect to the HTTP endpoint");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .expect("read timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read the answer");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_string()
+    get(address, path, "")
 }
 
 /// `GET path` on `address` with a bearer `token`; returns the body (panics unless 200).
 pub fn http_get_token(address: &str, path: &str, token: &str) -> String {
+    get(address, path, &format!("authorization: Bearer {token}\r\n"))
+}
+
+fn get(address: &str, path: &str, more_headers: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(address).expect("connect to the HTTP endpoint");
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .expect("read timeout");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {token}\r\n\
-         connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\n{more_headers}connection: close\r\n\r\n"
     )
     .expect("send the request");
     let mut response = String::new();
@@ -432,5 +422,26 @@ pub fn passwd_line(user: &str, password: &str) -> Vec<u8> {
         })
         .expect("saida passwd");
     assert!(out.status.success());
+    out.stdout
+}
+
+/// A new RSA-2048 private key in PEM (openssl makes it: ring cannot, and scripts/test.sh
+/// installs openssl).
+pub fn rsa_key_pem() -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }

@@ -551,20 +551,8 @@ fn directory_keys(dir: &Path) -> Result<Found, KeyError> {
 mod tests {
     use super::*;
 
-    /// ring cannot make RSA keys: openssl does (a Debian package the test script installs).
-    fn rsa_pem() -> String {
-        let out = std::process::Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-            ])
-            .output()
-            .expect("openssl");
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap()
+    fn rsa_pem() -> Vec<u8> {
+        saida_e2e::rsa_key_pem()
     }
 
     fn ed_pem() -> String {

@@ -113,18 +113,7 @@ fn tenants_send_from_their_pools_within_quotas_and_every_message_verifies() {
     std::fs::create_dir(&keys).unwrap();
     // acme.test signs with RSA and Ed25519 (two selectors), globex.test with Ed25519; the
     // ESP's own domain (esp.test) signs acme's mail too.
-    let rsa = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .output()
-        .expect("openssl");
-    assert!(rsa.status.success());
-    std::fs::write(keys.join("acme.test.r1.pem"), &rsa.stdout).unwrap();
+    std::fs::write(keys.join("acme.test.r1.pem"), saida_e2e::rsa_key_pem()).unwrap();
     for file in ["acme.test.e1.pem", "globex.test.e1.pem", "esp.test.esp.pem"] {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         std::fs::write(keys.join(file), key.serialize_pem()).unwrap();

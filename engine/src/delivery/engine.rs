@@ -1258,7 +1258,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             }
         }
         let source = info.source.as_deref();
-        self.metrics.outcomes(destination, msg.tenant, source, counts);
+        self.metrics
+            .outcomes(destination, msg.tenant, source, counts);
         if let Some(t) = self.tenant_of(domain) {
             t.finished((counts[0] + counts[2]) as usize);
         }
