@@ -159,14 +159,15 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else if matches!(args.action, QueueAction::Summary { .. }) {
         println!(
-            "{:<40} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} state",
-            "domain", "tenant", "rcpts", "ready", "deferred", "oldest(s)", "conns"
+            "{:<40} {:<16} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} state",
+            "domain", "tenant", "source", "rcpts", "ready", "deferred", "oldest(s)", "conns"
         );
         for d in &answer.domains {
             println!(
-                "{:<40} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} {}",
+                "{:<40} {:<16} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} {}",
                 d.domain,
                 if d.tenant.is_empty() { "-" } else { &d.tenant },
+                if d.source.is_empty() { "-" } else { &d.source },
                 d.queued_rcpts,
                 d.ready_jobs,
                 d.deferred_jobs,

@@ -49,6 +49,9 @@ pub struct DomainSummary {
     /// The configured tenant whose queue this is; empty for mail of no tenant.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tenant: String,
+    /// The egress source this queue's mail leaves from; empty without a pool.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
     pub shard: u16,
     pub queued_rcpts: usize,
     pub ready_jobs: usize,

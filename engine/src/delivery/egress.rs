@@ -2,17 +2,17 @@
 //! which EHLO name.
 //!
 //! A `[[source]]` names a local address to bind and the EHLO name to say from it; a `[[pool]]`
-//! lists sources with weights. A destination's pool (`pool` in `[delivery]` or a `[[route]]`)
-//! picks a source for each new connection by smooth weighted round robin (the sequence that
-//! spreads a pool's connections in proportion to the weights exactly, without randomness). A
-//! source whose address cannot be bound is suspended alone for [`SOURCE_SUSPEND`] and reported;
-//! the pool's other sources carry on. Without a pool, connections leave from the kernel's
-//! choice of address with `[delivery] helo_name`.
+//! lists sources with weights. A tenant's pool, or else the destination's (`pool` in
+//! `[delivery]` or a `[[route]]`), gives each message a source by smooth weighted round robin
+//! (the sequence that spreads a pool's messages in proportion to the weights exactly, without
+//! randomness). A source whose address cannot be bound is suspended alone for
+//! [`SOURCE_SUSPEND`] and reported; the pool's other sources carry on. Without a pool,
+//! connections leave from the kernel's choice of address with `[delivery] helo_name`.
 //!
-//! A tenant's pool replaces the destination's for the tenant's queues (`delivery::engine`).
-//!
-//! Not here: queues per (source, destination): a queue's connections share it whatever
-//! source each left from.
+//! A tenant's pool replaces the destination's for the tenant's queues. Each message (each job)
+//! is given its source when it is queued, so queues are per (source, destination)
+//! (`delivery::engine`); a connection of a source whose address cannot be bound takes another
+//! source of the pool, and later messages are not given the suspended one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -75,10 +75,15 @@ pub fn validate(sources: &[SourceConfig], pools: &[PoolConfig]) -> Result<(), (S
     }
     let mut names = std::collections::HashSet::new();
     for s in sources {
-        if s.name.is_empty() || !names.insert(s.name.as_str()) {
+        let valid = !s.name.is_empty()
+            && s.name.len() <= 64
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid || !names.insert(s.name.as_str()) {
             return Err((
                 "source.name".into(),
-                format!("`{}` is empty or used twice", s.name),
+                format!("`{}`: 1 to 64 of A-Za-z0-9-_., unique", s.name),
             ));
         }
     }
@@ -196,6 +201,13 @@ impl Egress {
         let b = best?;
         current[b] -= total;
         Some(self.sources[members[b].0].clone())
+    }
+
+    /// The source `name` unless it is suspended.
+    pub fn usable(&self, name: &str) -> Option<Source> {
+        let i = self.sources.iter().position(|s| s.name == name)?;
+        let free = self.suspended_until.borrow()[i].is_none_or(|t| t <= Instant::now());
+        free.then(|| self.sources[i].clone())
     }
 
     /// Leaves `name` out of its pools for [`SOURCE_SUSPEND`] (its address could not be bound).

@@ -32,7 +32,9 @@ use crate::config::Config;
 use crate::delivery::dsn::{FailedRecipient, build_bounce};
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog, LogRotation, rfc3339};
 use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
-use crate::delivery::queue::{DomainQueue, Job, JobRcpt, queue_name, split_queue_name};
+use crate::delivery::queue::{
+    DomainQueue, Job, JobRcpt, queue_name, queue_source, split_queue_name,
+};
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
 use crate::mesh::{Handoff, Outcome, Router, ShardMsg, SpoolReaders};
@@ -327,7 +329,6 @@ impl<S: Dial + 'static> Deliverer<S> {
             let domain = crate::mesh::route::domain_of(rcpt.address)
                 .trim_end_matches('.')
                 .to_ascii_lowercase();
-            let domain = queue_name(tenant.map(|t| t.name()), &domain);
             let jr = JobRcpt {
                 index: r.index,
                 attempts: r.attempts,
@@ -344,6 +345,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             t.queued(groups.iter().map(|g| g.2.len()).sum());
         }
         for (domain, due, rcpts) in groups {
+            let name = self.queue_for(tenant, &domain);
             let job = Job {
                 queue_id: h.queue_id,
                 spool_shard: h.spool_shard,
@@ -352,7 +354,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 rcpts,
                 failed_over: false,
             };
-            let key = self.push_job(&domain, job, due, now);
+            let key = self.push_job(&name, job, due, now);
             self.kick(&key);
         }
     }
@@ -422,6 +424,17 @@ impl<S: Dial + 'static> Deliverer<S> {
         split_queue_name(name).0.and_then(|t| self.tenants.named(t))
     }
 
+    /// The queue a new job for `domain` joins: the tenant's, and the source's that the tenant's
+    /// pool (or else the destination's) gives this job by smooth weighted round robin.
+    fn queue_for(&self, tenant: Option<&crate::tenant::Tenant>, domain: &str) -> String {
+        let pool = match tenant.filter(|t| !t.config.pool.is_empty()) {
+            Some(t) => Some(t.config.pool.clone()),
+            None => self.policies.for_domain(domain).pool.clone(),
+        };
+        let source = pool.and_then(|p| self.egress.pick(&p)).map(|s| s.name);
+        queue_name(tenant.map(|t| t.name()), domain, source.as_deref())
+    }
+
     /// A new queue: its destination's policy (with the tenant's pool, when it has one), and
     /// suspended when the destination or the tenant is.
     fn new_queue(
@@ -441,6 +454,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         let mut q = DomainQueue::new(policy, now);
         q.suspended = name != domain && domains.get(domain).is_some_and(|d| d.suspended);
         q.held = tenant.is_some_and(|t| t.suspended());
+        q.source = queue_source(name).map(str::to_string);
         q
     }
 
@@ -550,14 +564,14 @@ impl<S: Dial + 'static> Deliverer<S> {
     }
 
     async fn worker(self: Rc<Self>, domain: Rc<str>) {
-        let policy = match self.domains.borrow().get(&domain) {
-            Some(q) => Arc::clone(&q.policy),
+        let (policy, source) = match self.domains.borrow().get(&domain) {
+            Some(q) => (Arc::clone(&q.policy), q.source.clone()),
             None => {
                 self.worker_ended();
                 return;
             }
         };
-        self.run_worker(&domain, &policy).await;
+        self.run_worker(&domain, &policy, source.as_deref()).await;
         let again = {
             let mut domains = self.domains.borrow_mut();
             match domains.get_mut(&domain) {
@@ -596,7 +610,12 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
     }
 
-    async fn run_worker(self: &Rc<Self>, domain: &Rc<str>, policy: &Arc<DomainPolicy>) {
+    async fn run_worker(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        policy: &Arc<DomainPolicy>,
+        source: Option<&str>,
+    ) {
         if !self.has_ready(domain) {
             return;
         }
@@ -613,7 +632,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             if self.stopping() || !self.has_ready(domain) {
                 return;
             }
-            let (session, host, source) = match self.connect_any(&hosts, start_host, policy).await {
+            let connected = self.connect_any(&hosts, start_host, policy, source).await;
+            let (session, host, source) = match connected {
                 Ok(x) => x,
                 Err(verdict) => {
                     // While another connection of this domain works, its queue keeps moving:
@@ -806,6 +826,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         hosts: &[Host],
         start: usize,
         policy: &DomainPolicy,
+        source: Option<&str>,
     ) -> Result<(ClientSession<S>, usize, Option<String>), Verdict> {
         let mut last = Verdict::local(451, "4.4.1", "no host to connect to");
         let mut tls_failed = Vec::new();
@@ -816,7 +837,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             next += 1;
             let host = &hosts[i];
             let t = Instant::now();
-            match self.connect_one(host, policy, use_starttls).await {
+            match self.connect_one(host, policy, use_starttls, source).await {
                 Ok((s, source)) => {
                     let micros = t.elapsed().as_micros() as u64;
                     self.metrics.record(self.shard, Hist::Connect, micros);
@@ -851,14 +872,19 @@ impl<S: Dial + 'static> Deliverer<S> {
         host: &Host,
         policy: &DomainPolicy,
         use_starttls: bool,
+        fixed: Option<&str>,
     ) -> Result<(ClientSession<S>, Option<String>), ClientError> {
-        // A source whose address cannot be bound is suspended and another of the pool tried.
+        // The queue's own source first; one whose address cannot be bound is suspended and
+        // another of the pool tried.
         let mut tries = 0;
+        let mut fixed = fixed;
         let (stream, source) = loop {
             tries += 1;
-            let source = match &policy.pool {
-                None => None,
-                Some(pool) => match self.egress.pick(pool) {
+            let own = fixed.take().and_then(|name| self.egress.usable(name));
+            let source = match (own, &policy.pool) {
+                (Some(s), _) => Some(s),
+                (None, None) => None,
+                (None, Some(pool)) => match self.egress.pick(pool) {
                     Some(s) => Some(s),
                     None => {
                         let why = format!("every source of pool `{pool}` is suspended");
@@ -1389,6 +1415,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     reply.domains.push(DomainSummary {
                         domain: domain.to_string(),
                         tenant: tenant.unwrap_or_default().to_string(),
+                        source: queue_source(d).unwrap_or_default().to_string(),
                         shard: self.shard,
                         queued_rcpts: q.queued_rcpts(),
                         ready_jobs: q.ready_jobs(),

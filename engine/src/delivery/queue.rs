@@ -15,22 +15,37 @@ use spool::{Location, QueueId};
 use crate::delivery::policy::DomainPolicy;
 use crate::delivery::throttle::RateLimit;
 
-/// The name of the queue of `domain`'s mail: the domain itself, or `tenant/domain` for a
-/// configured tenant's mail (`tenant/domain`: no domain, nor address literal, holds a `/`), so
-/// that tenants' queues are apart.
-pub fn queue_name(tenant: Option<&str>, domain: &str) -> String {
-    match tenant {
-        Some(t) => format!("{t}/{domain}"),
-        None => domain.to_string(),
+/// The name of a queue: `[tenant/]domain[@source]`. A configured tenant's mail has queues of
+/// its own, and mail leaving from an egress source has a queue per (source, domain), so that
+/// neither a tenant's backlog nor a source's deferrals hold back another's. No domain (nor
+/// address literal) holds a `/` or an `@`, and tenant and source names are checked to hold
+/// neither.
+pub fn queue_name(tenant: Option<&str>, domain: &str, source: Option<&str>) -> String {
+    let mut name = String::with_capacity(domain.len() + 16);
+    if let Some(t) = tenant {
+        name.push_str(t);
+        name.push('/');
     }
+    name.push_str(domain);
+    if let Some(s) = source {
+        name.push('@');
+        name.push_str(s);
+    }
+    name
 }
 
 /// The tenant and destination domain of a queue name ([`queue_name`] backwards).
 pub fn split_queue_name(name: &str) -> (Option<&str>, &str) {
+    let name = name.split_once('@').map_or(name, |(rest, _)| rest);
     match name.split_once('/') {
         Some((t, d)) => (Some(t), d),
         None => (None, name),
     }
+}
+
+/// The egress source of a queue name, if it has one.
+pub fn queue_source(name: &str) -> Option<&str> {
+    name.split_once('@').map(|(_, s)| s)
 }
 
 /// One recipient of a job.
@@ -102,6 +117,8 @@ pub struct DomainQueue {
     pub suspended: bool,
     /// An operator suspended the queue's tenant (`Tenant::suspended` is the saved state).
     pub held: bool,
+    /// The egress source this queue's mail leaves from (its connections try it first).
+    pub source: Option<String>,
     pub rate: RateLimit,
     /// Wakes idle workers when work arrives.
     pub wake: std::rc::Rc<tokio::sync::Notify>,
@@ -122,6 +139,7 @@ impl DomainQueue {
             backoff_until_micros: 0,
             suspended: false,
             held: false,
+            source: None,
             rate: RateLimit::new(s, m, h, now_micros),
             wake: Default::default(),
         }
@@ -293,14 +311,22 @@ mod tests {
     #[test]
     fn queue_names_carry_the_tenant_apart_from_the_domain() {
         assert_eq!(
-            split_queue_name(&queue_name(None, "d.test")),
+            split_queue_name(&queue_name(None, "d.test", None)),
             (None, "d.test")
         );
-        let n = queue_name(Some("acme"), "d.test");
+        let n = queue_name(Some("acme"), "d.test", None);
         assert_eq!(split_queue_name(&n), (Some("acme"), "d.test"));
+        assert_eq!(queue_source(&n), None);
+        let n = queue_name(Some("acme"), "d.test", Some("ip-1"));
+        assert_eq!(split_queue_name(&n), (Some("acme"), "d.test"));
+        assert_eq!(queue_source(&n), Some("ip-1"));
         let literal = "[IPv6:::1]";
         assert_eq!(split_queue_name(literal), (None, literal));
+        let n = queue_name(None, literal, Some("ip-1"));
+        assert_eq!(split_queue_name(&n), (None, literal));
+        assert_eq!(queue_source(&n), Some("ip-1"));
     }
+
     use crate::delivery::policy::{DeliveryConfig, DeliveryPolicies};
 
     fn policy(conns: usize, per_conn: u32, rcpts: usize) -> Arc<DomainPolicy> {
