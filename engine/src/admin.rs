@@ -370,6 +370,8 @@ static NEXT_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 
 /// `POST /messages`: queues the request's messages on one shard, or answers an earlier
 /// request's queue ids for a repeated idempotency key.
+use crate::tenant::POOL_HEADER;
+
 fn inject(
     endpoint: &Endpoint,
     json: &[u8],
@@ -404,6 +406,14 @@ fn inject(
         Ok(m) => m,
         Err(e) => return (400, serde_json::json!({ "error": e })),
     };
+    for m in &messages {
+        if let Some(pool) = smtp_proto::headers::find_field(&m.content, POOL_HEADER) {
+            if !tenant.is_some_and(|t| t.pool_allowed(pool)) {
+                let why = format!("553 5.7.1 Pool {pool:?} not allowed for this account");
+                return (403, serde_json::json!({ "error": why }));
+            }
+        }
+    }
     if let Some(t) = tenant {
         for m in &messages {
             if !t.from_header_allowed(&m.content) {

@@ -52,6 +52,29 @@ pub struct TenantConfig {
     /// Domains whose DKIM keys sign this tenant's mail besides its `From:` domain's.
     #[serde(default)]
     pub dkim_also: Vec<String>,
+    /// Pools a message may choose with the [`POOL_HEADER`] header (taken out at intake).
+    #[serde(default)]
+    pub pools_allowed: Vec<String>,
+}
+
+/// The header through which a tenant's message chooses one of its `pools_allowed`.
+pub const POOL_HEADER: &str = "X-Saida-Pool";
+
+/// The spool record's `tenant` field: the tenant's name, then `/pool` when the message chose a
+/// pool with [`POOL_HEADER`] (tenant names never hold a `/`).
+pub fn record_field(name: &str, pool: Option<&str>) -> String {
+    match pool {
+        Some(p) => format!("{name}/{p}"),
+        None => name.to_string(),
+    }
+}
+
+/// The tenant name and the chosen pool of a record's `tenant` field.
+pub fn split_record_field(field: &str) -> (&str, Option<&str>) {
+    match field.split_once('/') {
+        Some((name, pool)) => (name, Some(pool)),
+        None => (field, None),
+    }
 }
 
 /// Why a tenant may not submit now.
@@ -87,6 +110,11 @@ impl Tenant {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Whether a message of this tenant may choose `pool` with [`POOL_HEADER`].
+    pub fn pool_allowed(&self, pool: &str) -> bool {
+        self.config.pools_allowed.iter().any(|p| p == pool)
     }
 
     /// Whether `from` (an address; empty = null sender) is within the sender domains.
@@ -337,6 +365,16 @@ pub fn validate(tenants: &[TenantConfig], pools: &[&str]) -> Result<(), (String,
                 format!("tenant `{}`: no [[pool]] named `{}`", t.name, t.pool),
             );
         }
+        if let Some(p) = t
+            .pools_allowed
+            .iter()
+            .find(|p| !pools.contains(&p.as_str()))
+        {
+            return err(
+                "pools_allowed",
+                format!("tenant `{}`: no [[pool]] named `{p}`", t.name),
+            );
+        }
     }
     Ok(())
 }
@@ -350,6 +388,17 @@ mod tests {
             name: name.into(),
             ..TenantConfig::default()
         }
+    }
+
+    #[test]
+    fn the_record_field_carries_a_chosen_pool() {
+        assert_eq!(
+            split_record_field(&record_field("acme", None)),
+            ("acme", None)
+        );
+        let f = record_field("acme", Some("bulk"));
+        assert_eq!(split_record_field(&f), ("acme", Some("bulk")));
+        assert_eq!(split_record_field(""), ("", None));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Headers saida adds to accepted messages: `Received:` (RFC 5321 §4.4, RFC 3848 protocol
-//! names) and `Message-ID:` when the client sent none. Pure functions.
+//! names) and `Message-ID:` when the client sent none; and the fields it reads
+//! ([`find_field`]) or takes out ([`take_field`]: a control header that must not reach a
+//! recipient). Pure functions.
 
 use std::net::IpAddr;
 
@@ -72,13 +74,19 @@ pub fn has_message_id(message: &[u8]) -> bool {
 /// The value of the `Message-ID:` header (trimmed, unfolded lines only), if the header section
 /// has one.
 pub fn find_message_id(message: &[u8]) -> Option<&str> {
+    find_field(message, "Message-ID")
+}
+
+/// The first line of the first `name:` field's value (trimmed), if the header section has one.
+pub fn find_field<'a>(message: &'a [u8], name: &str) -> Option<&'a str> {
+    let n = name.len();
     for line in message.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             return None; // end of the header section
         }
-        if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
-            return std::str::from_utf8(&line[11..]).ok().map(str::trim);
+        if line.len() > n && line[n] == b':' && line[..n].eq_ignore_ascii_case(name.as_bytes()) {
+            return std::str::from_utf8(&line[n + 1..]).ok().map(str::trim);
         }
     }
     None
@@ -87,6 +95,57 @@ pub fn find_message_id(message: &[u8]) -> Option<&str> {
 /// `Message-ID: <queue-id@hostname>` with CRLF.
 pub fn message_id(queue_id: &str, hostname: &str) -> String {
     format!("Message-ID: <{queue_id}@{hostname}>\r\n")
+}
+
+/// Removes every `name:` field (with its folded continuation lines) from the header section of
+/// `message`; returns the first one's value (unfolded, trimmed) if there was one. The body and
+/// other fields are left byte for byte.
+pub fn take_field(message: &mut Vec<u8>, name: &str) -> Option<String> {
+    let mut value: Option<String> = None;
+    let mut out = Vec::with_capacity(message.len());
+    let mut pos = 0;
+    // Inside a field being removed; `first`: the one whose value is returned.
+    let (mut removing, mut first) = (false, false);
+    while pos < message.len() {
+        let end = message[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(message.len(), |i| pos + i + 1);
+        let line = &message[pos..end];
+        let bare = line.strip_suffix(b"\n").unwrap_or(line);
+        let bare = bare.strip_suffix(b"\r").unwrap_or(bare);
+        if bare.is_empty() {
+            // The end of the header section: the rest is the body.
+            out.extend_from_slice(&message[pos..]);
+            break;
+        }
+        let continuation = matches!(line[0], b' ' | b'\t');
+        let named = !continuation
+            && bare.len() > name.len()
+            && bare[name.len()] == b':'
+            && bare[..name.len()].eq_ignore_ascii_case(name.as_bytes());
+        if named {
+            removing = true;
+            first = value.is_none();
+            if first {
+                let v = String::from_utf8_lossy(&bare[name.len() + 1..]);
+                value = Some(v.trim().to_string());
+            }
+        } else if continuation && removing {
+            if let Some(v) = value.as_mut().filter(|_| first) {
+                v.push(' ');
+                v.push_str(String::from_utf8_lossy(bare).trim());
+            }
+        } else {
+            removing = false;
+            out.extend_from_slice(line);
+        }
+        pos = end;
+    }
+    if value.is_some() {
+        *message = out;
+    }
+    value
 }
 
 /// A UTC calendar date and time.
@@ -149,6 +208,26 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_is_taken_out_with_its_continuations_and_nothing_else_moves() {
+        let mut m = b"From: a@b.test\r\nX-Saida-Pool: bulk\r\n  -eu\r\nSubject: x\r\n\
+            x-saida-pool: other\r\n\r\nX-Saida-Pool: in the body\r\n"
+            .to_vec();
+        assert_eq!(
+            take_field(&mut m, "X-Saida-Pool").as_deref(),
+            Some("bulk -eu")
+        );
+        assert_eq!(
+            m,
+            b"From: a@b.test\r\nSubject: x\r\n\r\nX-Saida-Pool: in the body\r\n".to_vec()
+        );
+        let mut none = b"Subject: y\r\n\r\nbody\r\n".to_vec();
+        assert_eq!(take_field(&mut none, "X-Saida-Pool"), None);
+        assert_eq!(none, b"Subject: y\r\n\r\nbody\r\n".to_vec());
+        let mut prefix = b"X-Saida-Pools: no\r\n\r\n".to_vec();
+        assert_eq!(take_field(&mut prefix, "X-Saida-Pool"), None);
+    }
 
     #[test]
     fn dates_are_rfc5322() {

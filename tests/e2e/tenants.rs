@@ -11,6 +11,16 @@ use saida_e2e::{Daemon, Dnsmasq, Sink, delivery_log, free_port, http_get, http_p
 /// (envelope sender, recipient, `From:` header, body); prints one result per message: `250`,
 /// or the refusal's code and text. A refused MAIL leaves the connection usable.
 fn send_as(port: u16, user: &str, messages: &[(String, String, String, String)]) -> Vec<String> {
+    send_as_with(port, user, messages, "")
+}
+
+/// [`send_as`] with `extra` header lines (CRLF-terminated) in every message.
+fn send_as_with(
+    port: u16,
+    user: &str,
+    messages: &[(String, String, String, String)],
+    extra: &str,
+) -> Vec<String> {
     let spec: Vec<serde_json::Value> = messages
         .iter()
         .map(|(f, t, h, b)| serde_json::json!({"from": f, "to": t, "header_from": h, "body": b}))
@@ -21,14 +31,14 @@ fn send_as(port: u16, user: &str, messages: &[(String, String, String, String)])
         r#"
 import json, smtplib, sys
 port, user = int(sys.argv[1]), sys.argv[2]
-spec = json.load(open(sys.argv[3]))
+spec = json.load(open(sys.argv[3])); extra = sys.argv[4]
 s = smtplib.SMTP("127.0.0.1", port, timeout=60)
 s.ehlo("client.test"); s.login(user, "pw-" + user)
 for i, m in enumerate(spec):
     msg = ("From: <%s>\r\nTo: <%s>\r\nSubject: tenant test %d\r\n"
-           "Message-ID: <t%d.%s@client.test>\r\nMIME-Version: 1.0\r\n"
+           "Message-ID: <t%d.%s@client.test>\r\n%sMIME-Version: 1.0\r\n"
            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n%s"
-           % (m["header_from"], m["to"], i, i, user, m["body"]))
+           % (m["header_from"], m["to"], i, i, user, extra, m["body"]))
     try:
         s.sendmail(m["from"], [m["to"]], msg.encode("utf-8"), mail_options=["BODY=8BITMIME"])
         print("250")
@@ -38,7 +48,12 @@ for i, m in enumerate(spec):
         print(e.smtp_code, e.smtp_error.decode())
 s.quit()
 "#,
-        &[&port.to_string(), user, &file.path().display().to_string()],
+        &[
+            &port.to_string(),
+            user,
+            &file.path().display().to_string(),
+            extra,
+        ],
     );
     out.lines().map(str::to_string).collect()
 }
@@ -140,7 +155,7 @@ fn tenants_send_from_their_pools_within_quotas_and_every_message_verifies() {
     let sink = Sink::start(&[format!("127.0.0.9:{sink_port}")], &["--record-bodies"]);
     let admin = format!("127.0.0.1:{}", free_port());
     let mut config = String::new();
-    for (i, name) in ["a1", "a2", "g1", "g2"].iter().enumerate() {
+    for (i, name) in ["a1", "a2", "g1", "g2", "t1"].iter().enumerate() {
         config.push_str(&format!(
             "[[source]]\nname = \"{name}\"\naddress = \"127.0.0.{n}\"\n\
              ehlo = \"{name}.out.test\"\n\n",
@@ -148,13 +163,15 @@ fn tenants_send_from_their_pools_within_quotas_and_every_message_verifies() {
         ));
     }
     config.push_str(&format!(
-        "[[pool]]\nname = \"acme-ips\"\nsources = [{{ source = \"a1\", weight = 3 }}, \
+        "[[pool]]\nname = \"acme-tx\"\nsources = [{{ source = \"t1\" }}]\n\n\
+         [[pool]]\nname = \"acme-ips\"\nsources = [{{ source = \"a1\", weight = 3 }}, \
          {{ source = \"a2\", weight = 1 }}]\n\n\
          [[pool]]\nname = \"globex-ips\"\n\
          sources = [{{ source = \"g1\" }}, {{ source = \"g2\" }}]\n\n\
          [[tenant]]\nname = \"acme\"\nusers = [\"alice\"]\n\
          api_tokens = [\"acme-api-token-0123456789\"]\n\
-         sender_domains = [\"acme.test\"]\npool = \"acme-ips\"\ndkim_also = [\"esp.test\"]\n\n\
+         sender_domains = [\"acme.test\"]\npool = \"acme-ips\"\ndkim_also = [\"esp.test\"]\n\
+         pools_allowed = [\"acme-tx\"]\n\n\
          [[tenant]]\nname = \"globex\"\nusers = [\"bob\"]\nsender_domains = [\"globex.test\"]\n\
          pool = \"globex-ips\"\n\n\
          [[tenant]]\nname = \"initech\"\nusers = [\"carol\"]\nmessages_per_minute_max = 3\n\n\
@@ -223,10 +240,41 @@ fn tenants_send_from_their_pools_within_quotas_and_every_message_verifies() {
     let (status, _) = http_post_json(&admin, "/queue/flush", token, "{}");
     assert_eq!(status, 403, "a tenant's token does nothing but inject");
 
-    let total = 3 + 40 + 20 + 5 + 2;
+    // A message may choose one of its tenant's allowed pools with X-Saida-Pool (taken out);
+    // a tenant that is allowed none is refused.
+    let chosen: Vec<_> = (0..4)
+        .map(|i| msg("alice@acme.test", &format!("p{i}@dest.test")))
+        .collect();
+    let header = "X-Saida-Pool: acme-tx\r\n";
+    assert!(
+        send_as_with(d.port, "alice", &chosen, header)
+            .iter()
+            .all(|r| r == "250")
+    );
+    let out = send_as_with(d.port, "bob", &bob[..1], header);
+    assert!(out[0].starts_with("553 5.7.1"), "{out:?}");
+
+    let total = 3 + 40 + 20 + 5 + 2 + 4;
     let records = sink.wait_until(60, "every message", |r| r.len() == total);
     let mut by_from: HashMap<String, Vec<&serde_json::Value>> = HashMap::new();
-    for r in &records {
+    for r in records
+        .iter()
+        .filter(|r| r["rcpt"].as_str().is_some_and(|t| t.starts_with('p')))
+    {
+        assert_eq!(
+            (&r["peer"], &r["ehlo"]),
+            (&"127.0.0.6".into(), &"t1.out.test".into())
+        );
+        let body = r["body"].as_str().unwrap();
+        assert!(
+            !body.contains("X-Saida-Pool"),
+            "the header is taken out: {body}"
+        );
+    }
+    for r in records
+        .iter()
+        .filter(|r| !r["rcpt"].as_str().is_some_and(|t| t.starts_with('p')))
+    {
         let from = r["from"].as_str().unwrap_or("").to_string();
         let domain = from.rsplit('@').next().unwrap_or("").to_string();
         by_from.entry(domain).or_default().push(r);
@@ -316,7 +364,7 @@ fn tenants_send_from_their_pools_within_quotas_and_every_message_verifies() {
     );
     let metrics = http_get(&admin, "/metrics");
     assert!(
-        metrics.contains(r#"saida_tenant_outcomes_total{tenant="acme",outcome="delivered"} 42"#),
+        metrics.contains(r#"saida_tenant_outcomes_total{tenant="acme",outcome="delivered"} 46"#),
         "{metrics}"
     );
     assert!(metrics.contains(r#"saida_messages_rejected_total{reason="tenant_quota"} 2"#));

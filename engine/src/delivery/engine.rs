@@ -319,7 +319,9 @@ impl<S: Dial + 'static> Deliverer<S> {
         };
         let Ok(msg) = mref.message() else { return };
         let now = now_micros();
-        let tenant = self.tenants.named(msg.tenant);
+        let (name, chosen) = crate::tenant::split_record_field(msg.tenant);
+        let tenant = self.tenants.named(name);
+        let chosen = chosen.filter(|p| tenant.is_some_and(|t| t.pool_allowed(p)));
         // (queue, due, recipients): recipients of one domain due at the same time share a job.
         let mut groups: Vec<(String, u64, Vec<JobRcpt>)> = Vec::new();
         for r in &h.rcpts {
@@ -345,7 +347,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             t.queued(groups.iter().map(|g| g.2.len()).sum());
         }
         for (domain, due, rcpts) in groups {
-            let name = self.queue_for(tenant, &domain);
+            let name = self.queue_for(tenant, chosen, &domain);
             let job = Job {
                 queue_id: h.queue_id,
                 spool_shard: h.spool_shard,
@@ -424,12 +426,19 @@ impl<S: Dial + 'static> Deliverer<S> {
         split_queue_name(name).0.and_then(|t| self.tenants.named(t))
     }
 
-    /// The queue a new job for `domain` joins: the tenant's, and the source's that the tenant's
-    /// pool (or else the destination's) gives this job by smooth weighted round robin.
-    fn queue_for(&self, tenant: Option<&crate::tenant::Tenant>, domain: &str) -> String {
-        let pool = match tenant.filter(|t| !t.config.pool.is_empty()) {
-            Some(t) => Some(t.config.pool.clone()),
-            None => self.policies.for_domain(domain).pool.clone(),
+    /// The queue a new job for `domain` joins: the tenant's, and the source's that the pool
+    /// the message chose (or else the tenant's, or else the destination's) gives this job by
+    /// smooth weighted round robin.
+    fn queue_for(
+        &self,
+        tenant: Option<&crate::tenant::Tenant>,
+        chosen: Option<&str>,
+        domain: &str,
+    ) -> String {
+        let pool = match (chosen, tenant.filter(|t| !t.config.pool.is_empty())) {
+            (Some(p), _) => Some(p.to_string()),
+            (None, Some(t)) => Some(t.config.pool.clone()),
+            (None, None) => self.policies.for_domain(domain).pool.clone(),
         };
         let source = pool.and_then(|p| self.egress.pick(&p)).map(|s| s.name);
         queue_name(tenant.map(|t| t.name()), domain, source.as_deref())
@@ -1172,6 +1181,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
         let waited = now.saturating_sub(job.received_at_micros);
         let (_, destination) = split_queue_name(domain);
+        let (tenant, _) = crate::tenant::split_record_field(msg.tenant);
         let m = &self.metrics;
         m.inc(Counter::DeliveryAttempts, job.rcpts.len() as u64);
         for (r, v) in job.rcpts.iter().zip(verdicts.iter()) {
@@ -1237,7 +1247,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     sender: msg.sender,
                     recipient: address,
                     domain: destination,
-                    tenant: msg.tenant,
+                    tenant,
                     mx_host: info.host.as_deref(),
                     mx_ip: info.ip.map(|i| i.to_string()),
                     source: info.source.as_deref(),
@@ -1284,8 +1294,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             }
         }
         let source = info.source.as_deref();
-        self.metrics
-            .outcomes(destination, msg.tenant, source, counts);
+        self.metrics.outcomes(destination, tenant, source, counts);
         if let Some(t) = self.tenant_of(domain) {
             t.finished((counts[0] + counts[2]) as usize);
         }

@@ -894,7 +894,14 @@ async fn inject(
     let (spool, router, config, shard) = (&ctx.spool, &ctx.router, &*ctx.config, ctx.shard);
     let account = ctx.tenants.named(tenant);
     let mut ids = Vec::new();
-    for m in messages {
+    for mut m in messages {
+        // The admin endpoint checked the pool (a tenant's `pools_allowed`) before dispatch.
+        let chosen = headers::take_field(&mut m.content, crate::tenant::POOL_HEADER);
+        let chosen = chosen.filter(|p| account.is_some_and(|t| t.pool_allowed(p)));
+        let tenant_field = match account {
+            Some(t) => crate::tenant::record_field(t.name(), chosen.as_deref()),
+            None => tenant.to_string(),
+        };
         if router.queues_full() {
             return Err(InjectFailure::new("452 4.3.1 delivery queues full", ids));
         }
@@ -941,7 +948,7 @@ async fn inject(
                 0
             },
             dsn_ret: spool::DsnRet::Unspecified,
-            tenant,
+            tenant: &tenant_field,
             sender: &m.from,
             envid: "",
             recipients: m.to.iter().map(|a| spool::Recipient::new(a)).collect(),

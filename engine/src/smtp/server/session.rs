@@ -635,7 +635,7 @@ impl<S: Stream> Session<S> {
 
     /// Stores the message durably, then answers. A `421` (the spool is shutting down) ends
     /// the session, as RFC 5321 requires.
-    async fn commit(&mut self, content: Vec<u8>) -> Result<(), Stop> {
+    async fn commit(&mut self, mut content: Vec<u8>) -> Result<(), Stop> {
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };
@@ -674,6 +674,19 @@ impl<S: Stream> Session<S> {
                 "From: header address not allowed for this account",
             ));
             return Ok(());
+        }
+        let chosen = headers::take_field(&mut content, crate::tenant::POOL_HEADER);
+        if let Some(pool) = &chosen {
+            if !account.is_some_and(|t| t.pool_allowed(pool)) {
+                tracing::warn!(client = %self.info.peer.ip(), pool = ?pool,
+                    "message refused: pool not allowed");
+                self.reply(Reply::owned(
+                    553,
+                    "5.7.1",
+                    format!("Pool {pool:?} not allowed for this account"),
+                ));
+                return Ok(());
+            }
         }
         let received_at = now_micros();
         let spool = Rc::clone(&self.ctx.spool);
@@ -727,7 +740,7 @@ impl<S: Stream> Session<S> {
             _ => {}
         }
         let tenant = match account {
-            Some(t) => t.name().to_string(),
+            Some(t) => crate::tenant::record_field(t.name(), chosen.as_deref()),
             None => self.user.clone().unwrap_or_default(),
         };
         let message = Message {
