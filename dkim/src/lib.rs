@@ -411,7 +411,10 @@ impl Keyring {
             .sources
             .entries
             .iter()
-            .map(|e| (e.key.clone(), e.domain.clone(), e.selector.clone()))
+            .map(|e| {
+                let domain = e.domain.trim_end_matches('.').to_ascii_lowercase();
+                (e.key.clone(), domain, e.selector.clone())
+            })
             .collect();
         if let Some(dir) = &self.sources.dir {
             match directory_keys(dir) {
@@ -419,7 +422,20 @@ impl Keyring {
                     wanted.extend(found);
                     errors.extend(bad);
                 }
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    // The directory cannot be read now: its keys as last read stay in use.
+                    errors.push(e);
+                    let parsed = match self.parsed.lock() {
+                        Ok(p) => p,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    wanted.extend(
+                        parsed
+                            .iter()
+                            .filter(|(p, _)| p.starts_with(dir))
+                            .map(|(p, (_, s))| (p.clone(), s.domain.clone(), s.selector.clone())),
+                    );
+                }
             }
         }
         if wanted.len() > KEYS_MAX {

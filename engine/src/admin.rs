@@ -110,6 +110,7 @@ struct Endpoint {
     tenants: std::sync::Arc<crate::tenant::Tenants>,
     /// Where the suspended tenants are saved.
     spool_dir: std::path::PathBuf,
+    suppressions: std::sync::Arc<crate::suppression::Suppressions>,
 }
 
 /// Who sent a request.
@@ -132,6 +133,7 @@ pub fn serve(
     router: crate::mesh::Router,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     tenants: std::sync::Arc<crate::tenant::Tenants>,
+    suppressions: std::sync::Arc<crate::suppression::Suppressions>,
 ) -> std::io::Result<()> {
     let address = &config.admin.address;
     if address.is_empty() {
@@ -150,6 +152,7 @@ pub fn serve(
         idempotency: std::sync::Mutex::new(idempotency),
         tenants,
         spool_dir: config.spool.dir.clone(),
+        suppressions,
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -316,6 +319,24 @@ async fn handle(
             Err(_) => error(500, "the injection failed"),
         };
     }
+    if path == "/suppressions" || path.starts_with("/suppressions/") {
+        let query = req.uri().query().unwrap_or("").to_string();
+        let body = if method == "POST" {
+            match read_body(req.into_body()).await {
+                Ok(b) => b,
+                Err((status, why)) => return error(status, &why),
+            }
+        } else {
+            Vec::new()
+        };
+        tracing::info!(client = %peer, %method, %path, "suppression request");
+        let ep = std::sync::Arc::clone(&endpoint);
+        let work = move || suppression_request(&ep, &method, &path, &query, &body);
+        return match tokio::task::spawn_blocking(work).await {
+            Ok((status, value)) => json(status, &value),
+            Err(_) => error(500, "the request failed"),
+        };
+    }
     match saida_control::route(&method, &path) {
         Err((status, why)) => error(status, &why),
         Ok(req) => {
@@ -422,20 +443,24 @@ fn inject(
             }
         }
     }
-    if let Some(t) = tenant {
-        if let Err(q) = t.admit_n(messages.len() as u64) {
-            endpoint
-                .metrics
-                .inc(crate::metrics::Counter::TenantQuota, 1);
-            return (
-                429,
-                serde_json::json!({ "error": format!("452 4.7.1 {q}") }),
-            );
-        }
+    // Suppressed recipients are reported, not queued.
+    let scope = tenant.map_or("", |t| t.name());
+    let mut suppressed = Vec::new();
+    let mut messages = messages;
+    for m in &mut messages {
+        m.to.retain(|a| {
+            let gone = endpoint.suppressions.suppressed(scope, a);
+            if gone {
+                suppressed.push(a.clone());
+            }
+            !gone
+        });
     }
-    // Keys are the caller's own: one tenant never sees another's answers.
+    messages.retain(|m| !m.to.is_empty());
+    // Keys are the caller's own: one tenant never sees another's answers (an operator's key,
+    // printable ASCII, can never hold the \u{1} that separates a tenant's name from its key).
     let key = match tenant {
-        Some(t) => key.map(|k| format!("{}/{k}", t.name())),
+        Some(t) => key.map(|k| format!("{}\u{1}{k}", t.name())),
         None => key,
     };
     let lock = || idempotency.lock().unwrap_or_else(|p| p.into_inner());
@@ -463,6 +488,39 @@ fn inject(
             }
         }
     }
+    let refuse = |status: u16, why: String| {
+        if let Some(k) = &key {
+            lock().forget(k);
+        }
+        (status, serde_json::json!({ "error": why }))
+    };
+    // The rate quota counts requests that will queue something, never a repeated one.
+    if let Some(t) = tenant.filter(|_| !messages.is_empty()) {
+        let per_minute = t.config.messages_per_minute_max;
+        if per_minute > 0 && messages.len() as u64 > per_minute {
+            let why = format!(
+                "{} messages in one request, more than the account's {per_minute} a minute: \
+                 split it",
+                messages.len()
+            );
+            return refuse(400, why);
+        }
+        if let Err(q) = t.admit_n(messages.len() as u64) {
+            endpoint
+                .metrics
+                .inc(crate::metrics::Counter::TenantQuota, 1);
+            return refuse(429, format!("452 4.7.1 {q}"));
+        }
+    }
+    if messages.is_empty() {
+        if let Some(k) = key {
+            lock().put(k, Vec::new());
+        }
+        return (
+            200,
+            serde_json::json!({ "queue_ids": [], "suppressed": suppressed }),
+        );
+    }
     let shard = NEXT_SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % router.shards();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let msg = crate::mesh::ShardMsg::Inject {
@@ -484,7 +542,10 @@ fn inject(
             if let Some(k) = key {
                 lock().put(k, ids.clone());
             }
-            (200, serde_json::json!({ "queue_ids": ids }))
+            (
+                200,
+                serde_json::json!({ "queue_ids": ids, "suppressed": suppressed }),
+            )
         }
         Ok(Err(failure)) => {
             // Nothing committed: the key may be used again. Some committed: it stays pending,
@@ -499,6 +560,88 @@ fn inject(
         Err(_) => (
             503,
             serde_json::json!({ "error": "no answer from the shard in time" }),
+        ),
+    }
+}
+
+/// The body of `POST /suppressions` and `POST /suppressions/remove`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuppressionChange {
+    /// A tenant's name, or empty (absent) for everyone.
+    #[serde(default)]
+    scope: String,
+    entries: Vec<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `GET /suppressions[?scope=&offset=&limit=]`, `GET /suppressions/ADDRESS[?scope=]`,
+/// `POST /suppressions` (add, or bulk import), `POST /suppressions/remove`.
+fn suppression_request(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let list = &endpoint.suppressions;
+    let bad = |why: String| (400, serde_json::json!({ "error": why }));
+    let scope_ok = |s: &str| s.is_empty() || endpoint.tenants.named(s).is_some();
+    match (method, path) {
+        ("GET", "/suppressions") => {
+            let scope = param("scope");
+            let number = |name: &str, default: usize| {
+                param(name).map_or(Ok(default), |v| v.parse::<usize>())
+            };
+            let (Ok(offset), Ok(limit)) = (number("offset", 0), number("limit", 1000)) else {
+                return bad("offset and limit are numbers".into());
+            };
+            let entries = list.list(scope.as_deref(), offset, limit);
+            let limit = limit.min(crate::suppression::LIST_MAX);
+            let body =
+                serde_json::json!({ "entries": entries, "total": list.len(), "limit": limit });
+            (200, body)
+        }
+        ("GET", p) => {
+            let address = p.trim_start_matches("/suppressions/");
+            let scope = param("scope").unwrap_or_default();
+            let suppressed = list.suppressed(&scope, address);
+            (
+                200,
+                serde_json::json!({ "address": address, "suppressed": suppressed }),
+            )
+        }
+        ("POST", "/suppressions" | "/suppressions/remove") => {
+            let change: SuppressionChange = match serde_json::from_slice(body) {
+                Ok(c) => c,
+                Err(e) => return bad(format!("body: {e}")),
+            };
+            if !scope_ok(&change.scope) {
+                return bad(format!("no tenant `{}`", change.scope));
+            }
+            let done = if path == "/suppressions" {
+                list.add(&change.scope, &change.entries, &change.reason, true)
+                    .map(|n| serde_json::json!({ "added": n }))
+            } else {
+                list.remove(&change.scope, &change.entries, true)
+                    .map(|n| serde_json::json!({ "removed": n }))
+            };
+            match done {
+                Ok(v) => (200, v),
+                Err(e) => bad(e.to_string()),
+            }
+        }
+        _ => (
+            404,
+            serde_json::json!({ "error": format!("no route {method} {path}") }),
         ),
     }
 }

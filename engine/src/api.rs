@@ -95,8 +95,9 @@ fn valid_address(a: &str, empty_ok: bool) -> bool {
         return empty_ok;
     }
     a.len() <= 254
-        && a.split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && a.rsplit_once('@').is_some_and(|(l, d)| {
+            !l.is_empty() && smtp_proto::command::is_domain_or_literal(d.trim_end_matches('.'))
+        })
         && !a
             .bytes()
             .any(|b| b <= b' ' || b == b'<' || b == b'>' || b == 0x7f)

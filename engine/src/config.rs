@@ -56,6 +56,9 @@ pub struct Config {
     #[serde(rename = "dkim")]
     pub dkim_keys: Vec<DkimKey>,
     pub signing: Signing,
+    /// `[[bounce_rule]]`: classification rules before the built-in ones.
+    #[serde(rename = "bounce_rule")]
+    pub bounce_rules: Vec<crate::delivery::bounce_class::BounceRule>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             tenants: Vec::new(),
             dkim_keys: Vec::new(),
             signing: Signing::default(),
+            bounce_rules: Vec::new(),
         }
     }
 }
@@ -680,6 +684,8 @@ impl Config {
             }
         }
         self.dkim_sources()?;
+        crate::delivery::bounce_class::Classifier::new(&self.bounce_rules)
+            .map_err(|e| ("bounce_rule".to_string(), e))?;
         range(
             "signing.dkim_reload_secs",
             self.signing.dkim_reload_secs,

@@ -96,6 +96,7 @@ impl PrepareError {
 pub fn dkim_sign(
     keys: &saida_dkim::Keyring,
     also: &[String],
+    tenants: &crate::tenant::Tenants,
     tenant: Option<&crate::tenant::Tenant>,
     metrics: &crate::metrics::Metrics,
     shard: u16,
@@ -106,7 +107,17 @@ pub fn dkim_sign(
         return Ok(body);
     }
     let started = std::time::Instant::now();
-    let from = crate::tenant::from_domains(&body);
+    let mut from = crate::tenant::from_domains(&body);
+    // A domain that is a tenant's sender domain is signed for that tenant's mail only.
+    from.retain(|d| {
+        tenants
+            .owner_of(d)
+            .is_none_or(|owner| tenant.is_some_and(|t| t.name() == owner.name()))
+    });
+    // With several From: fields, which one a reader shows is not known: none is signed.
+    if smtp_proto::headers::count_fields(&body, "From") > 1 {
+        from.clear();
+    }
     let mut extra: Vec<String> = also.to_vec();
     if let Some(t) = tenant {
         extra.extend(t.config.dkim_also.iter().cloned());

@@ -22,6 +22,7 @@ mod mesh;
 mod metrics;
 mod shard;
 mod smtp;
+mod suppression;
 mod tenant;
 
 use std::path::PathBuf;
@@ -54,6 +55,17 @@ enum Command {
     Passwd { user: String },
     /// Print docs/metrics.md, generated from the metric declarations.
     MetricsDoc,
+    /// Benchmarks of bounce control: the suppression list built with ENTRIES addresses and
+    /// LOOKUPS lookups timed; the classification of every published reply, ROUNDS times.
+    /// Prints JSON (docs/benchmarks.md).
+    DeliverabilityBench {
+        #[arg(long, default_value_t = 10_000_000)]
+        entries: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        lookups: usize,
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+    },
     /// Print the DNS TXT record (`v=DKIM1; k=...; p=...`) that publishes the public half of a
     /// DKIM private key file (PEM: RSA or Ed25519), for `<selector>._domainkey.<domain>`.
     DkimRecord { key: PathBuf },
@@ -193,6 +205,18 @@ fn dkim_record(key: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn deliverability_bench(entries: usize, lookups: usize, rounds: usize) -> anyhow::Result<()> {
+    let (replies, p50, p99, max) =
+        delivery::bounce_class::bench(rounds).map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "bounce-classification", "replies": replies,
+            "rounds": rounds, "classify_ns": {"p50": p50, "p99": p99, "max": max}})
+    );
+    println!("{}", suppression::bench(entries, lookups));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Run { config } => run(config),
@@ -209,6 +233,11 @@ fn main() -> ExitCode {
         Command::Passwd { user } => passwd(&user),
         Command::Queue(args) => queue(args),
         Command::DkimRecord { key } => dkim_record(&key),
+        Command::DeliverabilityBench {
+            entries,
+            lookups,
+            rounds,
+        } => deliverability_bench(entries, lookups, rounds),
         Command::MetricsDoc => {
             print!("{}", metrics::docs_markdown());
             Ok(())
@@ -264,6 +293,7 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         server.router.clone(),
         std::sync::Arc::clone(&server.metrics),
         std::sync::Arc::clone(&server.tenants),
+        std::sync::Arc::clone(&server.suppressions),
     )
     .map_err(|e| anyhow::anyhow!("admin endpoint {}: {e}", config.admin.address))?;
     tracing::info!(

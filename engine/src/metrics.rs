@@ -274,6 +274,9 @@ pub struct QueueSnapshot {
 /// Tenant label values allowed besides `none` and `unlisted`: messages injected over HTTP.
 const TENANT_LABELS: &[&str] = &["api"];
 
+const BOUNCE_CLASS_HELP: &str = "Recipients deferred or failed, by what the reply means \
+     (bad_mailbox, bad_domain, mailbox_full, policy, content, rate_limited, routing, protocol, \
+     other)";
 const TENANT_QUEUE_HELP: &str =
     "Recipients queued per configured tenant (its queue quota counts these)";
 const TENANT_SUSPENDED_HELP: &str = "1 while an operator has suspended the tenant's delivery";
@@ -383,6 +386,8 @@ pub struct Metrics {
     by_destination: Mutex<TopCounts>,
     by_tenant: Mutex<TopCounts>,
     by_source: Mutex<TopCounts>,
+    /// Recipient outcomes that were not deliveries, by bounce class: `[class][deferred, failed]`.
+    by_class: Vec<[AtomicU64; 2]>,
     /// `[shard][hist]`.
     hists: Vec<Vec<Mutex<Histogram<u64>>>>,
     /// Per shard: its spool's figures and health, read live at every scrape (set once the spool
@@ -419,6 +424,10 @@ impl Metrics {
             by_destination: Mutex::default(),
             by_tenant: Mutex::default(),
             by_source: Mutex::default(),
+            by_class: crate::delivery::bounce_class::BounceClass::ALL
+                .iter()
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
             counters: COUNTERS.iter().map(|_| AtomicU64::new(0)).collect(),
             hists: (0..shards)
                 .map(|_| HISTOGRAMS.iter().map(|_| Mutex::new(new_hist())).collect())
@@ -468,6 +477,13 @@ impl Metrics {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .add(key, counts);
+        }
+    }
+
+    /// Counts one deferred or failed recipient by what its reply means.
+    pub fn bounce_class(&self, class: crate::delivery::bounce_class::BounceClass, failed: bool) {
+        if self.enabled {
+            self.by_class[class as usize][usize::from(failed)].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -710,6 +726,23 @@ impl Metrics {
                 }
             }
         }
+        for (i, class) in crate::delivery::bounce_class::BounceClass::ALL
+            .iter()
+            .enumerate()
+        {
+            for (j, outcome) in ["deferred", "failed"].iter().enumerate() {
+                let v = self.by_class[i][j].load(Ordering::Relaxed) as f64;
+                let m = counter(v, &[("class", class.as_str()), ("outcome", outcome)]);
+                let name = "saida_bounce_class_total";
+                push(
+                    &mut families,
+                    name,
+                    BOUNCE_CLASS_HELP,
+                    MetricType::COUNTER,
+                    m,
+                );
+            }
+        }
         for t in self.tenants.all() {
             let label = [("tenant", t.name())];
             let queued = gauge(t.queued_rcpts() as f64, &label);
@@ -862,6 +895,7 @@ pub fn docs_markdown() -> String {
         "| `saida_queue_recipients` | gauge | `state` | {QUEUE_STATE_HELP} |\n\
          | `saida_destination_queued_recipients` | gauge | `destination` | {DEST_QUEUE_HELP} |\n\
          | `saida_destination_connections` | gauge | `destination` | {DEST_CONN_HELP} |\n\
+         | `saida_bounce_class_total` | counter | `class`, `outcome` | {BOUNCE_CLASS_HELP} |\n\
          | `saida_tenant_queued_recipients` | gauge | `tenant` | {TENANT_QUEUE_HELP} |\n\
          | `saida_tenant_suspended` | gauge | `tenant` | {TENANT_SUSPENDED_HELP} |\n"
     ));

@@ -95,6 +95,7 @@ pub struct Tenant {
     /// Token bucket for `messages_per_minute_max`: (tokens, last refill).
     bucket: Mutex<(f64, Instant)>,
     suspended: AtomicBool,
+    counting: bool,
 }
 
 impl Tenant {
@@ -105,6 +106,7 @@ impl Tenant {
             queued: AtomicU64::new(0),
             bucket: Mutex::new((full, Instant::now())),
             suspended: AtomicBool::new(false),
+            counting: true,
         }
     }
 
@@ -123,11 +125,15 @@ impl Tenant {
     }
 
     /// Whether every `From:` mailbox of `message` is within the sender domains (a message
-    /// without one is not, when the tenant has sender domains).
+    /// without one, or with more than one `From:` field, is not, when the tenant has sender
+    /// domains).
     pub fn from_header_allowed(&self, message: &[u8]) -> bool {
         let domains = &self.config.sender_domains;
         if domains.is_empty() {
             return true;
+        }
+        if smtp_proto::headers::count_fields(message, "From") != 1 {
+            return false;
         }
         let from = from_domains(message);
         !from.is_empty() && from.iter().all(|d| domain_in(domains, d))
@@ -142,7 +148,7 @@ impl Tenant {
     /// [`Tenant::admit`] for `n` messages at once: all are admitted or none.
     pub fn admit_n(&self, n: u64) -> Result<(), QuotaExceeded> {
         let max = self.config.queued_rcpts_max;
-        if max > 0 && self.queued.load(Ordering::Relaxed) >= max {
+        if self.counting && max > 0 && self.queued.load(Ordering::Relaxed) >= max {
             return Err(QuotaExceeded::Queue);
         }
         let per_minute = self.config.messages_per_minute_max;
@@ -166,7 +172,9 @@ impl Tenant {
     }
 
     pub fn queued(&self, n: usize) {
-        self.queued.fetch_add(n as u64, Ordering::Relaxed);
+        if self.counting {
+            self.queued.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn finished(&self, n: usize) {
@@ -191,12 +199,29 @@ impl Tenant {
     }
 }
 
-/// Every configured tenant, looked up by name, AUTH user or API token.
-#[derive(Debug, Default)]
+/// Every configured tenant, looked up by name, AUTH user, API token or sender domain.
+#[derive(Debug)]
 pub struct Tenants {
     all: Vec<Tenant>,
     by_name: HashMap<String, usize>,
     by_user: HashMap<String, usize>,
+    /// Each sender domain, lowercase, and the tenant it belongs to (the first that lists it).
+    by_domain: HashMap<String, usize>,
+    /// Whether queued recipients are counted (not when this daemon does not deliver: they
+    /// would never be finished).
+    counting: bool,
+}
+
+impl Default for Tenants {
+    fn default() -> Self {
+        Tenants {
+            all: Vec::new(),
+            by_name: HashMap::new(),
+            by_user: HashMap::new(),
+            by_domain: HashMap::new(),
+            counting: true,
+        }
+    }
 }
 
 impl Tenants {
@@ -208,9 +233,38 @@ impl Tenants {
             for u in &c.users {
                 t.by_user.insert(u.clone(), i);
             }
+            for d in &c.sender_domains {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                t.by_domain.entry(d).or_insert(i);
+            }
             t.all.push(Tenant::new(c.clone()));
         }
         t
+    }
+
+    /// Without counting queued recipients (and so without the queue quota): for a daemon
+    /// that does not deliver.
+    pub fn without_queue_counting(mut self) -> Tenants {
+        self.counting = false;
+        for t in &mut self.all {
+            t.counting = false;
+        }
+        self
+    }
+
+    /// The tenant whose sender domains hold `domain` (or a domain above it).
+    pub fn owner_of(&self, domain: &str) -> Option<&Tenant> {
+        if self.by_domain.is_empty() {
+            return None;
+        }
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let mut d = domain.as_str();
+        loop {
+            if let Some(&i) = self.by_domain.get(d) {
+                return Some(&self.all[i]);
+            }
+            d = d.split_once('.')?.1;
+        }
     }
 
     pub fn all(&self) -> &[Tenant] {

@@ -53,12 +53,7 @@ pub fn received(r: &ReceivedInfo<'_>) -> String {
 /// Number of `Received:` fields in the header section of `message` (each hop adds one; a
 /// count past `[smtp] received_headers_max` means a mail loop).
 pub fn received_count(message: &[u8]) -> usize {
-    message
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .take_while(|l| !l.is_empty())
-        .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
-        .count()
+    count_fields(message, "Received")
 }
 
 /// The `554 5.4.6` text for a message refused as looping.
@@ -75,6 +70,17 @@ pub fn has_message_id(message: &[u8]) -> bool {
 /// has one.
 pub fn find_message_id(message: &[u8]) -> Option<&str> {
     find_field(message, "Message-ID")
+}
+
+/// How many `name:` fields the header section of `message` has.
+pub fn count_fields(message: &[u8], name: &str) -> usize {
+    let n = name.len();
+    message
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.len() > n && l[n] == b':' && l[..n].eq_ignore_ascii_case(name.as_bytes()))
+        .count()
 }
 
 /// The first line of the first `name:` field's value (trimmed), if the header section has one.

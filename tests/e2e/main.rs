@@ -3,6 +3,7 @@
 //! helpers). `cargo test -p saida-e2e -- delivery::` runs one area.
 
 mod bench_smoke;
+mod deliverability;
 mod delivery;
 mod io_uring_fallback;
 mod load_tools;

@@ -156,6 +156,8 @@ const DAEMON_LAYERS: &[(&str, u8)] = &[
     ("delivery::log", 1),
     ("delivery::dsn", 1),
     ("delivery::egress", 1),
+    ("delivery::bounce_class", 1),
+    ("suppression", 1),
     ("tenant", 1),
     ("smtp::client", 1),
     ("smtp::server::inflight", 1),

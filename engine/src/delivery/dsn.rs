@@ -29,6 +29,9 @@ pub struct FailedRecipient<'a> {
     pub diagnostic: &'a str,
     /// The MX host that gave the reply, if one did.
     pub remote_mta: Option<&'a str>,
+    /// What the failure means (`bad_mailbox`...; `delivery::bounce_class`), as an extension
+    /// field `X-Saida-Bounce-Class`.
+    pub class: Option<&'a str>,
 }
 
 /// A bounce ready to queue: envelope sender `<>`, one recipient.
@@ -145,6 +148,9 @@ pub fn build_bounce(
             &mut b,
             &format!("Diagnostic-Code: smtp; {}", one_line(r.diagnostic)),
         );
+        if let Some(class) = r.class {
+            line(&mut b, &format!("X-Saida-Bounce-Class: {class}"));
+        }
     }
     line(&mut b, "");
     // Part 3: the original, whole (RET=FULL, if not too large) or its headers.
@@ -218,6 +224,7 @@ mod tests {
             status: "5.1.1",
             diagnostic: "550 5.1.1 no such user\r\n",
             remote_mta: Some("mx.dest.test"),
+            class: None,
         }
     }
 

@@ -89,10 +89,15 @@ pub fn validate(sources: &[SourceConfig], pools: &[PoolConfig]) -> Result<(), (S
     }
     let mut pool_names = std::collections::HashSet::new();
     for p in pools {
-        if p.name.is_empty() || !pool_names.insert(p.name.as_str()) {
+        let valid = !p.name.is_empty()
+            && p.name.len() <= 64
+            && p.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid || !pool_names.insert(p.name.as_str()) {
             return Err((
                 "pool.name".into(),
-                format!("`{}` is empty or used twice", p.name),
+                format!("`{}`: 1 to 64 of A-Za-z0-9-_., unique", p.name),
             ));
         }
         if p.sources.is_empty() {

@@ -29,11 +29,12 @@ use spool::{
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::delivery::bounce_class::BounceClass;
 use crate::delivery::dsn::{FailedRecipient, build_bounce};
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog, LogRotation, rfc3339};
 use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
 use crate::delivery::queue::{
-    DomainQueue, Job, JobRcpt, queue_name, queue_source, split_queue_name,
+    DomainQueue, Job, JobRcpt, queue_egress, queue_name, split_queue_name,
 };
 use crate::delivery::schedule::Next;
 use crate::dns::{MxResolver, Resolution};
@@ -175,6 +176,10 @@ pub struct Deliverer<S: Dial> {
     metrics: Arc<crate::metrics::Metrics>,
     /// Tenants: their queues are apart, their pools and suspension apply, their quotas count.
     tenants: Arc<crate::tenant::Tenants>,
+    /// Addresses never to be mailed: checked before each attempt, fed by hard bounces.
+    suppressions: Arc<crate::suppression::Suppressions>,
+    /// What each failure means.
+    classifier: crate::delivery::bounce_class::Classifier,
     rng: Cell<u64>,
     _stream: PhantomData<S>,
 }
@@ -190,7 +195,10 @@ impl<S: Dial + 'static> Deliverer<S> {
         shutdown: watch::Receiver<bool>,
         metrics: Arc<crate::metrics::Metrics>,
         tenants: Arc<crate::tenant::Tenants>,
+        suppressions: Arc<crate::suppression::Suppressions>,
     ) -> Result<Rc<Self>, String> {
+        let classifier = crate::delivery::bounce_class::Classifier::new(&config.bounce_rules)
+            .map_err(|e| format!("bounce_rule: {e}"))?;
         let policies = DeliveryPolicies::new(&config.delivery, &config.routes)
             .map_err(|(k, m)| format!("{k}: {m}"))?;
         let resolver = match MxResolver::new(&config.dns.settings()) {
@@ -267,6 +275,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             dns_lookups: tokio::sync::Semaphore::new(config.delivery.dns_lookups_per_shard_max),
             metrics,
             tenants,
+            suppressions,
+            classifier,
             rng: Cell::new(now_micros() | 1),
             config,
             _stream: PhantomData,
@@ -440,8 +450,11 @@ impl<S: Dial + 'static> Deliverer<S> {
             (None, Some(t)) => Some(t.config.pool.clone()),
             (None, None) => self.policies.for_domain(domain).pool.clone(),
         };
-        let source = pool.and_then(|p| self.egress.pick(&p)).map(|s| s.name);
-        queue_name(tenant.map(|t| t.name()), domain, source.as_deref())
+        let Some(pool) = pool else {
+            return queue_name(tenant.map(|t| t.name()), domain, None);
+        };
+        let source = self.egress.pick(&pool).map_or(String::new(), |s| s.name);
+        queue_name(tenant.map(|t| t.name()), domain, Some((&pool, &source)))
     }
 
     /// A new queue: its destination's policy (with the tenant's pool, when it has one), and
@@ -455,15 +468,21 @@ impl<S: Dial + 'static> Deliverer<S> {
         let (tenant, domain) = split_queue_name(name);
         let mut policy = self.policies.for_domain(domain);
         let tenant = tenant.and_then(|t| self.tenants.named(t));
-        if let Some(t) = tenant.filter(|t| !t.config.pool.is_empty()) {
+        // The pool the job was given (the message's choice, the tenant's or the destination's)
+        // is the one its connections fall back on.
+        let egress = queue_egress(name);
+        if let Some((pool, _)) = egress.filter(|(p, _)| policy.pool.as_deref() != Some(*p)) {
             let mut p = (*policy).clone();
-            p.pool = Some(t.config.pool.clone());
+            p.pool = Some(pool.to_string());
             policy = Arc::new(p);
         }
         let mut q = DomainQueue::new(policy, now);
         q.suspended = name != domain && domains.get(domain).is_some_and(|d| d.suspended);
         q.held = tenant.is_some_and(|t| t.suspended());
-        q.source = queue_source(name).map(str::to_string);
+        q.source = egress
+            .map(|(_, s)| s)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
         q
     }
 
@@ -997,6 +1016,9 @@ impl<S: Dial + 'static> Deliverer<S> {
                 continue;
             };
             let Ok(msg) = mref.message() else { continue };
+            if !self.drop_suppressed(&mut job, &msg).await {
+                continue;
+            }
             let env = envelope(&msg, &job);
             let t = Instant::now();
             let result = session.send(&env, msg.body).await;
@@ -1061,6 +1083,46 @@ impl<S: Dial + 'static> Deliverer<S> {
                 }
             }
         }
+    }
+
+    /// Takes the recipients now on the suppression list out of `job` (cancelled, journaled,
+    /// no bounce); false when none is left.
+    async fn drop_suppressed(&self, job: &mut Job, msg: &Message<'_>) -> bool {
+        let (name, _) = crate::tenant::split_record_field(msg.tenant);
+        let tenant = self.tenants.named(name);
+        let scope = tenant.map_or("", |t| t.name());
+        let (keep, gone): (Vec<JobRcpt>, Vec<JobRcpt>) = job.rcpts.iter().partition(|r| {
+            msg.recipients
+                .get(r.index as usize)
+                .is_none_or(|x| !self.suppressions.suppressed(scope, x.address))
+        });
+        if gone.is_empty() {
+            return true;
+        }
+        tracing::info!(queue_id = %job.queue_id, rcpts = gone.len(),
+            "suppressed recipients cancelled before delivery");
+        if let Some(t) = tenant {
+            t.finished(gone.len());
+        }
+        let outcomes = gone
+            .iter()
+            .map(|r| Outcome {
+                rcpt_index: r.index,
+                state: RcptState::Cancelled,
+                attempts: r.attempts,
+                next_attempt_micros: 0,
+                reply: "550 5.1.1 recipient on the suppression list".into(),
+            })
+            .collect();
+        let out = ShardMsg::Outcomes {
+            spool: job.spool_shard,
+            queue_id: job.queue_id,
+            at_micros: now_micros(),
+            outcomes,
+        };
+        let _ = self.router.send_to_spool(job.spool_shard, out).await;
+        job.rcpts = keep;
+        !job.rcpts.is_empty()
     }
 
     fn requeue_front(&self, domain: &str, job: Job) {
@@ -1164,10 +1226,11 @@ impl<S: Dial + 'static> Deliverer<S> {
         let now = now_micros();
         let policy = match self.domains.borrow().get(domain) {
             Some(q) => Arc::clone(&q.policy),
-            None => self.policies.for_domain(domain),
+            None => self.policies.for_domain(split_queue_name(domain).1),
         };
         let mut outcomes = Vec::with_capacity(job.rcpts.len());
-        let mut failed: Vec<(usize, String, String)> = Vec::new(); // (index, status, text)
+        // (index, status, text, class)
+        let mut failed: Vec<(usize, String, String, BounceClass)> = Vec::new();
         let mut deferred: Vec<JobRcpt> = Vec::new();
         let attempts_max = job.rcpts.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
         let retry =
@@ -1220,13 +1283,34 @@ impl<S: Dial + 'static> Deliverer<S> {
                     ),
                 }
             };
+            let class = (state != RcptState::Delivered).then(|| {
+                self.classifier
+                    .classify(v.code, v.enhanced.as_deref(), &v.text)
+            });
+            if let Some(c) = class {
+                self.metrics.bounce_class(c, state == RcptState::Failed);
+            }
+            let address = msg
+                .recipients
+                .get(r.index as usize)
+                .map_or("", |x| x.address);
             if state == RcptState::Failed {
                 let status = match (log_outcome, &v.enhanced) {
                     (AttemptOutcome::Expired, _) => "4.4.7".to_string(),
                     (_, Some(e)) => e.clone(),
                     _ => format!("{}.0.0", v.code / 100),
                 };
-                failed.push((r.index as usize, status, text.clone()));
+                let c = class.unwrap_or(BounceClass::Other);
+                // A hard bounce from the destination (not an expiry, not a local refusal of
+                // ours: those have no host) keeps the address from being mailed again.
+                if c.is_hard() && v.code >= 500 && info.host.is_some() && !address.is_empty() {
+                    let scope = self.tenants.named(tenant).map_or("", |t| t.name());
+                    let entry = [address.to_string()];
+                    if let Ok(1) = self.suppressions.add(scope, &entry, &v.text, false) {
+                        tracing::info!(rcpt = address, scope, "suppressed after a hard bounce");
+                    }
+                }
+                failed.push((r.index as usize, status, text.clone(), c));
             }
             if state == RcptState::Deferred {
                 deferred.push(JobRcpt {
@@ -1234,10 +1318,6 @@ impl<S: Dial + 'static> Deliverer<S> {
                     attempts,
                 });
             }
-            let address = msg
-                .recipients
-                .get(r.index as usize)
-                .map_or("", |x| x.address);
             if let Some(log) = self.log.borrow_mut().as_mut() {
                 let tls = info.tls.as_ref();
                 let record = AttemptRecord {
@@ -1256,6 +1336,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     outcome: log_outcome,
                     reply: &text,
                     enhanced_code: v.enhanced.as_deref(),
+                    bounce_class: class.map(BounceClass::as_str),
                     attempt: attempts,
                     latency_ms,
                 };
@@ -1336,7 +1417,7 @@ impl<S: Dial + 'static> Deliverer<S> {
     async fn queue_bounce(
         self: &Rc<Self>,
         msg: &Message<'_>,
-        failed: &[(usize, String, String)],
+        failed: &[(usize, String, String, BounceClass)],
         info: &AttemptInfo,
     ) -> bool {
         let d = &self.config.delivery;
@@ -1350,7 +1431,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         }
         let list: Vec<FailedRecipient<'_>> = failed
             .iter()
-            .filter_map(|(i, status, text)| {
+            .filter_map(|(i, status, text, class)| {
                 let r = msg.recipients.get(*i)?;
                 Some(FailedRecipient {
                     address: r.address,
@@ -1359,6 +1440,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     status,
                     diagnostic: text,
                     remote_mta: info.host.as_deref(),
+                    class: Some(class.as_str()),
                 })
             })
             .collect();
@@ -1424,7 +1506,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                     reply.domains.push(DomainSummary {
                         domain: domain.to_string(),
                         tenant: tenant.unwrap_or_default().to_string(),
-                        source: queue_source(d).unwrap_or_default().to_string(),
+                        source: queue_egress(d).map_or("", |(_, s)| s).to_string(),
                         shard: self.shard,
                         queued_rcpts: q.queued_rcpts(),
                         ready_jobs: q.ready_jobs(),
@@ -1571,7 +1653,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             .domains
             .borrow()
             .iter()
-            .filter(|(d, q)| q.suspended && split_queue_name(d).0.is_none())
+            .filter(|(d, q)| q.suspended && split_queue_name(d) == (None, &**d))
             .map(|(d, _)| d.to_string())
             .collect();
         list.sort();

@@ -47,6 +47,8 @@ pub struct AttemptRecord<'a> {
     /// The SMTP reply (`550 5.1.1 no such user`) or local reason (`connect: refused`).
     pub reply: &'a str,
     pub enhanced_code: Option<&'a str>,
+    /// What a failure or deferral means (`delivery::bounce_class`); none for a delivery.
+    pub bounce_class: Option<&'a str>,
     /// 1 for the first attempt.
     pub attempt: u32,
     /// From the start of the attempt (connection included) to its outcome.
@@ -220,6 +222,7 @@ mod tests {
             outcome: AttemptOutcome::Deferred,
             reply,
             enhanced_code: Some("4.7.1"),
+            bounce_class: Some("rate_limited"),
             attempt: 2,
             latency_ms: 12.5,
         }

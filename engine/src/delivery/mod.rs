@@ -1,8 +1,10 @@
 //! Delivery: the per-destination queues of the domains a shard owns and the workers that drain
 //! them over reused, pipelined SMTP connections (`engine`, `queue`), and the policies they
 //! apply: configuration and routes (`policy`), the retry schedule (`schedule`), message rate
-//! limits (`throttle`), bounces (`dsn`) and the delivery log (`log`).
+//! limits (`throttle`), bounces (`dsn`), what a failure means (`bounce_class`), egress sources
+//! (`egress`) and the delivery log (`log`).
 
+pub mod bounce_class;
 pub mod dsn;
 pub mod egress;
 pub mod engine;

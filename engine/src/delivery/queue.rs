@@ -15,21 +15,24 @@ use spool::{Location, QueueId};
 use crate::delivery::policy::DomainPolicy;
 use crate::delivery::throttle::RateLimit;
 
-/// The name of a queue: `[tenant/]domain[@source]`. A configured tenant's mail has queues of
-/// its own, and mail leaving from an egress source has a queue per (source, domain), so that
-/// neither a tenant's backlog nor a source's deferrals hold back another's. No domain (nor
-/// address literal) holds a `/` or an `@`, and tenant and source names are checked to hold
-/// neither.
-pub fn queue_name(tenant: Option<&str>, domain: &str, source: Option<&str>) -> String {
-    let mut name = String::with_capacity(domain.len() + 16);
+/// The name of a queue: `[tenant/]domain[@pool:source]`. A configured tenant's mail has queues
+/// of its own, and mail leaving from an egress pool has a queue per (source, domain), so that
+/// neither a tenant's backlog nor a source's deferrals hold back another's. The source is empty
+/// when every source of the pool was suspended as the job was queued (its connections then
+/// pick one of the pool). No domain (nor address literal) holds a `/` or an `@`, and tenant,
+/// pool and source names are checked to hold none of `/`, `@`, `:`.
+pub fn queue_name(tenant: Option<&str>, domain: &str, egress: Option<(&str, &str)>) -> String {
+    let mut name = String::with_capacity(domain.len() + 24);
     if let Some(t) = tenant {
         name.push_str(t);
         name.push('/');
     }
     name.push_str(domain);
-    if let Some(s) = source {
+    if let Some((pool, source)) = egress {
         name.push('@');
-        name.push_str(s);
+        name.push_str(pool);
+        name.push(':');
+        name.push_str(source);
     }
     name
 }
@@ -43,9 +46,10 @@ pub fn split_queue_name(name: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// The egress source of a queue name, if it has one.
-pub fn queue_source(name: &str) -> Option<&str> {
-    name.split_once('@').map(|(_, s)| s)
+/// The egress pool and source of a queue name, if it has them (the source may be empty).
+pub fn queue_egress(name: &str) -> Option<(&str, &str)> {
+    let (_, egress) = name.split_once('@')?;
+    Some(egress.split_once(':').unwrap_or((egress, "")))
 }
 
 /// One recipient of a job.
@@ -316,15 +320,15 @@ mod tests {
         );
         let n = queue_name(Some("acme"), "d.test", None);
         assert_eq!(split_queue_name(&n), (Some("acme"), "d.test"));
-        assert_eq!(queue_source(&n), None);
-        let n = queue_name(Some("acme"), "d.test", Some("ip-1"));
+        assert_eq!(queue_egress(&n), None);
+        let n = queue_name(Some("acme"), "d.test", Some(("bulk", "ip-1")));
         assert_eq!(split_queue_name(&n), (Some("acme"), "d.test"));
-        assert_eq!(queue_source(&n), Some("ip-1"));
+        assert_eq!(queue_egress(&n), Some(("bulk", "ip-1")));
         let literal = "[IPv6:::1]";
         assert_eq!(split_queue_name(literal), (None, literal));
-        let n = queue_name(None, literal, Some("ip-1"));
+        let n = queue_name(None, literal, Some(("bulk", "")));
         assert_eq!(split_queue_name(&n), (None, literal));
-        assert_eq!(queue_source(&n), Some("ip-1"));
+        assert_eq!(queue_egress(&n), Some(("bulk", "")));
     }
 
     use crate::delivery::policy::{DeliveryConfig, DeliveryPolicies};

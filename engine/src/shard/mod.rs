@@ -152,6 +152,7 @@ struct ShardSetup {
     metrics: Arc<crate::metrics::Metrics>,
     tenants: Arc<crate::tenant::Tenants>,
     dkim: Arc<saida_dkim::Keyring>,
+    suppressions: Arc<crate::suppression::Suppressions>,
     limits: Arc<ConnLimits>,
     shutdown: watch::Receiver<bool>,
     listeners: Vec<(std::net::TcpListener, ListenerTls)>,
@@ -168,6 +169,7 @@ pub struct Server {
     pub router: Router,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tenants: Arc<crate::tenant::Tenants>,
+    pub suppressions: Arc<crate::suppression::Suppressions>,
     /// The spool directory's lock, released when the server is dropped.
     _spool_lock: spool::lock::DirLock,
 }
@@ -218,12 +220,24 @@ impl Server {
                 "spools of a larger shard count found; adopting them until they drain"
             );
         }
-        let tenants = Arc::new(crate::tenant::Tenants::new(&config.tenants));
+        let tenants = crate::tenant::Tenants::new(&config.tenants);
+        let tenants = Arc::new(if config.delivery.enabled {
+            tenants
+        } else {
+            tenants.without_queue_counting()
+        });
         crate::tenant::restore_suspended(&tenants, &config.spool.dir);
         let sources = config
             .dkim_sources()
             .map_err(|(k, m)| anyhow::anyhow!("{k}: {m}"))?;
         let dkim = Arc::new(saida_dkim::Keyring::load(sources)?);
+        let suppressions = Arc::new(
+            crate::suppression::Suppressions::open(&config.spool.dir)
+                .context("the suppression list")?,
+        );
+        if suppressions.len() > 0 {
+            tracing::info!(entries = suppressions.len(), "suppression list loaded");
+        }
         if !dkim.keys().is_empty() {
             tracing::info!(keys = dkim.keys().len(), "DKIM keys loaded");
         }
@@ -284,6 +298,7 @@ impl Server {
                 metrics: Arc::clone(&metrics),
                 tenants: Arc::clone(&tenants),
                 dkim: Arc::clone(&dkim),
+                suppressions: Arc::clone(&suppressions),
                 limits: Arc::clone(&limits),
                 shutdown: shutdown_rx.clone(),
                 listeners,
@@ -321,6 +336,7 @@ impl Server {
             router,
             metrics,
             tenants,
+            suppressions,
             _spool_lock: spool_lock,
         })
     }
@@ -422,6 +438,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         metrics,
         tenants,
         dkim,
+        suppressions,
         limits,
         shutdown,
         listeners,
@@ -516,6 +533,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         shutdown.clone(),
         Arc::clone(&metrics),
         Arc::clone(&tenants),
+        Arc::clone(&suppressions),
     ) {
         Ok(d) => d,
         Err(e) => {
@@ -536,6 +554,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         inflight,
         tenants: Arc::clone(&tenants),
         dkim,
+        suppressions,
     });
     let active = Rc::new(Cell::new(0usize));
     for (acceptor, mode) in acceptors {
@@ -927,12 +946,14 @@ async fn inject(
         }
         body.extend_from_slice(&m.content);
         let also = &config.signing.dkim_also;
-        let body = crate::intake::dkim_sign(&ctx.dkim, also, account, &ctx.metrics, shard, body)
-            .map_err(|e| {
-                let (code, enhanced, text) = e.reply();
-                tracing::error!(error = %e, "injected message not signed");
-                InjectFailure::new(&format!("{code} {enhanced} {text}"), ids.clone())
-            })?;
+        let tenants = &ctx.tenants;
+        let body =
+            crate::intake::dkim_sign(&ctx.dkim, also, tenants, account, &ctx.metrics, shard, body)
+                .map_err(|e| {
+                    let (code, enhanced, text) = e.reply();
+                    tracing::error!(error = %e, "injected message not signed");
+                    InjectFailure::new(&format!("{code} {enhanced} {text}"), ids.clone())
+                })?;
         let utf8 = !m.from.is_ascii() || m.to.iter().any(|a| !a.is_ascii());
         let eight_bit = !body.is_ascii();
         let message = spool::Message {

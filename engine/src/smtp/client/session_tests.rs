@@ -54,6 +54,7 @@ mod tests {
             inflight: crate::smtp::server::inflight::InflightBudget::new(1 << 30),
             tenants: Arc::default(),
             dkim: Arc::new(saida_dkim::Keyring::empty()),
+            suppressions: Arc::new(crate::suppression::Suppressions::in_memory()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

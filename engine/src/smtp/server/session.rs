@@ -61,6 +61,8 @@ pub struct ShardContext {
     pub tenants: Arc<crate::tenant::Tenants>,
     /// DKIM signing keys, shared by all shards (reloaded in the background).
     pub dkim: Arc<saida_dkim::Keyring>,
+    /// Addresses never to be mailed, shared by all shards.
+    pub suppressions: Arc<crate::suppression::Suppressions>,
 }
 
 /// Facts about the connection.
@@ -435,6 +437,13 @@ impl<S: Stream> Session<S> {
         let max = self.config().smtp.rcpt_per_message_max;
         let may_relay = self.user.is_some() || self.config().may_relay(self.info.peer.ip());
         let auth_offered = self.ctx.credentials.is_some();
+        let ctx = Rc::clone(&self.ctx);
+        let scope = self
+            .user
+            .as_deref()
+            .and_then(|u| ctx.tenants.of_user(u))
+            .map_or("", |t| t.name());
+        let suppressed = may_relay && ctx.suppressions.suppressed(scope, to);
         let Some(tx) = self.tx.as_mut() else {
             return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
         };
@@ -456,6 +465,16 @@ impl<S: Stream> Session<S> {
             } else {
                 Reply::new(554, "5.7.1", "Relay access denied")
             });
+        }
+        if suppressed {
+            let client = self.info.peer.ip();
+            tracing::info!(%client, rcpt = to, "suppressed recipient refused");
+            self.reply(Reply::new(
+                550,
+                "5.1.1",
+                "Recipient address is on the suppression list",
+            ));
+            return Ok(());
         }
         tx.rcpts.push((
             to.to_string(),
@@ -717,6 +736,7 @@ impl<S: Stream> Session<S> {
         let body = match crate::intake::dkim_sign(
             &ctx.dkim,
             signing,
+            &ctx.tenants,
             account,
             &ctx.metrics,
             ctx.shard,
@@ -741,7 +761,11 @@ impl<S: Stream> Session<S> {
         }
         let tenant = match account {
             Some(t) => crate::tenant::record_field(t.name(), chosen.as_deref()),
-            None => self.user.clone().unwrap_or_default(),
+            // `user:` keeps a user's name from ever reading as a tenant's.
+            None => self
+                .user
+                .as_ref()
+                .map_or(String::new(), |u| format!("user:{u}")),
         };
         let message = Message {
             queue_id,
@@ -1226,6 +1250,7 @@ mod tests {
                 inflight: InflightBudget::new(inflight_max),
                 tenants: Arc::default(),
                 dkim: Arc::new(saida_dkim::Keyring::empty()),
+                suppressions: Arc::new(crate::suppression::Suppressions::in_memory()),
             });
             let stream = MemoryStream {
                 hang_at_end,

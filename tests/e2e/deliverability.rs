@@ -1,0 +1,154 @@
+//! Bounce control end to end: a provider's hard bounce is classified (`bad_mailbox`, in the
+//! delivery log, the DSN and the metrics), suppresses the address, and the next message to it
+//! is refused at RCPT; the admin API adds, lists and removes entries; HTTP injection reports
+//! suppressed recipients. Real sockets, a real sink with a reply profile.
+
+use saida_e2e::{Daemon, Sink, delivery_log, free_port, http_get, http_get_token, http_post_json};
+
+/// RCPT replies for each address over one SMTP session: `250` or the refusal.
+fn rcpt_replies(port: u16, rcpts: &[&str]) -> Vec<String> {
+    let out = saida_e2e::python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test"); s.mail("a@origin.test")
+for r in sys.argv[2:]:
+    code, text = s.rcpt(r)
+    print(code, text.decode())
+s.rset(); s.quit()
+"#,
+        &[&[port.to_string().as_str()], rcpts].concat(),
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_hard_bounce_is_classified_suppresses_the_address_and_the_next_rcpt_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let profile = work.path().join("profile.toml");
+    std::fs::write(
+        &profile,
+        "[domain.\"gone.test\"]\nrcpt_reply_mix = [{ percent = 100.0, reply = \
+         \"550 5.1.1 The email account that you tried to reach does not exist. Please try \
+         double-checking the recipient's email address for typos\" }]\n",
+    )
+    .unwrap();
+    let sink_port = free_port();
+    let sink = Sink::start(
+        &[format!("127.0.0.9:{sink_port}")],
+        &[
+            "--record-bodies",
+            "--profile",
+            &profile.display().to_string(),
+        ],
+    );
+    let admin = format!("127.0.0.1:{}", free_port());
+    let token = "operator-token-0123456789";
+    let route =
+        |d: &str| format!("[[route]]\ndomain = \"{d}\"\nhosts = [\"127.0.0.9:{sink_port}\"]\n");
+    let config = format!(
+        "[admin]\naddress = \"{admin}\"\ntoken = \"{token}\"\n\n\
+         [delivery]\nenabled = true\nlog_dir = \"{{dir}}/dlog\"\n\n{}{}{}",
+        route("gone.test"),
+        route("ok.test"),
+        route("origin.test"),
+    );
+    let d = Daemon::start("epoll", &config);
+    assert_eq!(
+        saida_e2e::send_messages(d.port, &[("a@origin.test", vec!["x@gone.test".into()])]),
+        1
+    );
+    wait_for("the address to be suppressed", || {
+        http_get_token(&admin, "/suppressions/x@gone.test", token).contains("\"suppressed\":true")
+    });
+    // The bounce says why, in its own words.
+    let records = sink.wait_until(30, "the bounce", |r| {
+        r.iter().any(|x| x["rcpt"] == "a@origin.test")
+    });
+    let dsn = records
+        .iter()
+        .find(|x| x["rcpt"] == "a@origin.test")
+        .unwrap();
+    let dsn = dsn["body"].as_str().unwrap();
+    assert!(dsn.contains("X-Saida-Bounce-Class: bad_mailbox"), "{dsn}");
+    // The delivery log is flushed within a scheduler tick.
+    wait_for("the classified failure in the delivery log", || {
+        delivery_log(&d.dir.path().join("dlog"))
+            .iter()
+            .any(|l| l["recipient"] == "x@gone.test" && l["bounce_class"] == "bad_mailbox")
+    });
+    let metrics = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains(r#"saida_bounce_class_total{class="bad_mailbox",outcome="failed"} 1"#),
+        "{metrics}"
+    );
+
+    // The next message to the address is refused at RCPT; others are taken.
+    let replies = rcpt_replies(d.port, &["X@Gone.test", "y@ok.test"]);
+    assert!(replies[0].starts_with("550 5.1.1"), "{replies:?}");
+    assert!(replies[1].starts_with("250"), "{replies:?}");
+
+    // The admin API: a whole domain, listed, then an address removed.
+    let (status, body) = http_post_json(
+        &admin,
+        "/suppressions",
+        token,
+        r#"{"entries": ["@blocked.test", "z@ok.test"], "reason": "complaint"}"#,
+    );
+    assert_eq!(
+        (status, body.contains("\"added\":2")),
+        (200, true),
+        "{body}"
+    );
+    let (status, _) = http_post_json(&admin, "/suppressions", token, r#"{"entries": ["nope"]}"#);
+    assert_eq!(status, 400, "a malformed entry is refused");
+    let listed = http_get_token(&admin, "/suppressions", token);
+    for e in ["x@gone.test", "@blocked.test", "z@ok.test"] {
+        assert!(listed.contains(e), "{listed}");
+    }
+    let replies = rcpt_replies(d.port, &["anyone@blocked.test", "z@ok.test"]);
+    assert!(
+        replies.iter().all(|r| r.starts_with("550 5.1.1")),
+        "{replies:?}"
+    );
+    // HTTP injection reports the suppressed recipients and queues the rest.
+    let (status, body) = http_post_json(
+        &admin,
+        "/messages",
+        token,
+        r#"{"from": "a@origin.test", "to": ["w@blocked.test", "v@ok.test"], "body": "hi\n"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["suppressed"], serde_json::json!(["w@blocked.test"]));
+    assert_eq!(answer["queue_ids"].as_array().map(Vec::len), Some(1));
+    sink.wait_until(30, "v@ok.test", |r| {
+        r.iter().any(|x| x["rcpt"] == "v@ok.test")
+    });
+    assert!(!sink.records().iter().any(|x| x["rcpt"] == "w@blocked.test"));
+
+    let (status, body) = http_post_json(
+        &admin,
+        "/suppressions/remove",
+        token,
+        r#"{"entries": ["x@gone.test"]}"#,
+    );
+    assert_eq!(
+        (status, body.contains("\"removed\":1")),
+        (200, true),
+        "{body}"
+    );
+    let replies = rcpt_replies(d.port, &["x@gone.test"]);
+    assert!(replies[0].starts_with("250"), "{replies:?}");
+}
