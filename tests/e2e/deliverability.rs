@@ -152,3 +152,73 @@ fn a_hard_bounce_is_classified_suppresses_the_address_and_the_next_rcpt_is_refus
     let replies = rcpt_replies(d.port, &["x@gone.test"]);
     assert!(replies[0].starts_with("250"), "{replies:?}");
 }
+
+#[test]
+fn a_recipient_that_asked_gets_one_delay_report_while_it_is_retried() {
+    let work = tempfile::tempdir().unwrap();
+    let profile = work.path().join("profile.toml");
+    std::fs::write(
+        &profile,
+        "[domain.\"slow.test\"]\nrcpt_reply_mix = [{ percent = 100.0, reply = \
+         \"451 4.7.1 Try again later\" }]\n",
+    )
+    .unwrap();
+    let sink_port = free_port();
+    let sink = Sink::start(
+        &[format!("127.0.0.9:{sink_port}")],
+        &[
+            "--record-bodies",
+            "--profile",
+            &profile.display().to_string(),
+        ],
+    );
+    let config = format!(
+        "[delivery]\nenabled = true\nlog_dir = \"{{dir}}/dlog\"\ndelay_dsn_after_secs = 1\n\n\
+         [[route]]\ndomain = \"slow.test\"\nhosts = [\"127.0.0.9:{sink_port}\"]\n\
+         retry_delays_secs = [1]\n\n\
+         [[route]]\ndomain = \"origin.test\"\nhosts = [\"127.0.0.9:{sink_port}\"]\n"
+    );
+    let d = Daemon::start("epoll", &config);
+    // One message, two recipients: only the first asks for delay reports.
+    let out = saida_e2e::python(
+        r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test")
+s.mail("a@origin.test")
+print(s.rcpt("x@slow.test", ["NOTIFY=DELAY,FAILURE"])[0], s.rcpt("y@slow.test")[0])
+print(s.data(b"Subject: slow\r\nMessage-ID: <slow@client.test>\r\n\r\nhi\r\n")[0])
+s.quit()
+"#,
+        &[&d.port.to_string()],
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["250", "250", "250"]
+    );
+    let reports = |r: &[serde_json::Value]| -> Vec<String> {
+        r.iter()
+            .filter(|x| x["rcpt"] == "a@origin.test")
+            .map(|x| x["body"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let records = sink.wait_until(30, "the delay report", |r| !reports(r).is_empty());
+    let report = &reports(&records)[0];
+    assert!(report.contains("Action: delayed") && report.contains("Will-Retry-Until:"));
+    assert!(
+        report.contains("Final-Recipient: rfc822; x@slow.test"),
+        "{report}"
+    );
+    assert!(!report.contains("y@slow.test"), "y did not ask: {report}");
+    // Two more deferrals later, still one report.
+    wait_for("two more attempts", || {
+        delivery_log(&d.dir.path().join("dlog"))
+            .iter()
+            .any(|l| l["recipient"] == "x@slow.test" && l["attempt"].as_u64() >= Some(4))
+    });
+    assert_eq!(
+        reports(&sink.records()).len(),
+        1,
+        "one delay report per recipient"
+    );
+}

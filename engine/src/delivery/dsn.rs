@@ -1,5 +1,7 @@
 //! Delivery status notifications (RFC 3464 `multipart/report`, RFC 3461 DSN parameters): the
-//! bounce saida sends to a message's envelope sender when recipients fail permanently or expire.
+//! bounce saida sends to a message's envelope sender when recipients fail permanently or expire,
+//! and the delay report for recipients that asked for one (`NOTIFY=DELAY`) and are still
+//! being retried.
 //!
 //! Pure: builds the bounce's bytes from the original message and the failed recipients; the
 //! caller queues it like any message, with the null reverse-path `<>` so that a bounce can never
@@ -34,6 +36,15 @@ pub struct FailedRecipient<'a> {
     pub class: Option<&'a str>,
 }
 
+/// Which report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// The recipients failed (`Action: failed`).
+    Failure,
+    /// The recipients are still being retried, until then (`Action: delayed`).
+    Delay { retry_until_secs: u64 },
+}
+
 /// A bounce ready to queue: envelope sender `<>`, one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bounce {
@@ -56,16 +67,19 @@ pub fn build_bounce(
     id: &str,
     random: u64,
     now_secs: u64,
+    kind: Report,
 ) -> Option<Bounce> {
     if original.sender.is_empty() {
         return None; // never a bounce to the null sender
     }
-    let wanted: Vec<&FailedRecipient<'_>> = failed
-        .iter()
-        .filter(|r| {
+    let asked = |r: &&FailedRecipient<'_>| match kind {
+        Report::Failure => {
             r.notify == 0 || (r.notify & notify::FAILURE != 0 && r.notify & notify::NEVER == 0)
-        })
-        .collect();
+        }
+        // Delay reports only for those who asked (RFC 3461 §4.1 leaves the default to us).
+        Report::Delay { .. } => r.notify & notify::DELAY != 0 && r.notify & notify::NEVER == 0,
+    };
+    let wanted: Vec<&FailedRecipient<'_>> = failed.iter().filter(asked).collect();
     if wanted.is_empty() {
         return None;
     }
@@ -82,7 +96,13 @@ pub fn build_bounce(
         &format!("From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"),
     );
     line(&mut b, &format!("To: <{}>", original.sender));
-    line(&mut b, "Subject: Undelivered Mail Returned to Sender");
+    line(
+        &mut b,
+        match kind {
+            Report::Failure => "Subject: Undelivered Mail Returned to Sender",
+            Report::Delay { .. } => "Subject: Delayed Mail (still being retried)",
+        },
+    );
     line(&mut b, &format!("Date: {date}"));
     line(&mut b, &format!("Message-ID: <{id}@{reporting_mta}>"));
     line(&mut b, "Auto-Submitted: auto-replied");
@@ -106,10 +126,20 @@ pub fn build_bounce(
         &format!("This is the mail system at host {reporting_mta}."),
     );
     line(&mut b, "");
-    line(
-        &mut b,
-        "Your message could not be delivered to the following recipients:",
-    );
+    match kind {
+        Report::Failure => line(
+            &mut b,
+            "Your message could not be delivered to the following recipients:",
+        ),
+        Report::Delay { retry_until_secs } => line(
+            &mut b,
+            &format!(
+                "Your message has not been delivered yet to the following recipients. It is \
+                 still queued and will be retried until {}; you do not need to send it again.",
+                rfc5322_date(retry_until_secs)
+            ),
+        ),
+    }
     line(&mut b, "");
     for r in &wanted {
         line(
@@ -139,7 +169,14 @@ pub fn build_bounce(
         if let Some((kind, addr)) = r.orcpt.split_once(';') {
             line(&mut b, &format!("Original-Recipient: {kind}; {addr}"));
         }
-        line(&mut b, "Action: failed");
+        match kind {
+            Report::Failure => line(&mut b, "Action: failed"),
+            Report::Delay { retry_until_secs } => {
+                line(&mut b, "Action: delayed");
+                let until = rfc5322_date(retry_until_secs);
+                line(&mut b, &format!("Will-Retry-Until: {until}"));
+            }
+        }
         line(&mut b, &format!("Status: {}", r.status));
         if let Some(mta) = r.remote_mta {
             line(&mut b, &format!("Remote-MTA: dns; {mta}"));
@@ -160,8 +197,10 @@ pub fn build_bounce(
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map_or(original.body.len(), |i| i + 2);
-    let full =
-        original.dsn_ret == DsnRet::Full && original.body.len() <= RETURNED_MESSAGE_BYTES_MAX;
+    // A delay report carries the headers only: the message is still on its way.
+    let full = kind == Report::Failure
+        && original.dsn_ret == DsnRet::Full
+        && original.body.len() <= RETURNED_MESSAGE_BYTES_MAX;
     let mut body = b.into_bytes();
     if full {
         body.extend_from_slice(b"Content-Type: message/rfc822\r\n\r\n");
@@ -231,7 +270,16 @@ mod tests {
     #[test]
     fn bounce_is_a_multipart_report_with_the_status_of_each_recipient() {
         let o = original("s@origin.test", DsnRet::Unspecified);
-        let b = build_bounce(&o, &[failed(0)], "mta.saida.test", "Q1", 7, 1_795_840_300).unwrap();
+        let b = build_bounce(
+            &o,
+            &[failed(0)],
+            "mta.saida.test",
+            "Q1",
+            7,
+            1_795_840_300,
+            Report::Failure,
+        )
+        .unwrap();
         assert_eq!(b.recipient, "s@origin.test");
         let text = String::from_utf8(b.body).unwrap();
         assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
@@ -259,7 +307,7 @@ mod tests {
         let long = "x".repeat(5000);
         let mut f = failed(0);
         f.diagnostic = &long;
-        let b = build_bounce(&o, &[f], "m.test", "Q", 7, 0).unwrap();
+        let b = build_bounce(&o, &[f], "m.test", "Q", 7, 0, Report::Failure).unwrap();
         let text = String::from_utf8(b.body).unwrap();
         assert!(
             text.split("\r\n").all(|l| l.len() < 998),
@@ -271,13 +319,42 @@ mod tests {
     fn ret_full_returns_the_whole_message() {
         let o = original("s@origin.test", DsnRet::Full);
         let text = String::from_utf8(
-            build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0)
+            build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0, Report::Failure)
                 .unwrap()
                 .body,
         )
         .unwrap();
         assert!(text.contains("Content-Type: message/rfc822\r\n\r\nSubject: hello"));
         assert!(text.contains("secret body"));
+    }
+
+    #[test]
+    fn a_delay_report_goes_to_those_who_asked_and_says_until_when() {
+        let o = original("s@origin.test", DsnRet::Full);
+        let until = 1_795_840_300 + 5 * 86_400;
+        let kind = Report::Delay {
+            retry_until_secs: until,
+        };
+        let asked = FailedRecipient {
+            status: "4.7.1",
+            ..failed(notify::DELAY | notify::FAILURE)
+        };
+        assert!(build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0, kind).is_none());
+        assert!(build_bounce(&o, &[failed(notify::FAILURE)], "m.test", "Q", 7, 0, kind).is_none());
+        let b = build_bounce(&o, &[asked], "m.test", "Q", 7, 0, kind).unwrap();
+        let text = String::from_utf8(b.body).unwrap();
+        assert!(
+            text.contains("Subject: Delayed Mail (still being retried)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Action: delayed\r\nWill-Retry-Until: "),
+            "{text}"
+        );
+        assert!(text.contains("Status: 4.7.1"), "{text}");
+        assert!(text.contains(&rfc5322_date(until)));
+        assert!(text.contains("text/rfc822-headers"), "headers only: {text}");
+        assert!(!text.contains("secret body"));
     }
 
     #[test]
@@ -289,12 +366,24 @@ mod tests {
                 "m.test",
                 "Q",
                 7,
-                0
+                0,
+                Report::Failure
             )
             .is_none()
         );
         let o = original("s@origin.test", DsnRet::Full);
-        assert!(build_bounce(&o, &[failed(notify::NEVER)], "m.test", "Q", 7, 0).is_none());
+        assert!(
+            build_bounce(
+                &o,
+                &[failed(notify::NEVER)],
+                "m.test",
+                "Q",
+                7,
+                0,
+                Report::Failure
+            )
+            .is_none()
+        );
         assert!(
             build_bounce(
                 &o,
@@ -302,17 +391,29 @@ mod tests {
                 "m.test",
                 "Q",
                 7,
-                0
+                0,
+                Report::Failure
             )
             .is_none()
         );
-        assert!(build_bounce(&o, &[failed(notify::FAILURE)], "m.test", "Q", 7, 0).is_some());
+        assert!(
+            build_bounce(
+                &o,
+                &[failed(notify::FAILURE)],
+                "m.test",
+                "Q",
+                7,
+                0,
+                Report::Failure
+            )
+            .is_some()
+        );
     }
 
     #[test]
     fn the_bounce_passes_saidas_own_content_rules() {
         let o = original("s@origin.test", DsnRet::Full);
-        let b = build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0).unwrap();
+        let b = build_bounce(&o, &[failed(0)], "m.test", "Q", 7, 0, Report::Failure).unwrap();
         let back = smtp_proto::client::stuff_and_read_back(&b.body);
         assert_eq!(back, Ok(b.body));
     }

@@ -344,6 +344,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             let jr = JobRcpt {
                 index: r.index,
                 attempts: r.attempts,
+                delay_notified: false,
             };
             match groups
                 .iter_mut()
@@ -1231,6 +1232,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         let mut outcomes = Vec::with_capacity(job.rcpts.len());
         // (index, status, text, class)
         let mut failed: Vec<(usize, String, String, BounceClass)> = Vec::new();
+        let mut delayed: Vec<(usize, String, String, BounceClass)> = Vec::new();
         let mut deferred: Vec<JobRcpt> = Vec::new();
         let attempts_max = job.rcpts.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
         let retry =
@@ -1312,10 +1314,27 @@ impl<S: Dial + 'static> Deliverer<S> {
                 }
                 failed.push((r.index as usize, status, text.clone(), c));
             }
+            let delay_after = self.config.delivery.delay_dsn_after_secs * 1_000_000;
+            let mut delay_notified = r.delay_notified;
+            if state == RcptState::Deferred
+                && delay_after > 0
+                && !r.delay_notified
+                && waited >= delay_after
+                && msg
+                    .recipients
+                    .get(r.index as usize)
+                    .is_some_and(|x| x.notify & spool::notify::DELAY != 0)
+            {
+                delay_notified = true;
+                let status = v.enhanced.clone().unwrap_or_else(|| "4.0.0".into());
+                let c = class.unwrap_or(BounceClass::Other);
+                delayed.push((r.index as usize, status, text.clone(), c));
+            }
             if state == RcptState::Deferred {
                 deferred.push(JobRcpt {
                     index: r.index,
                     attempts,
+                    delay_notified,
                 });
             }
             if let Some(log) = self.log.borrow_mut().as_mut() {
@@ -1352,7 +1371,19 @@ impl<S: Dial + 'static> Deliverer<S> {
                 reply: text,
             });
         }
-        let bounce_failed = !failed.is_empty() && !self.queue_bounce(msg, &failed, info).await;
+        if !delayed.is_empty() {
+            // A delay report that cannot be stored now is not retried (it is advice).
+            let until = job.received_at_micros / 1_000_000 + policy.schedule.max_age.as_secs();
+            let kind = crate::delivery::dsn::Report::Delay {
+                retry_until_secs: until,
+            };
+            if !self.queue_bounce(msg, &delayed, info, kind).await {
+                tracing::warn!(queue_id = %job.queue_id, "delay report not queued");
+            }
+        }
+        let kind = crate::delivery::dsn::Report::Failure;
+        let bounce_failed =
+            !failed.is_empty() && !self.queue_bounce(msg, &failed, info, kind).await;
         if bounce_failed {
             // No bounce could be queued (spool full): the failure is not journaled yet; the
             // recipients wait and fail again later, when their bounce can be stored.
@@ -1363,6 +1394,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 deferred.push(JobRcpt {
                     index: o.rcpt_index,
                     attempts: o.attempts,
+                    delay_notified: false,
                 });
             }
         }
@@ -1419,6 +1451,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         msg: &Message<'_>,
         failed: &[(usize, String, String, BounceClass)],
         info: &AttemptInfo,
+        kind: crate::delivery::dsn::Report,
     ) -> bool {
         let d = &self.config.delivery;
         let sender_domain = crate::mesh::route::domain_of(msg.sender).to_ascii_lowercase();
@@ -1453,6 +1486,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             &queue_id.to_string(),
             self.random(),
             now / 1_000_000,
+            kind,
         ) else {
             return true;
         };

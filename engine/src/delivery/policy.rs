@@ -119,6 +119,9 @@ pub struct DeliveryConfig {
     pub bounces: bool,
     /// Sender domains that never get bounces (bulk senders reading the delivery log instead).
     pub bounce_exempt_sender_domains: Vec<String>,
+    /// A recipient that asked for delay reports (`NOTIFY=DELAY`) and is still deferred at
+    /// this age gets one DELAY DSN; 0 = never.
+    pub delay_dsn_after_secs: u64,
 }
 }
 
@@ -138,6 +141,7 @@ impl Default for DeliveryConfig {
             log_files_max: 14,
             bounces: true,
             bounce_exempt_sender_domains: Vec::new(),
+            delay_dsn_after_secs: 4 * 3600,
             connections_max: None,
             msgs_per_connection_max: None,
             rcpts_per_transaction_max: None,
@@ -442,6 +446,12 @@ pub fn validate(
         delivery.log_age_secs,
         60,
         365 * 86_400,
+    )?;
+    check(
+        "delivery.delay_dsn_after_secs",
+        delivery.delay_dsn_after_secs,
+        0,
+        30 * 86_400,
     )?;
     check(
         "delivery.log_files_max",

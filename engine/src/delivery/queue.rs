@@ -58,6 +58,8 @@ pub struct JobRcpt {
     pub index: u32,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// A DELAY DSN was sent for it (by this process: after a restart one more may go out).
+    pub delay_notified: bool,
 }
 
 /// Recipients of one message in one domain, delivered together.
@@ -355,7 +357,11 @@ mod tests {
             },
             received_at_micros: id as u64,
             rcpts: (0..rcpts)
-                .map(|index| JobRcpt { index, attempts: 0 })
+                .map(|index| JobRcpt {
+                    index,
+                    attempts: 0,
+                    delay_notified: false,
+                })
                 .collect(),
             failed_over: false,
         }
