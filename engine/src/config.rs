@@ -59,6 +59,9 @@ pub struct Config {
     /// `[[bounce_rule]]`: classification rules before the built-in ones.
     #[serde(rename = "bounce_rule")]
     pub bounce_rules: Vec<crate::delivery::bounce_class::BounceRule>,
+    /// `[[provider]]`: mailbox providers and their limits per (source, provider).
+    #[serde(rename = "provider")]
+    pub providers: Vec<crate::delivery::provider::ProviderConfig>,
 }
 
 impl Default for Config {
@@ -85,6 +88,7 @@ impl Default for Config {
             dkim_keys: Vec::new(),
             signing: Signing::default(),
             bounce_rules: Vec::new(),
+            providers: Vec::new(),
         }
     }
 }
@@ -684,6 +688,7 @@ impl Config {
             }
         }
         self.dkim_sources()?;
+        crate::delivery::provider::validate(&self.providers)?;
         crate::delivery::bounce_class::Classifier::new(&self.bounce_rules)
             .map_err(|e| ("bounce_rule".to_string(), e))?;
         range(

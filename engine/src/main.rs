@@ -107,6 +107,10 @@ enum QueueAction {
         /// Only this tenant's queues.
         #[arg(long)]
         tenant: Option<String>,
+        /// `provider`: one line per mailbox provider (`[[provider]]`), summed over its
+        /// domains' queues.
+        #[arg(long)]
+        by: Option<String>,
     },
     /// Stop delivering a tenant's mail (it stays queued; new mail is still taken).
     SuspendTenant { tenant: String },
@@ -142,8 +146,13 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
         _ => unreachable!("clap requires one of --id and --domain"),
     };
     let (method, path) = match &args.action {
-        QueueAction::Summary { tenant: None } => ("GET", "/queue".to_string()),
-        QueueAction::Summary { tenant: Some(t) } => ("GET", format!("/queue/tenants/{t}")),
+        QueueAction::Summary { by: Some(b), .. } if b != "provider" => {
+            anyhow::bail!("--by takes `provider`")
+        }
+        QueueAction::Summary { tenant: None, .. } => ("GET", "/queue".to_string()),
+        QueueAction::Summary {
+            tenant: Some(t), ..
+        } => ("GET", format!("/queue/tenants/{t}")),
         QueueAction::SuspendTenant { tenant } => {
             ("POST", format!("/queue/tenants/{tenant}/suspend"))
         }
@@ -167,8 +176,41 @@ fn queue(args: QueueArgs) -> anyhow::Result<()> {
         (None, None) => admin::read_token(&config.admin.token_path(&config.spool.dir))?,
     };
     let answer = admin::client(&address, &token, method, &path)?;
+    let by_provider = matches!(&args.action, QueueAction::Summary { by: Some(_), .. });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if by_provider {
+        let mut rows: std::collections::BTreeMap<&str, [usize; 5]> = Default::default();
+        for d in &answer.domains {
+            let name = if d.provider.is_empty() {
+                "-"
+            } else {
+                &d.provider
+            };
+            let r = rows.entry(name).or_default();
+            for (i, v) in [
+                1,
+                d.queued_rcpts,
+                d.ready_jobs,
+                d.deferred_jobs,
+                d.connections,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                r[i] += v;
+            }
+        }
+        println!(
+            "{:<24} {:>8} {:>10} {:>8} {:>9} {:>6}",
+            "provider", "queues", "rcpts", "ready", "deferred", "conns"
+        );
+        for (name, r) in rows {
+            println!(
+                "{:<24} {:>8} {:>10} {:>8} {:>9} {:>6}",
+                name, r[0], r[1], r[2], r[3], r[4]
+            );
+        }
     } else if matches!(args.action, QueueAction::Summary { .. }) {
         println!(
             "{:<40} {:<16} {:<16} {:>10} {:>8} {:>9} {:>11} {:>6} state",

@@ -52,6 +52,9 @@ pub struct DomainSummary {
     /// The egress source this queue's mail leaves from; empty without a pool.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source: String,
+    /// The destination's mailbox provider (`[[provider]]`), once its MX is known; empty if none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
     pub shard: u16,
     pub queued_rcpts: usize,
     pub ready_jobs: usize,

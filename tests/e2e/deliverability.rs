@@ -222,3 +222,48 @@ s.quit()
         "one delay report per recipient"
     );
 }
+
+#[test]
+fn a_providers_connection_limit_holds_across_its_domains_and_shards() {
+    let work = tempfile::tempdir().unwrap();
+    let profile = work.path().join("profile.toml");
+    // The sink refuses a sixth concurrent connection (`421`); each end of data takes 10 ms,
+    // so 1,000 domains' connections overlap unless saida holds them back.
+    std::fs::write(
+        &profile,
+        "[default]\nconnections_max = 5\neod_delay_ms = { dist = \"fixed\", value = 10 }\n",
+    )
+    .unwrap();
+    let sink_port = free_port();
+    let sink = Sink::start(
+        &[format!("127.0.0.9:{sink_port}")],
+        &["--profile", &profile.display().to_string()],
+    );
+    // 1,000 domains whose MX hosts are all the provider's (`*.bigmail.test`).
+    let mut records: Vec<String> = (0..3)
+        .map(|k| format!("--host-record=mx{k}.bigmail.test,127.0.0.9"))
+        .collect();
+    records.extend((0..1000).map(|i| format!("--mx-host=d{i}.test,mx{}.bigmail.test,10", i % 3)));
+    let dns = saida_e2e::Dnsmasq::start(&records);
+    let config = format!(
+        "[delivery]\nenabled = true\nlog_dir = \"{{dir}}/dlog\"\nmx_port = {sink_port}\n\
+         retry_delays_secs = [1]\n\n\
+         [dns]\nnameservers = [\"127.0.0.1:{}\"]\nlocal_networks_allowed = [\"127.0.0.9/32\"]\n\n\
+         [[provider]]\nname = \"bigmail\"\nmx_suffixes = [\"bigmail.test\"]\nconnections_max = 3\n",
+        dns.port
+    );
+    let d = Daemon::start("epoll", &config);
+    let msgs: Vec<(&str, Vec<String>)> = (0..1000)
+        .map(|i| ("a@origin.test", vec![format!("r{i}@d{i}.test")]))
+        .collect();
+    assert_eq!(saida_e2e::send_messages(d.port, &msgs), 1000);
+    sink.wait_until(120, "1,000 deliveries", |r| r.len() == 1000);
+    let log = delivery_log(&d.dir.path().join("dlog"));
+    let refused: Vec<_> = log.iter().filter(|l| l["outcome"] != "delivered").collect();
+    assert!(
+        refused.is_empty(),
+        "the sink refused {} attempts (more than 5 connections at once), first: {}",
+        refused.len(),
+        refused[0]
+    );
+}

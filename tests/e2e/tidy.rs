@@ -157,6 +157,7 @@ const DAEMON_LAYERS: &[(&str, u8)] = &[
     ("delivery::dsn", 1),
     ("delivery::egress", 1),
     ("delivery::bounce_class", 1),
+    ("delivery::provider", 2),
     ("suppression", 1),
     ("tenant", 1),
     ("smtp::client", 1),

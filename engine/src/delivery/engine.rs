@@ -55,6 +55,8 @@ const READ_RETRY: Duration = Duration::from_secs(60);
 /// After a failed connection while other connections of the domain still work, no new
 /// connection is opened for this long (so a dead host is not hammered).
 const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a queue waits before asking again for a connection its provider had no room for.
+const PROVIDER_BUSY_MICROS: u64 = 250_000;
 /// How often due retries are promoted and idle domains forgotten.
 const SCHEDULER_TICK: Duration = Duration::from_millis(200);
 
@@ -180,6 +182,11 @@ pub struct Deliverer<S: Dial> {
     suppressions: Arc<crate::suppression::Suppressions>,
     /// What each failure means.
     classifier: crate::delivery::bounce_class::Classifier,
+    /// Mailbox providers and their limits per (source, provider), shared by every shard.
+    providers: Arc<crate::delivery::provider::Providers>,
+    /// Queues of this shard waiting for a provider path's connection slot, in order (the
+    /// path by its address), each once: a connection of that path that ends wakes the first.
+    provider_waiting: RefCell<std::collections::VecDeque<(usize, Rc<str>)>>,
     rng: Cell<u64>,
     _stream: PhantomData<S>,
 }
@@ -196,6 +203,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         metrics: Arc<crate::metrics::Metrics>,
         tenants: Arc<crate::tenant::Tenants>,
         suppressions: Arc<crate::suppression::Suppressions>,
+        providers: Arc<crate::delivery::provider::Providers>,
     ) -> Result<Rc<Self>, String> {
         let classifier = crate::delivery::bounce_class::Classifier::new(&config.bounce_rules)
             .map_err(|e| format!("bounce_rule: {e}"))?;
@@ -277,6 +285,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             tenants,
             suppressions,
             classifier,
+            providers,
+            provider_waiting: RefCell::default(),
             rng: Cell::new(now_micros() | 1),
             config,
             _stream: PhantomData,
@@ -656,11 +666,37 @@ impl<S: Dial + 'static> Deliverer<S> {
                 return;
             }
         };
+        // A provider's limits apply per (source, provider), across its domains and shards.
+        let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        let provider = self.providers.of(split_queue_name(domain).1, &names);
+        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+            q.provider = provider;
+        }
+        let path = provider.map(|p| self.providers.path(p, source.unwrap_or("")));
         let mut start_host = 0;
         loop {
             if self.stopping() || !self.has_ready(domain) {
                 return;
             }
+            let slot = match &path {
+                None => None,
+                Some(p) => match p.connect() {
+                    Some(slot) => Some(slot),
+                    None => {
+                        // The provider has this source's connections open: no new one now;
+                        // the next of the path's connections here to end wakes this queue.
+                        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                            q.backoff_until_micros = now_micros() + PROVIDER_BUSY_MICROS;
+                        }
+                        let key = (Arc::as_ptr(p) as usize, Rc::clone(domain));
+                        let mut waiting = self.provider_waiting.borrow_mut();
+                        if !waiting.contains(&key) {
+                            waiting.push_back(key);
+                        }
+                        return;
+                    }
+                },
+            };
             let connected = self.connect_any(&hosts, start_host, policy, source).await;
             let (session, host, source) = match connected {
                 Ok(x) => x,
@@ -687,9 +723,13 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             self.count_connected(domain, true);
             let end = self
-                .use_connection(domain, policy, session, &hosts[host], source)
+                .use_connection(domain, policy, session, &hosts[host], source, path.as_ref())
                 .await;
             self.count_connected(domain, false);
+            drop(slot);
+            if let Some(p) = &path {
+                self.wake_provider_waiter(Arc::as_ptr(p) as usize);
+            }
             match end {
                 ConnEnd::Done => return,
                 ConnEnd::Reconnect { next_host } => {
@@ -970,6 +1010,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         mut session: ClientSession<S>,
         host: &Host,
         source: Option<String>,
+        path: Option<&Arc<crate::delivery::provider::Path>>,
     ) -> ConnEnd {
         let tls = session.tls_info();
         let mut sent = 0u32;
@@ -983,13 +1024,18 @@ impl<S: Dial + 'static> Deliverer<S> {
                 return ConnEnd::Done;
             }
             let Some(mut job) = self.pop_job(domain) else {
-                if self.wait_for_work(domain, policy.idle).await {
+                // Another domain of the provider waits for this source's slots: make room.
+                let contended = path.is_some_and(|p| p.contended(now_micros()));
+                if !contended && self.wait_for_work(domain, policy.idle).await {
                     continue;
                 }
                 session.quit().await;
                 return ConnEnd::Done;
             };
-            if let Some(wait) = self.rate_wait(domain) {
+            let wait = self
+                .rate_wait(domain)
+                .or_else(|| path.and_then(|p| p.take(now_micros()).err()));
+            if let Some(wait) = wait {
                 self.requeue_front(domain, job);
                 if Duration::from_micros(wait) > policy.idle {
                     // Longer than a connection may idle: close it, and open none until then.
@@ -1083,6 +1129,22 @@ impl<S: Dial + 'static> Deliverer<S> {
                     return ConnEnd::Reconnect { next_host: false };
                 }
             }
+        }
+    }
+
+    /// Gives a freed connection slot of a provider path to the queue of this shard that has
+    /// waited longest for one.
+    fn wake_provider_waiter(self: &Rc<Self>, path: usize) {
+        let next = {
+            let mut waiting = self.provider_waiting.borrow_mut();
+            let i = waiting.iter().position(|(p, _)| *p == path);
+            i.and_then(|i| waiting.remove(i))
+        };
+        if let Some((_, domain)) = next {
+            if let Some(q) = self.domains.borrow_mut().get_mut(&*domain) {
+                q.backoff_until_micros = 0;
+            }
+            self.kick(&domain);
         }
     }
 
@@ -1541,6 +1603,10 @@ impl<S: Dial + 'static> Deliverer<S> {
                         domain: domain.to_string(),
                         tenant: tenant.unwrap_or_default().to_string(),
                         source: queue_egress(d).map_or("", |(_, s)| s).to_string(),
+                        provider: q
+                            .provider
+                            .map_or("", |p| self.providers.name(p))
+                            .to_string(),
                         shard: self.shard,
                         queued_rcpts: q.queued_rcpts(),
                         ready_jobs: q.ready_jobs(),

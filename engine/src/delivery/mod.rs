@@ -10,6 +10,7 @@ pub mod egress;
 pub mod engine;
 pub mod log;
 pub mod policy;
+pub mod provider;
 pub mod queue;
 pub mod schedule;
 pub mod throttle;

@@ -125,6 +125,8 @@ pub struct DomainQueue {
     pub held: bool,
     /// The egress source this queue's mail leaves from (its connections try it first).
     pub source: Option<String>,
+    /// The mailbox provider of the destination (`delivery::provider`), once its MX is known.
+    pub provider: Option<usize>,
     pub rate: RateLimit,
     /// Wakes idle workers when work arrives.
     pub wake: std::rc::Rc<tokio::sync::Notify>,
@@ -146,6 +148,7 @@ impl DomainQueue {
             suspended: false,
             held: false,
             source: None,
+            provider: None,
             rate: RateLimit::new(s, m, h, now_micros),
             wake: Default::default(),
         }

@@ -153,6 +153,7 @@ struct ShardSetup {
     tenants: Arc<crate::tenant::Tenants>,
     dkim: Arc<saida_dkim::Keyring>,
     suppressions: Arc<crate::suppression::Suppressions>,
+    providers: Arc<crate::delivery::provider::Providers>,
     limits: Arc<ConnLimits>,
     shutdown: watch::Receiver<bool>,
     listeners: Vec<(std::net::TcpListener, ListenerTls)>,
@@ -231,6 +232,7 @@ impl Server {
             .dkim_sources()
             .map_err(|(k, m)| anyhow::anyhow!("{k}: {m}"))?;
         let dkim = Arc::new(saida_dkim::Keyring::load(sources)?);
+        let providers = Arc::new(crate::delivery::provider::Providers::new(&config.providers));
         let suppressions = Arc::new(
             crate::suppression::Suppressions::open(&config.spool.dir)
                 .context("the suppression list")?,
@@ -299,6 +301,7 @@ impl Server {
                 tenants: Arc::clone(&tenants),
                 dkim: Arc::clone(&dkim),
                 suppressions: Arc::clone(&suppressions),
+                providers: Arc::clone(&providers),
                 limits: Arc::clone(&limits),
                 shutdown: shutdown_rx.clone(),
                 listeners,
@@ -439,6 +442,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         tenants,
         dkim,
         suppressions,
+        providers,
         limits,
         shutdown,
         listeners,
@@ -534,6 +538,7 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
         Arc::clone(&metrics),
         Arc::clone(&tenants),
         Arc::clone(&suppressions),
+        providers,
     ) {
         Ok(d) => d,
         Err(e) => {
