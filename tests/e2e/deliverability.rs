@@ -22,6 +22,20 @@ s.rset(); s.quit()
     out.lines().map(str::to_string).collect()
 }
 
+/// A sink on 127.0.0.9 recording message bodies, answering as the `profile` (TOML) says; its
+/// port, and the directory that holds the profile.
+fn sink_with(profile: &str) -> (Sink, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("profile.toml");
+    std::fs::write(&path, profile).unwrap();
+    let port = free_port();
+    let sink = Sink::start(
+        &[format!("127.0.0.9:{port}")],
+        &["--record-bodies", "--profile", &path.display().to_string()],
+    );
+    (sink, port, dir)
+}
+
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !cond() {
@@ -35,23 +49,10 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn a_hard_bounce_is_classified_suppresses_the_address_and_the_next_rcpt_is_refused() {
-    let work = tempfile::tempdir().unwrap();
-    let profile = work.path().join("profile.toml");
-    std::fs::write(
-        &profile,
+    let (sink, sink_port, _profile) = sink_with(
         "[domain.\"gone.test\"]\nrcpt_reply_mix = [{ percent = 100.0, reply = \
          \"550 5.1.1 The email account that you tried to reach does not exist. Please try \
          double-checking the recipient's email address for typos\" }]\n",
-    )
-    .unwrap();
-    let sink_port = free_port();
-    let sink = Sink::start(
-        &[format!("127.0.0.9:{sink_port}")],
-        &[
-            "--record-bodies",
-            "--profile",
-            &profile.display().to_string(),
-        ],
     );
     let admin = format!("127.0.0.1:{}", free_port());
     let token = "operator-token-0123456789";
@@ -155,22 +156,9 @@ fn a_hard_bounce_is_classified_suppresses_the_address_and_the_next_rcpt_is_refus
 
 #[test]
 fn a_recipient_that_asked_gets_one_delay_report_while_it_is_retried() {
-    let work = tempfile::tempdir().unwrap();
-    let profile = work.path().join("profile.toml");
-    std::fs::write(
-        &profile,
+    let (sink, sink_port, _profile) = sink_with(
         "[domain.\"slow.test\"]\nrcpt_reply_mix = [{ percent = 100.0, reply = \
          \"451 4.7.1 Try again later\" }]\n",
-    )
-    .unwrap();
-    let sink_port = free_port();
-    let sink = Sink::start(
-        &[format!("127.0.0.9:{sink_port}")],
-        &[
-            "--record-bodies",
-            "--profile",
-            &profile.display().to_string(),
-        ],
     );
     let config = format!(
         "[delivery]\nenabled = true\nlog_dir = \"{{dir}}/dlog\"\ndelay_dsn_after_secs = 1\n\n\
@@ -225,19 +213,10 @@ s.quit()
 
 #[test]
 fn a_providers_connection_limit_holds_across_its_domains_and_shards() {
-    let work = tempfile::tempdir().unwrap();
-    let profile = work.path().join("profile.toml");
     // The sink refuses a sixth concurrent connection (`421`); each end of data takes 10 ms,
     // so 1,000 domains' connections overlap unless saida holds them back.
-    std::fs::write(
-        &profile,
+    let (sink, sink_port, _profile) = sink_with(
         "[default]\nconnections_max = 5\neod_delay_ms = { dist = \"fixed\", value = 10 }\n",
-    )
-    .unwrap();
-    let sink_port = free_port();
-    let sink = Sink::start(
-        &[format!("127.0.0.9:{sink_port}")],
-        &["--profile", &profile.display().to_string()],
     );
     // 1,000 domains whose MX hosts are all the provider's (`*.bigmail.test`).
     let mut records: Vec<String> = (0..3)

@@ -1167,14 +1167,22 @@ impl<S: Dial + 'static> Deliverer<S> {
         if let Some(t) = tenant {
             t.finished(gone.len());
         }
-        let outcomes = gone
+        let why = "550 5.1.1 recipient on the suppression list";
+        self.cancel(job, &gone, why).await;
+        job.rcpts = keep;
+        !job.rcpts.is_empty()
+    }
+
+    /// Journals `rcpts` of `job` as cancelled (done, no bounce) with `reply` as the reason.
+    async fn cancel(&self, job: &Job, rcpts: &[JobRcpt], reply: &str) {
+        let outcomes = rcpts
             .iter()
             .map(|r| Outcome {
                 rcpt_index: r.index,
                 state: RcptState::Cancelled,
                 attempts: r.attempts,
                 next_attempt_micros: 0,
-                reply: "550 5.1.1 recipient on the suppression list".into(),
+                reply: reply.into(),
             })
             .collect();
         let out = ShardMsg::Outcomes {
@@ -1184,8 +1192,6 @@ impl<S: Dial + 'static> Deliverer<S> {
             outcomes,
         };
         let _ = self.router.send_to_spool(job.spool_shard, out).await;
-        job.rcpts = keep;
-        !job.rcpts.is_empty()
     }
 
     fn requeue_front(&self, domain: &str, job: Job) {
@@ -1784,24 +1790,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             if let Some(t) = self.tenant_of(domain) {
                 t.finished(job.rcpts.len());
             }
-            let outcomes = job
-                .rcpts
-                .iter()
-                .map(|r| Outcome {
-                    rcpt_index: r.index,
-                    state: RcptState::Cancelled,
-                    attempts: r.attempts,
-                    next_attempt_micros: 0,
-                    reply: "deleted by an operator".into(),
-                })
-                .collect();
-            let msg = ShardMsg::Outcomes {
-                spool: job.spool_shard,
-                queue_id: job.queue_id,
-                at_micros: now_micros(),
-                outcomes,
-            };
-            let _ = self.router.send_to_spool(job.spool_shard, msg).await;
+            self.cancel(&job, &job.rcpts, "deleted by an operator")
+                .await;
         }
     }
 
