@@ -156,11 +156,7 @@ impl Config {
         }
         let mut entries = Vec::new();
         for k in &self.dkim_keys {
-            let selector_ok = !k.selector.is_empty()
-                && k.selector
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if !selector_ok {
+            if !crate::names::is_name(&k.selector) {
                 let why = format!("`{}`: letters, digits, `-_.`", k.selector);
                 return Err(("dkim.selector".into(), why));
             }

@@ -20,6 +20,7 @@ mod dns;
 mod intake;
 mod mesh;
 mod metrics;
+mod names;
 mod shard;
 mod smtp;
 mod suppression;

@@ -21,8 +21,6 @@ use serde::Deserialize;
 pub const TENANTS_MAX: usize = 10_000;
 /// Shortest API token.
 pub const API_TOKEN_CHARS_MIN: usize = 16;
-/// Tenant names are label values and queue-name prefixes: short, and from this alphabet.
-pub const NAME_CHARS_MAX: usize = 64;
 /// Names that mean something else in the tenant field and the metrics.
 const RESERVED_NAMES: &[&str] = &["api", "none", "unlisted", "other"];
 
@@ -373,17 +371,14 @@ pub fn validate(tenants: &[TenantConfig], pools: &[&str]) -> Result<(), (String,
     let mut users = std::collections::HashSet::new();
     let mut tokens = std::collections::HashSet::new();
     for t in tenants {
-        let valid = !t.name.is_empty()
-            && t.name.len() <= NAME_CHARS_MAX
-            && t.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !valid || RESERVED_NAMES.contains(&t.name.as_str()) {
+        if !crate::names::is_name(&t.name) || RESERVED_NAMES.contains(&t.name.as_str()) {
             return err(
                 "name",
                 format!(
-                    "`{}`: 1 to {NAME_CHARS_MAX} of a-z, 0-9, `-_.`, and not one of {:?}",
-                    t.name, RESERVED_NAMES
+                    "`{}`: 1 to {} of a-z, 0-9, `-_.`, and not one of {:?}",
+                    t.name,
+                    crate::names::NAME_CHARS_MAX,
+                    RESERVED_NAMES
                 ),
             );
         }

@@ -146,6 +146,8 @@ const DAEMON_LAYERS: &[(&str, u8)] = &[
     ("delivery", 0),
     ("smtp", 0),
     ("smtp::server", 0),
+    // Leaf helpers every layer may use.
+    ("names", 0),
     ("cidr", 1),
     ("dns", 1),
     ("auth", 1),

@@ -75,12 +75,7 @@ pub fn validate(sources: &[SourceConfig], pools: &[PoolConfig]) -> Result<(), (S
     }
     let mut names = std::collections::HashSet::new();
     for s in sources {
-        let valid = !s.name.is_empty()
-            && s.name.len() <= 64
-            && s.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !valid || !names.insert(s.name.as_str()) {
+        if !crate::names::is_name(&s.name) || !names.insert(s.name.as_str()) {
             return Err((
                 "source.name".into(),
                 format!("`{}`: 1 to 64 of A-Za-z0-9-_., unique", s.name),
@@ -89,12 +84,7 @@ pub fn validate(sources: &[SourceConfig], pools: &[PoolConfig]) -> Result<(), (S
     }
     let mut pool_names = std::collections::HashSet::new();
     for p in pools {
-        let valid = !p.name.is_empty()
-            && p.name.len() <= 64
-            && p.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !valid || !pool_names.insert(p.name.as_str()) {
+        if !crate::names::is_name(&p.name) || !pool_names.insert(p.name.as_str()) {
             return Err((
                 "pool.name".into(),
                 format!("`{}`: 1 to 64 of A-Za-z0-9-_., unique", p.name),

@@ -184,12 +184,7 @@ pub fn validate(providers: &[ProviderConfig]) -> Result<(), (String, String)> {
     }
     let mut names = std::collections::HashSet::new();
     for p in providers {
-        let valid = !p.name.is_empty()
-            && p.name.len() <= 64
-            && p.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !valid || !names.insert(p.name.as_str()) {
+        if !crate::names::is_name(&p.name) || !names.insert(p.name.as_str()) {
             let why = format!("`{}`: 1 to 64 of A-Za-z0-9-_., unique", p.name);
             return Err(("provider.name".into(), why));
         }
