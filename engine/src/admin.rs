@@ -111,6 +111,8 @@ struct Endpoint {
     /// Where the suspended tenants are saved.
     spool_dir: std::path::PathBuf,
     suppressions: std::sync::Arc<crate::suppression::Suppressions>,
+    /// Paths in backoff: listed and cancelled here.
+    providers: std::sync::Arc<crate::delivery::provider::Providers>,
 }
 
 /// Who sent a request.
@@ -134,6 +136,7 @@ pub fn serve(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     tenants: std::sync::Arc<crate::tenant::Tenants>,
     suppressions: std::sync::Arc<crate::suppression::Suppressions>,
+    providers: std::sync::Arc<crate::delivery::provider::Providers>,
 ) -> std::io::Result<()> {
     let address = &config.admin.address;
     if address.is_empty() {
@@ -153,6 +156,7 @@ pub fn serve(
         tenants,
         spool_dir: config.spool.dir.clone(),
         suppressions,
+        providers,
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -336,6 +340,19 @@ async fn handle(
             Ok((status, value)) => json(status, &value),
             Err(_) => error(500, "the request failed"),
         };
+    }
+    if path == "/backoffs" || path.starts_with("/backoffs/") {
+        let body = if method == "POST" {
+            match read_body(req.into_body()).await {
+                Ok(b) => b,
+                Err((status, why)) => return error(status, &why),
+            }
+        } else {
+            Vec::new()
+        };
+        tracing::info!(client = %peer, %method, %path, "backoff request");
+        let (status, value) = backoff_request(&endpoint.providers, &method, &path, &body);
+        return json(status, &value);
     }
     match saida_control::route(&method, &path) {
         Err((status, why)) => error(status, &why),
@@ -578,6 +595,42 @@ struct SuppressionChange {
 
 /// `GET /suppressions[?scope=&offset=&limit=]`, `GET /suppressions/ADDRESS[?scope=]`,
 /// `POST /suppressions` (add, or bulk import), `POST /suppressions/remove`.
+/// `GET /backoffs`: the paths in backoff; `POST /backoffs/cancel` with
+/// `{"provider": NAME, "source": NAME}` (source optional: all): ends their backoff.
+fn backoff_request(
+    providers: &crate::delivery::provider::Providers,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Cancel {
+        provider: String,
+        #[serde(default)]
+        source: Option<String>,
+    }
+    match (method, path) {
+        ("GET", "/backoffs") => (200, serde_json::json!({ "backoffs": providers.backoffs() })),
+        ("POST", "/backoffs/cancel") => match serde_json::from_slice::<Cancel>(body) {
+            Ok(c) => {
+                let n = providers.cancel(&c.provider, c.source.as_deref());
+                tracing::info!(provider = %c.provider, source = ?c.source, cancelled = n,
+                    "backoff cancelled");
+                (200, serde_json::json!({ "cancelled": n }))
+            }
+            Err(e) => (
+                400,
+                serde_json::json!({ "error": format!("expected {{\"provider\": NAME, \"source\": NAME}}: {e}") }),
+            ),
+        },
+        (_, "/backoffs" | "/backoffs/cancel") => {
+            (405, serde_json::json!({ "error": "method not allowed" }))
+        }
+        _ => (404, serde_json::json!({ "error": "no such resource" })),
+    }
+}
+
 fn suppression_request(
     endpoint: &Endpoint,
     method: &str,

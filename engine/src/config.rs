@@ -62,6 +62,9 @@ pub struct Config {
     /// `[[provider]]`: mailbox providers and their limits per (source, provider).
     #[serde(rename = "provider")]
     pub providers: Vec<crate::delivery::provider::ProviderConfig>,
+    /// `[[backoff_rule]]`: adaptive backoff rules before the shipped ones.
+    #[serde(rename = "backoff_rule")]
+    pub backoff_rules: Vec<crate::delivery::backoff::BackoffRule>,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             signing: Signing::default(),
             bounce_rules: Vec::new(),
             providers: Vec::new(),
+            backoff_rules: Vec::new(),
         }
     }
 }
@@ -138,6 +142,14 @@ impl Default for Signing {
 }
 
 impl Config {
+    /// The backoff rules in effect (configured, then shipped); the error names the key.
+    pub fn backoff_rules(&self) -> Result<crate::delivery::backoff::Rules, (String, String)> {
+        crate::delivery::backoff::Rules::new(
+            &self.backoff_rules,
+            self.delivery.backoff_builtin_rules,
+        )
+    }
+
     /// Where the DKIM keys come from and how they sign; the error names the key.
     pub fn dkim_sources(&self) -> Result<saida_dkim::KeySources, (String, String)> {
         let s = &self.signing;
@@ -687,6 +699,7 @@ impl Config {
         crate::delivery::provider::validate(&self.providers)?;
         crate::delivery::bounce_class::Classifier::new(&self.bounce_rules)
             .map_err(|e| ("bounce_rule".to_string(), e))?;
+        self.backoff_rules()?;
         range(
             "signing.dkim_reload_secs",
             self.signing.dkim_reload_secs,

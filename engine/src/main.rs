@@ -337,6 +337,7 @@ fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         std::sync::Arc::clone(&server.metrics),
         std::sync::Arc::clone(&server.tenants),
         std::sync::Arc::clone(&server.suppressions),
+        std::sync::Arc::clone(&server.providers),
     )
     .map_err(|e| anyhow::anyhow!("admin endpoint {}: {e}", config.admin.address))?;
     tracing::info!(

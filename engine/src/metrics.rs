@@ -277,6 +277,9 @@ const TENANT_LABELS: &[&str] = &["api"];
 const BOUNCE_CLASS_HELP: &str = "Recipients deferred or failed, by what the reply means \
      (bad_mailbox, bad_domain, mailbox_full, policy, content, rate_limited, routing, protocol, \
      other)";
+const BACKOFF_MATCH_HELP: &str = "Failure replies that matched an adaptive backoff rule, by rule";
+const BACKOFF_PATHS_HELP: &str = "(source, provider) paths in backoff now: suspended, or \
+     throttled (limits cut, ramping back)";
 const TENANT_QUEUE_HELP: &str =
     "Recipients queued per configured tenant (its queue quota counts these)";
 const TENANT_SUSPENDED_HELP: &str = "1 while an operator has suspended the tenant's delivery";
@@ -404,6 +407,10 @@ pub struct Metrics {
     /// Configured tenants: their names are the only tenant label values besides the fixed
     /// ones, and their queued recipients are gauges.
     tenants: Arc<crate::tenant::Tenants>,
+    /// Backoff rule matches by rule name (rules are configured or shipped: bounded).
+    by_backoff_rule: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The paths, for the backoff gauges.
+    providers: Arc<crate::delivery::provider::Providers>,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -438,6 +445,33 @@ impl Metrics {
             ready: AtomicBool::new(false),
             backend: Mutex::new(String::new()),
             tenants: Arc::default(),
+            by_backoff_rule: Mutex::default(),
+            providers: Arc::default(),
+        }
+    }
+
+    /// The providers' paths: how many are in backoff becomes a gauge.
+    pub fn with_providers(
+        mut self,
+        providers: Arc<crate::delivery::provider::Providers>,
+    ) -> Metrics {
+        self.providers = providers;
+        self
+    }
+
+    /// Counts a reply that matched the backoff rule `rule`.
+    pub fn backoff_match(&self, rule: &str) {
+        if self.enabled {
+            let mut m = self
+                .by_backoff_rule
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match m.get_mut(rule) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(rule.to_string(), 1);
+                }
+            }
         }
     }
 
@@ -743,6 +777,38 @@ impl Metrics {
                 );
             }
         }
+        let rules = self
+            .by_backoff_rule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (rule, n) in rules {
+            let m = counter(n as f64, &[("rule", &rule)]);
+            let name = "saida_backoff_matches_total";
+            push(
+                &mut families,
+                name,
+                BACKOFF_MATCH_HELP,
+                MetricType::COUNTER,
+                m,
+            );
+        }
+        let now = spool::now_micros();
+        let backoffs = self.providers.backoffs();
+        let suspended = backoffs.iter().filter(|b| b.backoff.suspended(now)).count();
+        for (state, n) in [
+            ("suspended", suspended),
+            ("throttled", backoffs.len() - suspended),
+        ] {
+            let m = gauge(n as f64, &[("state", state)]);
+            push(
+                &mut families,
+                "saida_backoff_paths",
+                BACKOFF_PATHS_HELP,
+                MetricType::GAUGE,
+                m,
+            );
+        }
         for t in self.tenants.all() {
             let label = [("tenant", t.name())];
             let queued = gauge(t.queued_rcpts() as f64, &label);
@@ -897,7 +963,9 @@ pub fn docs_markdown() -> String {
          | `saida_destination_connections` | gauge | `destination` | {DEST_CONN_HELP} |\n\
          | `saida_bounce_class_total` | counter | `class`, `outcome` | {BOUNCE_CLASS_HELP} |\n\
          | `saida_tenant_queued_recipients` | gauge | `tenant` | {TENANT_QUEUE_HELP} |\n\
-         | `saida_tenant_suspended` | gauge | `tenant` | {TENANT_SUSPENDED_HELP} |\n"
+         | `saida_tenant_suspended` | gauge | `tenant` | {TENANT_SUSPENDED_HELP} |\n\
+         | `saida_backoff_matches_total` | counter | `rule` | {BACKOFF_MATCH_HELP} |\n\
+         | `saida_backoff_paths` | gauge | `state` | {BACKOFF_PATHS_HELP} |\n"
     ));
     s.push_str(&format!(
         "| `saida_shard_inbox_full_waits_total` | counter | | {INBOX_WAITS_HELP} |\n"

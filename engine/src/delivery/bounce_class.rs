@@ -358,15 +358,16 @@ struct Compiled {
     lower: bool,
 }
 
-#[derive(Clone, Copy)]
-enum Code {
+/// The reply-code part of a rule: any, exact (`550`) or a class (`5xx`).
+#[derive(Clone, Copy, Debug)]
+pub enum Code {
     Any,
     Exact(u16),
     Class(u16),
 }
 
 impl Code {
-    fn parse(s: &str) -> Result<Code, String> {
+    pub fn parse(s: &str) -> Result<Code, String> {
         let s = s.trim();
         if s.is_empty() {
             return Ok(Code::Any);
@@ -382,7 +383,7 @@ impl Code {
         }
     }
 
-    fn matches(self, code: u16) -> bool {
+    pub fn matches(self, code: u16) -> bool {
         match self {
             Code::Any => true,
             Code::Exact(c) => c == code,

@@ -33,6 +33,7 @@ use crate::delivery::bounce_class::BounceClass;
 use crate::delivery::dsn::{FailedRecipient, build_bounce};
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog, LogRotation, rfc3339};
 use crate::delivery::policy::{DeliveryPolicies, DomainPolicy, Target};
+use crate::delivery::provider::{NoSlot, Path, Slot};
 use crate::delivery::queue::{
     DomainQueue, Job, JobRcpt, queue_egress, queue_name, split_queue_name,
 };
@@ -666,38 +667,44 @@ impl<S: Dial + 'static> Deliverer<S> {
                 return;
             }
         };
-        // A provider's limits apply per (source, provider), across its domains and shards.
+        // A provider's limits apply per (source, provider), across its domains and shards; a
+        // destination of no provider has a path of its own (for backoff).
         let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
-        let provider = self.providers.of(split_queue_name(domain).1, &names);
-        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
-            q.provider = provider;
-        }
-        let path = provider.map(|p| self.providers.path(p, source.unwrap_or("")));
+        let (_, dest) = split_queue_name(domain);
+        let provider = self.providers.of(dest, &names);
+        let policy = &self.provider_policy(domain, policy, provider);
+        let path = self.providers.path_of(provider, dest, source.unwrap_or(""));
         let mut start_host = 0;
         loop {
             if self.stopping() || !self.has_ready(domain) {
                 return;
             }
-            let slot = match &path {
-                None => None,
-                Some(p) => match p.connect() {
-                    Some(slot) => Some(slot),
-                    None => {
-                        // The provider has this source's connections open: no new one now;
-                        // the next of the path's connections here to end wakes this queue.
-                        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
-                            q.backoff_until_micros = now_micros() + PROVIDER_BUSY_MICROS;
-                        }
-                        let key = (Arc::as_ptr(p) as usize, Rc::clone(domain));
-                        let mut waiting = self.provider_waiting.borrow_mut();
-                        if !waiting.contains(&key) {
-                            waiting.push_back(key);
-                        }
-                        return;
+            let slot = match path.connect() {
+                Ok(slot) => slot,
+                Err(NoSlot::Suspended(until)) => {
+                    // In backoff: nothing is sent on the path until then; the jobs wait.
+                    if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                        q.backoff_until_micros = until;
                     }
-                },
+                    return;
+                }
+                Err(NoSlot::Busy) => {
+                    // The provider has this source's connections open: no new one now;
+                    // the next of the path's connections here to end wakes this queue.
+                    if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                        q.backoff_until_micros = now_micros() + PROVIDER_BUSY_MICROS;
+                    }
+                    let key = (Arc::as_ptr(&path) as usize, Rc::clone(domain));
+                    let mut waiting = self.provider_waiting.borrow_mut();
+                    if !waiting.contains(&key) {
+                        waiting.push_back(key);
+                    }
+                    return;
+                }
             };
-            let connected = self.connect_any(&hosts, start_host, policy, source).await;
+            let connected = self
+                .connect_any(&hosts, start_host, policy, source, &path)
+                .await;
             let (session, host, source) = match connected {
                 Ok(x) => x,
                 Err(verdict) => {
@@ -723,13 +730,11 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             self.count_connected(domain, true);
             let end = self
-                .use_connection(domain, policy, session, &hosts[host], source, path.as_ref())
+                .use_connection(domain, policy, session, &hosts[host], source, &path, &slot)
                 .await;
             self.count_connected(domain, false);
             drop(slot);
-            if let Some(p) = &path {
-                self.wake_provider_waiter(Arc::as_ptr(p) as usize);
-            }
+            self.wake_provider_waiter(Arc::as_ptr(&path) as usize);
             match end {
                 ConnEnd::Done => return,
                 ConnEnd::Reconnect { next_host } => {
@@ -739,6 +744,45 @@ impl<S: Dial + 'static> Deliverer<S> {
                 }
             }
         }
+    }
+
+    /// A failure reply on a path: backoff rules may suspend or cut it.
+    fn observe_backoff(&self, path: &Path, r: &smtp_proto::client::ServerReply) {
+        if let Some(rule) =
+            self.providers
+                .observe(path, r.code, r.enhanced.as_deref(), &r.summary())
+        {
+            self.metrics.backoff_match(&rule);
+        }
+    }
+
+    /// The destination's policy with its provider's per-connection and per-transaction limits
+    /// when they are lower (the queue keeps it, so its jobs are split to match).
+    fn provider_policy(
+        &self,
+        domain: &str,
+        policy: &Arc<DomainPolicy>,
+        provider: Option<usize>,
+    ) -> Arc<DomainPolicy> {
+        if let Some(q) = self.domains.borrow_mut().get_mut(domain) {
+            q.provider = provider;
+        }
+        let Some(c) = provider.and_then(|p| self.providers.config(p)) else {
+            return Arc::clone(policy);
+        };
+        let per_conn = c.msgs_per_connection_max.unwrap_or(u32::MAX);
+        let rcpts = c.rcpts_per_transaction_max.unwrap_or(usize::MAX);
+        if policy.msgs_per_connection_max <= per_conn && policy.rcpts_per_transaction_max <= rcpts {
+            return Arc::clone(policy);
+        }
+        let mut p = (**policy).clone();
+        p.msgs_per_connection_max = p.msgs_per_connection_max.min(per_conn);
+        p.rcpts_per_transaction_max = p.rcpts_per_transaction_max.min(rcpts);
+        let p = Arc::new(p);
+        if let Some(q) = self.domains.borrow_mut().get_mut(domain) {
+            q.policy = Arc::clone(&p);
+        }
+        p
     }
 
     fn record_phases(&self, p: &smtp_client::Phases) {
@@ -896,6 +940,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         start: usize,
         policy: &DomainPolicy,
         source: Option<&str>,
+        path: &Path,
     ) -> Result<(ClientSession<S>, usize, Option<String>), Verdict> {
         let mut last = Verdict::local(451, "4.4.1", "no host to connect to");
         let mut tls_failed = Vec::new();
@@ -919,6 +964,10 @@ impl<S: Dial + 'static> Deliverer<S> {
                     if e.is_tls_failure() && use_starttls && policy.tls == TlsPolicy::Opportunistic
                     {
                         tls_failed.push(i);
+                    }
+                    if let ClientError::Refused(r) = &e {
+                        // A banner or EHLO refusal may say "slow down" too.
+                        self.observe_backoff(path, r);
                     }
                     let (code, status) = match &e {
                         ClientError::Refused(_) => (451, "4.4.0"),
@@ -1010,7 +1059,8 @@ impl<S: Dial + 'static> Deliverer<S> {
         mut session: ClientSession<S>,
         host: &Host,
         source: Option<String>,
-        path: Option<&Arc<crate::delivery::provider::Path>>,
+        path: &Path,
+        slot: &Slot,
     ) -> ConnEnd {
         let tls = session.tls_info();
         let mut sent = 0u32;
@@ -1023,9 +1073,14 @@ impl<S: Dial + 'static> Deliverer<S> {
                 session.quit().await;
                 return ConnEnd::Done;
             }
+            if slot.shed() {
+                // Backoff cut the path's connections: this one closes.
+                session.quit().await;
+                return ConnEnd::Done;
+            }
             let Some(mut job) = self.pop_job(domain) else {
                 // Another domain of the provider waits for this source's slots: make room.
-                let contended = path.is_some_and(|p| p.contended(now_micros()));
+                let contended = path.contended(now_micros());
                 if !contended && self.wait_for_work(domain, policy.idle).await {
                     continue;
                 }
@@ -1034,7 +1089,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             let wait = self
                 .rate_wait(domain)
-                .or_else(|| path.and_then(|p| p.take(now_micros()).err()));
+                .or_else(|| path.take(now_micros()).err());
             if let Some(wait) = wait {
                 self.requeue_front(domain, job);
                 if Duration::from_micros(wait) > policy.idle {
@@ -1078,6 +1133,9 @@ impl<S: Dial + 'static> Deliverer<S> {
                 Ok(delivery) => {
                     if delivery.replies.iter().any(|r| r.is_positive()) {
                         self.metrics.inc(Counter::BytesOut, msg.body.len() as u64);
+                    }
+                    if let Some(r) = delivery.replies.iter().find(|r| r.code >= 400) {
+                        self.observe_backoff(path, r);
                     }
                     let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
                     if saw_421 && !job.failed_over {

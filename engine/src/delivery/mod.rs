@@ -2,8 +2,10 @@
 //! them over reused, pipelined SMTP connections (`engine`, `queue`), and the policies they
 //! apply: configuration and routes (`policy`), the retry schedule (`schedule`), message rate
 //! limits (`throttle`), bounces (`dsn`), what a failure means (`bounce_class`), egress sources
-//! (`egress`) and the delivery log (`log`).
+//! (`egress`), mailbox providers and their shared limits (`provider`), adaptive backoff
+//! (`backoff`) and the delivery log (`log`).
 
+pub mod backoff;
 pub mod bounce_class;
 pub mod dsn;
 pub mod egress;

@@ -122,6 +122,9 @@ pub struct DeliveryConfig {
     /// A recipient that asked for delay reports (`NOTIFY=DELAY`) and is still deferred at
     /// this age gets one DELAY DSN; 0 = never.
     pub delay_dsn_after_secs: u64,
+    /// Apply the shipped backoff rules (`delivery::backoff::BUILTIN_RULES`) after the
+    /// `[[backoff_rule]]` entries.
+    pub backoff_builtin_rules: bool,
 }
 }
 
@@ -142,6 +145,7 @@ impl Default for DeliveryConfig {
             bounces: true,
             bounce_exempt_sender_domains: Vec::new(),
             delay_dsn_after_secs: 4 * 3600,
+            backoff_builtin_rules: true,
             connections_max: None,
             msgs_per_connection_max: None,
             rcpts_per_transaction_max: None,

@@ -5,16 +5,21 @@
 //! per second/minute/hour. They are shared by every domain of the provider and every shard
 //! (atomics and one short lock per path), on top of each domain's own limits.
 //!
-//! Not here: adaptive backoff (cutting these limits when a provider says "slow down"), and
-//! per-connection or per-transaction limits per provider (those stay the domain's).
+//! Paths also carry adaptive backoff (`delivery::backoff`): a reply matching a backoff rule
+//! suspends the path and/or cuts its connections and rate, which ramp back while replies are
+//! clean; paths in backoff are listed and cancelled through the admin API and saved in
+//! `<spool>/backoffs.json` (written and renamed at each change, not fsynced: a power loss may
+//! forget the last change, never corrupt the file). A destination of no provider has a path of
+//! its own per source, so backoff applies to it alike.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::delivery::throttle::RateLimit;
+use crate::delivery::backoff::{Backoff, BackoffRule, Rules};
+use crate::delivery::throttle::{RateLimit, Recent};
 
 /// Most providers.
 pub const PROVIDERS_MAX: usize = 1000;
@@ -39,35 +44,110 @@ pub struct ProviderConfig {
     pub rate_per_minute: Option<u32>,
     #[serde(default)]
     pub rate_per_hour: Option<u32>,
+    /// Messages per connection to the provider (lower than the domain's wins).
+    #[serde(default)]
+    pub msgs_per_connection_max: Option<u32>,
+    /// Recipients per transaction to the provider (lower than the domain's wins).
+    #[serde(default)]
+    pub rcpts_per_transaction_max: Option<usize>,
 }
 
-/// The shared state of one (source, provider) path.
+/// The shared state of one (source, provider) path. A destination of no provider has a path
+/// of its own per source (named by its domain), which carries no limits but its backoff.
 #[derive(Debug)]
 pub struct Path {
+    /// The provider's name, or the destination domain of a path of no provider.
+    pub provider: String,
+    /// The source's name; empty for the kernel's address.
+    pub source: String,
+    /// Whether `provider` is a configured `[[provider]]` (else a domain).
+    pub configured: bool,
     pub connections: AtomicUsize,
     connections_max: usize,
-    rate: Mutex<RateLimit>,
+    /// Configured messages per minute (the tightest scale), 0 = none.
+    configured_per_minute: u64,
+    /// Connections allowed now: `connections_max`, or less in backoff (0 = no limit).
+    cap: AtomicUsize,
+    /// The path is in backoff: `connect` and `take` look at `state.backoff`.
+    in_backoff: AtomicBool,
+    state: Mutex<PathState>,
     /// When a connection was last refused for want of a slot (µs; 0 = never).
     wanted_micros: AtomicU64,
+}
+
+#[derive(Debug)]
+struct PathState {
+    rate: RateLimit,
+    recent: Recent,
+    /// The backoff in effect and the rate limit that enforces it.
+    backoff: Option<(Backoff, RateLimit)>,
 }
 
 /// How long after a refused slot the path counts as contended (idle connections then close).
 const CONTENDED_MICROS: u64 = 1_000_000;
 
-/// A connection slot of a path, given back when dropped.
+/// Why a path gives no connection slot now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoSlot {
+    /// Its connections are all open: wait for one to end.
+    Busy,
+    /// In backoff, suspended until this time (µs).
+    Suspended(u64),
+}
+
+/// A connection slot of a path, given back when dropped (or by [`Slot::shed`]).
 #[derive(Debug)]
-pub struct Slot(Arc<Path>);
+pub struct Slot {
+    path: Arc<Path>,
+    given_back: std::cell::Cell<bool>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        if !self.given_back.get() {
+            self.path.connections.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
+impl Slot {
+    /// Gives the slot back if the path has more connections open than backoff now allows:
+    /// then this connection should close. One connection per excess slot closes.
+    pub fn shed(&self) -> bool {
+        if self.given_back.get() || !self.path.in_backoff.load(Ordering::Acquire) {
+            return false;
+        }
+        let cap = self.path.cap.load(Ordering::Acquire);
+        let shed = self
+            .path
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (cap > 0 && n > cap).then(|| n - 1)
+            })
+            .is_ok();
+        self.given_back.set(shed);
+        shed
+    }
+}
+
+fn lock(m: &Mutex<PathState>) -> std::sync::MutexGuard<'_, PathState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Path {
-    /// A connection slot, or none when the path has `connections_max` open.
-    pub fn connect(self: &Arc<Path>) -> Option<Slot> {
-        let max = self.connections_max;
+    /// A connection slot, or why there is none.
+    pub fn connect(self: &Arc<Path>) -> Result<Slot, NoSlot> {
+        if self.in_backoff.load(Ordering::Acquire) {
+            let now = spool::now_micros();
+            let mut st = lock(&self.state);
+            self.refresh(&mut st, now);
+            if let Some((b, _)) = &st.backoff {
+                if b.suspended(now) {
+                    return Err(NoSlot::Suspended(b.suspended_until_micros));
+                }
+            }
+        }
+        let max = self.cap.load(Ordering::Acquire);
         let taken = self
             .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -76,8 +156,12 @@ impl Path {
         if taken.is_err() {
             self.wanted_micros
                 .store(spool::now_micros(), Ordering::Relaxed);
+            return Err(NoSlot::Busy);
         }
-        taken.ok().map(|_| Slot(Arc::clone(self)))
+        Ok(Slot {
+            path: Arc::clone(self),
+            given_back: std::cell::Cell::new(false),
+        })
     }
 
     /// Whether a connection was refused a slot within the last second: an idle connection of
@@ -87,26 +171,168 @@ impl Path {
         w > 0 && now_micros.saturating_sub(w) < CONTENDED_MICROS
     }
 
-    /// Takes a message from the path's rate, or says how many microseconds to wait.
+    /// Takes a message from the path's rate (and its backoff's), or says how many microseconds
+    /// to wait.
     pub fn take(&self, now_micros: u64) -> Result<(), u64> {
-        match self.rate.lock() {
-            Ok(mut r) => r.try_take(now_micros),
-            Err(p) => p.into_inner().try_take(now_micros),
+        let mut st = lock(&self.state);
+        if self.in_backoff.load(Ordering::Acquire) {
+            self.refresh(&mut st, now_micros);
         }
+        let st = &mut *st;
+        let mut wait = st.rate.wait(now_micros);
+        if let Some((b, limit)) = &mut st.backoff {
+            if b.suspended(now_micros) {
+                return Err(b.suspended_until_micros - now_micros);
+            }
+            wait = wait.max(limit.wait(now_micros));
+        }
+        if wait > 0 {
+            return Err(wait);
+        }
+        st.rate.take();
+        if let Some((_, limit)) = &mut st.backoff {
+            limit.take();
+        }
+        st.recent.add(now_micros);
+        Ok(())
+    }
+
+    /// Moves the backoff to `now`: a new level gets its rate limit and connection cap; a
+    /// backoff that is over is dropped.
+    fn refresh(&self, st: &mut PathState, now: u64) {
+        let Some((b, limit)) = &mut st.backoff else {
+            return;
+        };
+        let level = b.level;
+        if !b.refresh(now) {
+            st.backoff = None;
+            self.cap.store(self.connections_max, Ordering::Release);
+            self.in_backoff.store(false, Ordering::Release);
+            return;
+        }
+        if b.level != level {
+            *limit = b.rate_limit(now);
+        }
+        self.set_cap(b);
+    }
+
+    fn set_cap(&self, b: &Backoff) {
+        let cap = match self.connections_max {
+            0 => b.connections_max(),
+            max => b.connections_max().min(max),
+        };
+        self.cap.store(cap, Ordering::Release);
+    }
+
+    /// A reply matched `rule`: starts or deepens the path's backoff. Returns whether its state
+    /// changed enough to be saved.
+    fn backoff(&self, rule: &BackoffRule, reply: &str, now: u64) -> bool {
+        let mut st = lock(&self.state);
+        let changed = match &mut st.backoff {
+            Some((b, limit)) => {
+                let cut = b.matched(rule, reply, now);
+                if cut {
+                    *limit = b.rate_limit(now);
+                    self.set_cap(b);
+                }
+                cut
+            }
+            None => {
+                let conns = match self.connections_max {
+                    0 => self.connections.load(Ordering::Acquire),
+                    max => max,
+                };
+                let per_minute = match self.configured_per_minute {
+                    0 => st.recent.per_minute(now),
+                    m => m,
+                };
+                let b = Backoff::start(rule, reply, now, conns, per_minute);
+                self.set_cap(&b);
+                let limit = b.rate_limit(now);
+                st.backoff = Some((b, limit));
+                true
+            }
+        };
+        self.in_backoff.store(true, Ordering::Release);
+        changed
+    }
+
+    /// The backoff in effect, if any, moved to `now`.
+    pub fn backoff_now(&self, now: u64) -> Option<Backoff> {
+        if !self.in_backoff.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut st = lock(&self.state);
+        self.refresh(&mut st, now);
+        st.backoff.as_ref().map(|(b, _)| b.clone())
+    }
+
+    /// Ends the path's backoff; whether it had one.
+    fn cancel_backoff(&self) -> bool {
+        let mut st = lock(&self.state);
+        let had = st.backoff.take().is_some();
+        self.cap.store(self.connections_max, Ordering::Release);
+        self.in_backoff.store(false, Ordering::Release);
+        had
+    }
+
+    fn restore(&self, b: Backoff, now: u64) {
+        let mut st = lock(&self.state);
+        self.set_cap(&b);
+        let limit = b.rate_limit(now);
+        st.backoff = Some((b, limit));
+        self.in_backoff.store(true, Ordering::Release);
+        self.refresh(&mut st, now);
     }
 }
 
-/// Every provider, looked up by domain or MX host; shared by every shard.
+/// A path in backoff, as listed by the admin API and saved in `<spool>/backoffs.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PathBackoff {
+    /// The provider's name, or the destination domain when `domain` is true.
+    pub provider: String,
+    #[serde(default)]
+    pub domain: bool,
+    pub source: String,
+    pub backoff: Backoff,
+    /// Connections and messages per minute allowed now (filled in when listed).
+    #[serde(default)]
+    pub connections_max: usize,
+    #[serde(default)]
+    pub per_minute: u64,
+}
+
+/// Most paths of no provider kept while unused: beyond, unused ones without backoff go.
+const IDLE_PATHS_MIN: usize = 4096;
+
+/// Every provider, looked up by domain or MX host, with the state of every path and the
+/// backoff rules; shared by every shard.
 #[derive(Debug, Default)]
 pub struct Providers {
     configs: Vec<ProviderConfig>,
     by_domain: HashMap<String, usize>,
     /// (lowercase suffix, provider), longest first.
     suffixes: Vec<(String, usize)>,
-    paths: Mutex<HashMap<(usize, String), Arc<Path>>>,
+    paths: Mutex<PathMap>,
+    rules: Rules,
+    /// Where paths in backoff are saved (none: not saved).
+    state_file: Option<std::path::PathBuf>,
+    /// Serialises saves.
+    saving: Mutex<()>,
 }
 
+/// Paths by (provider, source); a destination of no provider is `(None, domain, source)`.
+#[derive(Debug, Default)]
+struct PathMap {
+    paths: HashMap<(Option<usize>, String, String), Arc<Path>>,
+    prune_at: usize,
+}
+
+/// Where paths in backoff are saved, under the spool directory.
+pub const BACKOFF_FILE: &str = "backoffs.json";
+
 impl Providers {
+    /// Providers without backoff rules or saved state (tests, tools).
     pub fn new(configs: &[ProviderConfig]) -> Providers {
         let lower = |s: &String| s.trim_end_matches('.').to_ascii_lowercase();
         let mut by_domain = HashMap::new();
@@ -122,8 +348,55 @@ impl Providers {
             configs: configs.to_vec(),
             by_domain,
             suffixes,
-            paths: Mutex::default(),
+            paths: Mutex::new(PathMap {
+                paths: HashMap::new(),
+                prune_at: IDLE_PATHS_MIN,
+            }),
+            ..Default::default()
         }
+    }
+
+    /// Providers with backoff `rules`, restoring the paths in backoff saved in `spool_dir`
+    /// (entries that are over, or whose provider is no longer configured, are dropped).
+    pub fn with_backoff(
+        configs: &[ProviderConfig],
+        rules: Rules,
+        spool_dir: &std::path::Path,
+    ) -> Providers {
+        let mut p = Providers::new(configs);
+        p.rules = rules;
+        let file = spool_dir.join(BACKOFF_FILE);
+        let saved: Vec<PathBackoff> = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(file = %file.display(), error = %e,
+                    "saved backoffs unreadable; starting without them");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        let now = spool::now_micros();
+        for e in saved {
+            let provider = if e.domain {
+                None
+            } else {
+                match p.configs.iter().position(|c| c.name == e.provider) {
+                    Some(i) => Some(i),
+                    None => continue,
+                }
+            };
+            let domain = if e.domain { e.provider.as_str() } else { "" };
+            let path = p.path_of(provider, domain, &e.source);
+            let mut b = e.backoff;
+            if b.refresh(now) {
+                path.restore(b, now);
+            }
+        }
+        p.state_file = Some(file);
+        p
+    }
+
+    pub fn config(&self, provider: usize) -> Option<&ProviderConfig> {
+        self.configs.get(provider)
     }
 
     pub fn name(&self, provider: usize) -> &str {
@@ -148,32 +421,148 @@ impl Providers {
         })
     }
 
-    /// The shared state of (provider, source); `source` is empty for the kernel's address.
-    pub fn path(&self, provider: usize, source: &str) -> Arc<Path> {
-        let mut paths = match self.paths.lock() {
-            Ok(p) => p,
-            Err(p) => p.into_inner(),
+    /// The path of a destination to `source`: its provider's, or (`provider` none) the
+    /// domain's own.
+    pub fn path_of(&self, provider: Option<usize>, domain: &str, source: &str) -> Arc<Path> {
+        let mut map = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (
+            provider,
+            if provider.is_some() {
+                String::new()
+            } else {
+                domain.to_string()
+            },
+            source.to_string(),
+        );
+        if let Some(p) = map.paths.get(&key) {
+            return Arc::clone(p);
+        }
+        if map.paths.len() >= map.prune_at {
+            // Paths of no provider that nothing holds and that are not in backoff go.
+            map.paths.retain(|(prov, _, _), p| {
+                prov.is_some() || Arc::strong_count(p) > 1 || p.in_backoff.load(Ordering::Acquire)
+            });
+            map.prune_at = (map.paths.len() * 2).max(IDLE_PATHS_MIN);
+        }
+        let c = provider.and_then(|i| self.configs.get(i));
+        let now = spool::now_micros();
+        let connections_max = c.map_or(0, |c| c.connections_max);
+        let configured_per_minute = c.map_or(0, |c| {
+            [
+                c.rate_per_second.map(|r| u64::from(r) * 60),
+                c.rate_per_minute.map(u64::from),
+                c.rate_per_hour.map(|r| (u64::from(r) / 60).max(1)),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(0)
+        });
+        let path = Arc::new(Path {
+            provider: c.map_or_else(|| domain.to_string(), |c| c.name.clone()),
+            source: source.to_string(),
+            configured: c.is_some(),
+            connections: AtomicUsize::new(0),
+            connections_max,
+            configured_per_minute,
+            cap: AtomicUsize::new(connections_max),
+            in_backoff: AtomicBool::new(false),
+            state: Mutex::new(PathState {
+                rate: c.map_or_else(RateLimit::default, |c| {
+                    RateLimit::new(c.rate_per_second, c.rate_per_minute, c.rate_per_hour, now)
+                }),
+                recent: Recent::new(now),
+                backoff: None,
+            }),
+            wanted_micros: AtomicU64::new(0),
+        });
+        map.paths.insert(key, Arc::clone(&path));
+        path
+    }
+
+    /// A failure reply on `path`: the first backoff rule it matches starts or deepens the
+    /// path's backoff (saved when that changed it). Returns the rule's name.
+    pub fn observe(
+        &self,
+        path: &Path,
+        code: u16,
+        enhanced: Option<&str>,
+        text: &str,
+    ) -> Option<String> {
+        if code < 400 || self.rules.len() == 0 {
+            return None;
+        }
+        let rule = self.rules.matching(&path.provider, code, enhanced, text)?;
+        let now = spool::now_micros();
+        if path.backoff(rule, text, now) {
+            if let Some(b) = path.backoff_now(now) {
+                tracing::warn!(provider = %path.provider, source = %path.source,
+                    rule = %rule.name, reply = %text, level = b.level,
+                    suspended_secs = b.suspended_until_micros.saturating_sub(now) / 1_000_000,
+                    "backoff");
+            }
+            self.save();
+        }
+        Some(rule.name.clone())
+    }
+
+    /// Every path in backoff now.
+    pub fn backoffs(&self) -> Vec<PathBackoff> {
+        let now = spool::now_micros();
+        let paths: Vec<Arc<Path>> = {
+            let map = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+            map.paths.values().cloned().collect()
         };
-        let c = &self.configs[provider.min(self.configs.len().saturating_sub(1))];
-        let make = || {
-            let now = spool::now_micros();
-            Arc::new(Path {
-                connections: AtomicUsize::new(0),
-                connections_max: c.connections_max,
-                rate: Mutex::new(RateLimit::new(
-                    c.rate_per_second,
-                    c.rate_per_minute,
-                    c.rate_per_hour,
-                    now,
-                )),
-                wanted_micros: AtomicU64::new(0),
+        let mut out: Vec<PathBackoff> = paths
+            .iter()
+            .filter_map(|p| {
+                let b = p.backoff_now(now)?;
+                Some(PathBackoff {
+                    provider: p.provider.clone(),
+                    domain: !p.configured,
+                    source: p.source.clone(),
+                    connections_max: p.cap.load(Ordering::Acquire),
+                    per_minute: b.per_minute(),
+                    backoff: b,
+                })
             })
+            .collect();
+        out.sort_by(|a, b| (&a.provider, &a.source).cmp(&(&b.provider, &b.source)));
+        out
+    }
+
+    /// Ends the backoff of `provider`'s paths (one source, or all); how many ended.
+    pub fn cancel(&self, provider: &str, source: Option<&str>) -> usize {
+        let paths: Vec<Arc<Path>> = {
+            let map = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+            map.paths.values().cloned().collect()
         };
-        Arc::clone(
-            paths
-                .entry((provider, source.to_string()))
-                .or_insert_with(make),
-        )
+        let n = paths
+            .iter()
+            .filter(|p| p.provider == provider && source.is_none_or(|s| s == p.source))
+            .filter(|p| p.cancel_backoff())
+            .count();
+        if n > 0 {
+            self.save();
+        }
+        n
+    }
+
+    /// Writes the paths in backoff to the state file (a new file renamed over the old one).
+    fn save(&self) {
+        let Some(file) = &self.state_file else {
+            return;
+        };
+        let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.backoffs();
+        let tmp = file.with_extension("json.tmp");
+        let result = serde_json::to_vec_pretty(&entries)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = result {
+            tracing::error!(file = %file.display(), error = %e, "backoffs not saved");
+        }
     }
 }
 
@@ -200,6 +589,20 @@ pub fn validate(providers: &[ProviderConfig]) -> Result<(), (String, String)> {
             if v == Some(0) {
                 return Err((format!("provider.{key}"), "must be at least 1".into()));
             }
+        }
+        if p.msgs_per_connection_max == Some(0) {
+            return Err((
+                "provider.msgs_per_connection_max".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if p.rcpts_per_transaction_max
+            .is_some_and(|r| r == 0 || r > 1000)
+        {
+            return Err((
+                "provider.rcpts_per_transaction_max".into(),
+                "1 to 1000".into(),
+            ));
         }
         if p.connections_max > 100_000 {
             return Err(("provider.connections_max".into(), "at most 100000".into()));
@@ -239,24 +642,119 @@ mod tests {
     #[test]
     fn a_path_shares_its_connections_and_rate_across_domains() {
         let p = Providers::new(&[google()]);
-        let a = p.path(0, "ip1");
-        let b = p.path(0, "ip1");
-        let other = p.path(0, "ip2");
+        let a = p.path_of(Some(0), "", "ip1");
+        let b = p.path_of(Some(0), "", "ip1");
+        let other = p.path_of(Some(0), "", "ip2");
         let s1 = a.connect().unwrap();
         let _s2 = b.connect().unwrap();
-        assert!(a.connect().is_none(), "two per source");
-        assert!(other.connect().is_some(), "another source has its own");
+        assert_eq!(a.connect().err(), Some(NoSlot::Busy), "two per source");
+        assert!(other.connect().is_ok(), "another source has its own");
         drop(s1);
         assert!(
-            b.connect().is_some(),
+            b.connect().is_ok(),
             "a slot comes back when its connection ends"
         );
         let now = 1_000_000;
-        assert!(a.take(now).is_ok() && b.take(now).is_ok() && a.take(now).is_ok());
+        assert!(a.take(now).is_ok());
         assert!(
             b.take(now).is_err(),
-            "3 per second for the path, whichever domain"
+            "3 per second for the path (at most one at once), whichever domain"
         );
+    }
+
+    fn rules() -> Rules {
+        let slow = BackoffRule {
+            name: "slow".into(),
+            providers: vec![],
+            code: "421".into(),
+            enhanced: String::new(),
+            text: "slow down".into(),
+            suspend_secs: 0,
+            factor: 0.5,
+            floor: 0.25,
+            ramp_secs: 600,
+        };
+        let stop = BackoffRule {
+            name: "stop".into(),
+            text: r"\[TSS04\]".into(),
+            suspend_secs: 600,
+            ..slow.clone()
+        };
+        Rules::new(&[slow, stop], false).unwrap()
+    }
+
+    #[test]
+    fn a_matching_reply_cuts_the_path_and_open_connections_are_shed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = google();
+        config.connections_max = 4;
+        let p = Providers::with_backoff(&[config], rules(), dir.path());
+        let path = p.path_of(Some(0), "", "ip1");
+        let slots: Vec<Slot> = (0..4).map(|_| path.connect().unwrap()).collect();
+        assert_eq!(
+            p.observe(&path, 250, None, "250 slow down"),
+            None,
+            "not a failure"
+        );
+        assert_eq!(
+            p.observe(&path, 421, None, "421 4.7.0 nothing to see"),
+            None
+        );
+        assert_eq!(
+            p.observe(&path, 421, None, "421 4.7.0 Slow down please")
+                .as_deref(),
+            Some("slow")
+        );
+        // Half of 4: two connections close, the others stay; no new one opens.
+        assert_eq!(slots.iter().filter(|s| s.shed()).count(), 2);
+        assert_eq!(path.connect().err(), Some(NoSlot::Busy));
+        let listed = p.backoffs();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].provider.as_str(), listed[0].source.as_str()),
+            ("google", "ip1")
+        );
+        assert_eq!(
+            (listed[0].connections_max, listed[0].per_minute),
+            (2, 90),
+            "3/s × 0.5"
+        );
+        // Another source is untouched.
+        assert!(
+            p.path_of(Some(0), "", "ip2")
+                .backoff_now(spool::now_micros())
+                .is_none()
+        );
+        drop(slots);
+        assert_eq!(p.cancel("google", Some("ip1")), 1);
+        assert!(p.backoffs().is_empty());
+        assert!(path.connect().is_ok(), "cancelled: full limits again");
+    }
+
+    #[test]
+    fn a_suspension_survives_a_restart_and_a_destination_of_no_provider_has_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let p = Providers::with_backoff(&[google()], rules(), dir.path());
+            let path = p.path_of(None, "corp.test", "");
+            p.observe(&path, 421, Some("4.7.0"), "421 4.7.0 [TSS04] deferred");
+            assert!(matches!(path.connect(), Err(NoSlot::Suspended(_))));
+            assert!(
+                path.take(spool::now_micros()).is_err(),
+                "nothing sent while suspended"
+            );
+            assert!(p.path_of(None, "other.test", "").connect().is_ok());
+        }
+        let p = Providers::with_backoff(&[google()], rules(), dir.path());
+        let listed = p.backoffs();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed[0].domain && listed[0].provider == "corp.test");
+        assert_eq!(listed[0].backoff.rule, "stop");
+        let path = p.path_of(None, "corp.test", "");
+        assert!(matches!(path.connect(), Err(NoSlot::Suspended(_))));
+        assert_eq!(p.cancel("corp.test", None), 1);
+        let p = Providers::with_backoff(&[google()], rules(), dir.path());
+        assert!(p.backoffs().is_empty(), "the cancel was saved");
     }
 
     #[test]

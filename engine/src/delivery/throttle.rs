@@ -1,9 +1,22 @@
-//! Per-destination message rate limits: token buckets per second, minute and hour. Pure and
-//! cheap (no I/O, no allocation): the delivery queue asks before every message.
+//! Message rate limits (per second, minute and hour), used per destination and per (source,
+//! provider) path. Pure and cheap (no I/O, no allocation after creation): the delivery queue
+//! asks before every message.
+//!
+//! Each scale is two checks, both of which must pass:
+//! - a **sliding window** of the period in 64 slots, counting the current slot and the 64
+//!   before it: never more than the limit in any interval of the period (a window of 65/64 of
+//!   the period is checked, so that also holds for intervals that straddle slot edges, and for
+//!   a receiver that counts arrivals a few milliseconds later);
+//! - a **token bucket** holding an eighth of the limit, refilled at the limit per period: the
+//!   messages are spread over the period instead of leaving in one burst at its start.
 
 use std::time::Duration;
 
-/// One token bucket: `capacity` messages, refilled continuously at `capacity` per `period`.
+/// Slots per window; the window covers `SLOTS + 1` of them.
+const SLOTS: u64 = 64;
+const RING: usize = SLOTS as usize + 1;
+
+/// One token bucket: `capacity` messages, refilled continuously at `limit` per `period`.
 #[derive(Clone, Debug)]
 struct Bucket {
     capacity: f64,
@@ -13,11 +26,12 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(capacity: u32, period: Duration, now: u64) -> Bucket {
-        let capacity = f64::from(capacity.max(1));
+    fn new(limit: u32, period: Duration, now: u64) -> Bucket {
+        let limit = f64::from(limit.max(1));
+        let capacity = (limit / 8.0).ceil();
         Bucket {
             capacity,
-            per_micro: capacity / period.as_micros() as f64,
+            per_micro: limit / period.as_micros() as f64,
             tokens: capacity,
             last_micros: now,
         }
@@ -44,10 +58,76 @@ impl Bucket {
     }
 }
 
-/// Rate limits of one destination: any combination of per second, minute and hour.
+/// Messages sent in the last `SLOTS + 1` slots of a period.
+#[derive(Clone, Debug)]
+struct Window {
+    limit: u32,
+    slot_micros: u64,
+    counts: [u32; RING],
+    /// The newest slot (time / `slot_micros`).
+    head: u64,
+    total: u32,
+}
+
+impl Window {
+    fn new(limit: u32, period: Duration, now: u64) -> Window {
+        let slot_micros = (period.as_micros() as u64 / SLOTS).max(1);
+        Window {
+            limit: limit.max(1),
+            slot_micros,
+            counts: [0; RING],
+            head: now / slot_micros,
+            total: 0,
+        }
+    }
+
+    /// Moves the window to `now`, forgetting slots that left it. A clock that went back moves
+    /// the window back with the counts kept (as if just sent): no stall, no excess.
+    fn advance(&mut self, now: u64) {
+        let slot = now / self.slot_micros;
+        if slot <= self.head {
+            self.head = slot;
+            return;
+        }
+        let gone = (slot - self.head).min(RING as u64);
+        for k in 1..=gone {
+            let i = ((self.head + k) % RING as u64) as usize;
+            self.total -= self.counts[i];
+            self.counts[i] = 0;
+        }
+        self.head = slot;
+    }
+
+    /// Microseconds until one more message fits (0 if it does).
+    fn wait(&self, now: u64) -> u64 {
+        if self.total < self.limit {
+            return 0;
+        }
+        // The oldest slots leave first: find the one whose leaving makes room.
+        let excess = self.total - self.limit + 1;
+        let mut leaving = 0;
+        for j in 0..RING as u64 {
+            // Position of slot `head - SLOTS + j`; it leaves when `head + j + 1` begins.
+            leaving += self.counts[((self.head + j + 1) % RING as u64) as usize];
+            if leaving >= excess {
+                return ((self.head + j + 1) * self.slot_micros)
+                    .saturating_sub(now)
+                    .max(1);
+            }
+        }
+        self.slot_micros
+    }
+
+    fn take(&mut self) {
+        self.counts[(self.head % RING as u64) as usize] += 1;
+        self.total += 1;
+    }
+}
+
+/// Rate limits of one destination or path: any combination of per second, minute and hour.
 #[derive(Clone, Debug, Default)]
 pub struct RateLimit {
-    buckets: Vec<Bucket>,
+    scales: Vec<(Bucket, Window)>,
 }
 
 impl RateLimit {
@@ -59,29 +139,81 @@ impl RateLimit {
         per_hour: Option<u32>,
         now_micros: u64,
     ) -> Self {
-        let mut buckets = Vec::new();
+        let mut scales = Vec::new();
         for (limit, period) in [(per_second, 1), (per_minute, 60), (per_hour, 3600)] {
             if let Some(n) = limit {
-                buckets.push(Bucket::new(n, Duration::from_secs(period), now_micros));
+                let period = Duration::from_secs(period);
+                scales.push((
+                    Bucket::new(n, period, now_micros),
+                    Window::new(n, period, now_micros),
+                ));
             }
         }
-        RateLimit { buckets }
+        RateLimit { scales }
     }
 
-    /// Takes a token from every bucket if all have one; otherwise takes nothing and returns the
-    /// microseconds to wait before asking again.
-    pub fn try_take(&mut self, now_micros: u64) -> Result<(), u64> {
-        for b in &mut self.buckets {
+    /// Microseconds until every scale has room for one more message (0 if they have).
+    pub fn wait(&mut self, now_micros: u64) -> u64 {
+        let mut wait = 0;
+        for (b, w) in &mut self.scales {
             b.refill(now_micros);
+            w.advance(now_micros);
+            wait = wait.max(b.wait()).max(w.wait(now_micros));
         }
-        let wait = self.buckets.iter().map(Bucket::wait).max().unwrap_or(0);
-        if wait > 0 {
-            return Err(wait);
-        }
-        for b in &mut self.buckets {
+        wait
+    }
+
+    /// Counts one message (after [`Self::wait`] said 0).
+    pub fn take(&mut self) {
+        for (b, w) in &mut self.scales {
             b.tokens -= 1.0;
+            w.take();
         }
-        Ok(())
+    }
+
+    /// Takes a message from every scale if all have room; otherwise takes nothing and returns
+    /// the microseconds to wait before asking again.
+    pub fn try_take(&mut self, now_micros: u64) -> Result<(), u64> {
+        match self.wait(now_micros) {
+            0 => {
+                self.take();
+                Ok(())
+            }
+            wait => Err(wait),
+        }
+    }
+}
+
+/// Messages sent over the last minute, and since when the count runs: what a path sends, for
+/// backoff to cut from when it has no configured rate.
+#[derive(Clone, Debug)]
+pub struct Recent {
+    window: Window,
+    since_micros: u64,
+}
+
+impl Recent {
+    pub fn new(now_micros: u64) -> Recent {
+        Recent {
+            window: Window::new(u32::MAX, Duration::from_secs(60), now_micros),
+            since_micros: now_micros,
+        }
+    }
+
+    pub fn add(&mut self, now_micros: u64) {
+        self.window.advance(now_micros);
+        if self.window.total == 0 {
+            self.since_micros = now_micros;
+        }
+        self.window.take();
+    }
+
+    /// Messages per minute over the last minute, or over the time since the count began when
+    /// that is shorter (at least one second).
+    pub fn per_minute(&mut self, now_micros: u64) -> u64 {
+        self.window.advance(now_micros);
+        let secs = (now_micros.saturating_sub(self.since_micros) / 1_000_000).clamp(1, 60);
+        u64::from(self.window.total) * 60 / secs
     }
 }
 
@@ -108,28 +240,70 @@ mod tests {
     }
 
     #[test]
-    fn per_second_limit_allows_a_burst_then_paces() {
-        let mut r = RateLimit::new(Some(10), None, None, 0);
+    fn recent_counts_what_was_sent_per_minute() {
+        let mut r = Recent::new(0);
+        assert_eq!(r.per_minute(0), 0);
+        for i in 0..100 {
+            r.add(10 * S + i * 10_000);
+        }
+        assert_eq!(r.per_minute(11 * S), 6000, "100 in a second");
+        assert_eq!(r.per_minute(200 * S), 0, "forgotten after a minute");
+    }
+
+    #[test]
+    fn a_burst_of_an_eighth_then_paced_at_the_limit() {
+        let mut r = RateLimit::new(Some(80), None, None, 0);
         for _ in 0..10 {
             assert_eq!(r.try_take(0), Ok(()));
         }
         let wait = r.try_take(0).unwrap_err();
-        assert!((99_000..=101_000).contains(&wait), "{wait}");
+        assert!((12_000..=13_000).contains(&wait), "1/80 s: {wait}");
         assert_eq!(r.try_take(wait), Ok(()));
+    }
+
+    /// Never more than the limit in any interval of the period, whatever the pattern of asks.
+    #[test]
+    fn no_interval_of_a_period_holds_more_than_the_limit() {
+        for (limit, step) in [
+            (200u32, 700u64),
+            (200, 4_999),
+            (10, 1),
+            (64, 15_625),
+            (1, 3),
+        ] {
+            let mut r = RateLimit::new(Some(limit), None, None, 0);
+            let mut sent = Vec::new();
+            let mut now = 0;
+            while now < 5 * S {
+                if r.try_take(now).is_ok() {
+                    sent.push(now);
+                }
+                now += step;
+            }
+            for (i, &t) in sent.iter().enumerate() {
+                let within = sent[i..].iter().take_while(|&&u| u < t + S).count();
+                assert!(within <= limit as usize, "{within} > {limit} (step {step})");
+            }
+            // And the limit is nearly reached over the run (the window is 65/64 of a second).
+            let per_second = sent.len() as f64 / 5.0;
+            assert!(
+                per_second >= f64::from(limit) * 0.9 - 1.0,
+                "{per_second} for {limit}"
+            );
+        }
     }
 
     #[test]
     fn the_tightest_scale_wins_and_a_refusal_takes_nothing() {
         let mut r = RateLimit::new(Some(100), Some(3), None, 0);
-        for _ in 0..3 {
-            assert_eq!(r.try_take(0), Ok(()));
-        }
+        assert_eq!(r.try_take(0), Ok(()));
         let wait = r.try_take(0).unwrap_err();
-        assert!((19 * S..=21 * S).contains(&wait), "{wait}");
-        // After 60 s the minute bucket is full again: 3 more.
-        for _ in 0..3 {
-            assert_eq!(r.try_take(60 * S), Ok(()));
-        }
-        assert!(r.try_take(60 * S).is_err());
+        assert!((19 * S..=21 * S).contains(&wait), "one per 20 s: {wait}");
+        assert_eq!(r.try_take(20 * S), Ok(()));
+        assert_eq!(r.try_take(40 * S), Ok(()));
+        // Three in the minute: the fourth waits until the first leaves the window.
+        let wait = r.try_take(60 * S).unwrap_err();
+        assert!(wait > 0 && wait <= 2 * S, "{wait}");
+        assert!(r.try_take(60 * S + wait).is_ok());
     }
 }

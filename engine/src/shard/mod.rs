@@ -171,6 +171,8 @@ pub struct Server {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tenants: Arc<crate::tenant::Tenants>,
     pub suppressions: Arc<crate::suppression::Suppressions>,
+    /// Mailbox providers and every path's backoff.
+    pub providers: Arc<crate::delivery::provider::Providers>,
     /// The spool directory's lock, released when the server is dropped.
     _spool_lock: spool::lock::DirLock,
 }
@@ -232,7 +234,14 @@ impl Server {
             .dkim_sources()
             .map_err(|(k, m)| anyhow::anyhow!("{k}: {m}"))?;
         let dkim = Arc::new(saida_dkim::Keyring::load(sources)?);
-        let providers = Arc::new(crate::delivery::provider::Providers::new(&config.providers));
+        let backoff_rules = config
+            .backoff_rules()
+            .map_err(|(k, m)| anyhow::anyhow!("{k}: {m}"))?;
+        let providers = Arc::new(crate::delivery::provider::Providers::with_backoff(
+            &config.providers,
+            backoff_rules,
+            &config.spool.dir,
+        ));
         let suppressions = Arc::new(
             crate::suppression::Suppressions::open(&config.spool.dir)
                 .context("the suppression list")?,
@@ -250,7 +259,8 @@ impl Server {
         )?;
         let metrics = Arc::new(
             crate::metrics::Metrics::with_recording(shards, config.admin.metrics)
-                .with_tenants(Arc::clone(&tenants)),
+                .with_tenants(Arc::clone(&tenants))
+                .with_providers(Arc::clone(&providers)),
         );
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auth_throttle = Arc::new(crate::auth::AuthThrottle::new(cpus));
@@ -340,6 +350,7 @@ impl Server {
             metrics,
             tenants,
             suppressions,
+            providers,
             _spool_lock: spool_lock,
         })
     }
