@@ -242,6 +242,8 @@ pub fn tls_config(dir: &std::path::Path, more: &str) -> String {
 pub struct Sink {
     pub child: std::process::Child,
     pub record: PathBuf,
+    /// Its counters, rewritten every 100 ms (`--stats`).
+    stats: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -254,9 +256,12 @@ impl Sink {
         for a in addrs {
             cmd.args(["--listen", a]);
         }
+        let stats = dir.path().join("stats.json");
         let mut child = cmd
             .args(["--threads", "2", "--record"])
             .arg(&record)
+            .arg("--stats")
+            .arg(&stats)
             .args(args)
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -269,7 +274,23 @@ impl Sink {
         Sink {
             child,
             record,
+            stats,
             _dir: dir,
+        }
+    }
+
+    /// Its counters as last written (at most 100 ms old; the first write follows the start).
+    pub fn stats(&self) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(v) = std::fs::read(&self.stats)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "no sink stats");
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 

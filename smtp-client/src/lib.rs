@@ -299,6 +299,9 @@ impl<S: Stream> ClientSession<S> {
         if self.transactions > 0 {
             self.write(b"RSET\r\n".to_vec()).await?;
             let r = self.reply("the RSET reply", self.timeouts.command).await?;
+            if r.code == 421 {
+                return Ok(self.closing(r, env.recipients.len()));
+            }
             if !r.is_positive() {
                 return Err(ClientError::Refused(r));
             }
@@ -321,10 +324,13 @@ impl<S: Stream> ClientSession<S> {
             self.write(lines[i..end].concat().into_bytes()).await?;
             // Replies to MAIL and RCPT are read here; DATA's, if pipelined, further down.
             for _ in i..end.min(1 + n) {
-                replies.push(
-                    self.reply("an envelope reply", self.timeouts.command)
-                        .await?,
-                );
+                let r = self
+                    .reply("an envelope reply", self.timeouts.command)
+                    .await?;
+                if r.code == 421 {
+                    return Ok(self.closing(r, n));
+                }
+                replies.push(r);
             }
             if self.phases.mail.is_none() {
                 self.phases.mail = Some(started.elapsed());
@@ -468,21 +474,34 @@ impl<S: Stream> ClientSession<S> {
         }
         let written = Instant::now();
         self.phases = Phases::default();
+        let n = env.recipients.len();
         if rset {
             let r = self.reply("the RSET reply", self.timeouts.command).await?;
+            if r.code == 421 {
+                return Ok(self.closing(r, n));
+            }
             if !r.is_positive() {
                 return Err(ClientError::Refused(r));
             }
         }
         let mail = self.reply("the MAIL reply", self.timeouts.command).await?;
         self.phases.mail = Some(written.elapsed());
-        let n = env.recipients.len();
+        if mail.code == 421 {
+            return Ok(self.closing(mail, n));
+        }
         let mut rcpts = Vec::with_capacity(n);
         for _ in 0..n {
-            rcpts.push(self.reply("a RCPT reply", self.timeouts.command).await?);
+            let r = self.reply("a RCPT reply", self.timeouts.command).await?;
+            if r.code == 421 {
+                return Ok(self.closing(r, n));
+            }
+            rcpts.push(r);
         }
         self.phases.rcpt = Some(written.elapsed());
         let last = self.reply("the BDAT reply", self.timeouts.data_end).await?;
+        if last.code == 421 {
+            self.broken = true;
+        }
         self.phases.end_of_data = Some(written.elapsed());
         let replies = match match_envelope_replies(mail, rcpts) {
             EnvelopeOutcome::MailRefused(r) => vec![r; n],
@@ -492,6 +511,15 @@ impl<S: Stream> ClientSession<S> {
                 .collect(),
         };
         Ok(Delivery { replies })
+    }
+
+    /// A `421` during the transaction: the server is closing the channel (RFC 5321 4.2.2), so
+    /// no further reply will come; every recipient gets that reply and the session is done.
+    fn closing(&mut self, r: ServerReply, n: usize) -> Delivery {
+        self.broken = true;
+        Delivery {
+            replies: vec![r; n],
+        }
     }
 
     /// Says QUIT and closes (errors ignored: the transactions are already decided).

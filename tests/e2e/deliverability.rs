@@ -212,11 +212,13 @@ s.quit()
 }
 
 #[test]
-fn a_providers_connection_limit_holds_across_its_domains_and_shards() {
-    // The sink refuses a sixth concurrent connection (`421`); each end of data takes 10 ms,
-    // so 1,000 domains' connections overlap unless saida holds them back.
+fn a_providers_connection_and_rate_limits_hold_across_its_domains_and_shards() {
+    // The sink refuses a sixth concurrent connection (`421`) and a 201st message in a second
+    // (`451`); each end of data takes 10 ms, so 1,000 domains' connections overlap and their
+    // messages outrun 200 a second unless saida holds them back.
     let (sink, sink_port, _profile) = sink_with(
-        "[default]\nconnections_max = 5\neod_delay_ms = { dist = \"fixed\", value = 10 }\n",
+        "[default]\nconnections_max = 5\nrate_per_second = 200\n\
+         eod_delay_ms = { dist = \"fixed\", value = 10 }\n",
     );
     // 1,000 domains whose MX hosts are all the provider's (`*.bigmail.test`).
     let mut records: Vec<String> = (0..3)
@@ -228,7 +230,8 @@ fn a_providers_connection_limit_holds_across_its_domains_and_shards() {
         "[delivery]\nenabled = true\nlog_dir = \"{{dir}}/dlog\"\nmx_port = {sink_port}\n\
          retry_delays_secs = [1]\n\n\
          [dns]\nnameservers = [\"127.0.0.1:{}\"]\nlocal_networks_allowed = [\"127.0.0.9/32\"]\n\n\
-         [[provider]]\nname = \"bigmail\"\nmx_suffixes = [\"bigmail.test\"]\nconnections_max = 3\n",
+         [[provider]]\nname = \"bigmail\"\nmx_suffixes = [\"bigmail.test\"]\nconnections_max = 5\n\
+         rate_per_second = 200\n",
         dns.port
     );
     let d = Daemon::start("epoll", &config);
@@ -236,13 +239,31 @@ fn a_providers_connection_limit_holds_across_its_domains_and_shards() {
         .map(|i| ("a@origin.test", vec![format!("r{i}@d{i}.test")]))
         .collect();
     assert_eq!(saida_e2e::send_messages(d.port, &msgs), 1000);
-    sink.wait_until(120, "1,000 deliveries", |r| r.len() == 1000);
+    let delivered = sink.wait_until(120, "1,000 deliveries", |r| r.len() == 1000);
     let log = delivery_log(&d.dir.path().join("dlog"));
     let refused: Vec<_> = log.iter().filter(|l| l["outcome"] != "delivered").collect();
     assert!(
         refused.is_empty(),
-        "the sink refused {} attempts (more than 5 connections at once), first: {}",
+        "the sink refused {} attempts (more than 5 connections or 200 messages a second), \
+         first: {}",
         refused.len(),
         refused[0]
+    );
+    let stats = sink.stats();
+    assert_eq!(
+        (&stats["refused_connections"], &stats["rate_limited"]),
+        (&0.into(), &0.into()),
+        "{stats}"
+    );
+    // The rate was the limit's, not lower: 1,000 messages at 200 a second take 5 s.
+    let mut at: Vec<u64> = delivered
+        .iter()
+        .filter_map(|r| r["at_us"].as_u64())
+        .collect();
+    at.sort_unstable();
+    let secs = (at[999] - at[0]) as f64 / 1e6;
+    assert!(
+        secs >= 4.5,
+        "1,000 in {secs:.2} s: faster than 200 a second"
     );
 }

@@ -2,6 +2,7 @@
 //! scenario area, run against the built binaries on loopback (see `saida_e2e` for the
 //! helpers). `cargo test -p saida-e2e -- delivery::` runs one area.
 
+mod backoff;
 mod bench_smoke;
 mod deliverability;
 mod delivery;

@@ -58,6 +58,8 @@ const READ_RETRY: Duration = Duration::from_secs(60);
 const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a queue waits before asking again for a connection its provider had no room for.
 const PROVIDER_BUSY_MICROS: u64 = 250_000;
+/// How often a queue whose path is suspended asks again (a cancelled backoff ends this soon).
+const SUSPENDED_RECHECK_MICROS: u64 = 1_000_000;
 /// How often due retries are promoted and idle domains forgotten.
 const SCHEDULER_TICK: Duration = Duration::from_millis(200);
 
@@ -682,9 +684,10 @@ impl<S: Dial + 'static> Deliverer<S> {
             let slot = match path.connect() {
                 Ok(slot) => slot,
                 Err(NoSlot::Suspended(until)) => {
-                    // In backoff: nothing is sent on the path until then; the jobs wait.
+                    // In backoff: nothing is sent on the path until then; the jobs wait. The
+                    // queue asks again within a second, in case an operator cancels it.
                     if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
-                        q.backoff_until_micros = until;
+                        q.backoff_until_micros = until.min(now_micros() + SUSPENDED_RECHECK_MICROS);
                     }
                     return;
                 }
@@ -730,7 +733,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             };
             self.count_connected(domain, true);
             let end = self
-                .use_connection(domain, policy, session, &hosts[host], source, &path, &slot)
+                .use_connection(domain, policy, session, &hosts[host], source, &slot)
                 .await;
             self.count_connected(domain, false);
             drop(slot);
@@ -1059,9 +1062,9 @@ impl<S: Dial + 'static> Deliverer<S> {
         mut session: ClientSession<S>,
         host: &Host,
         source: Option<String>,
-        path: &Path,
         slot: &Slot,
     ) -> ConnEnd {
+        let path = slot.path();
         let tls = session.tls_info();
         let mut sent = 0u32;
         loop {

@@ -111,6 +111,11 @@ impl Drop for Slot {
 }
 
 impl Slot {
+    /// The path the slot is of.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Gives the slot back if the path has more connections open than backoff now allows:
     /// then this connection should close. One connection per excess slot closes.
     pub fn shed(&self) -> bool {

@@ -29,7 +29,7 @@ mod profile;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -102,6 +102,8 @@ struct Counters {
     /// Connections refused by a connection cap, and messages by a rate cap.
     refused_connections: AtomicU64,
     rate_limited: AtomicU64,
+    /// MAIL commands answered by a peer table's deferral.
+    deferred_by_profile: AtomicU64,
     disconnects: AtomicU64,
     /// Messages refused for content no conforming client sends (bare CR or LF, NUL, long
     /// lines): the sender is broken.
@@ -123,6 +125,15 @@ struct Shared {
     record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     greylist: Mutex<HashSet<(String, String)>>,
     counters: Counters,
+    /// Per (listener, client address of a peer table): its deferral's state.
+    peers: HashMap<(SocketAddr, IpAddr), PeerState>,
+}
+
+/// A peer's messages accepted on a listener, and its deferral window (unix µs; 0 = not yet).
+#[derive(Default)]
+struct PeerState {
+    accepted: AtomicU64,
+    deferring_until_us: AtomicU64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -183,7 +194,18 @@ fn run(args: Args) -> Result<(), String> {
         .iter()
         .map(|a| (*a, Mutex::new((0, 0))))
         .collect();
+    let peer_ips = profile.peer_ips();
+    let peers = args
+        .listen
+        .iter()
+        .flat_map(|l| {
+            peer_ips
+                .iter()
+                .map(move |ip| ((*l, *ip), PeerState::default()))
+        })
+        .collect();
     let shared = Arc::new(Shared {
+        peers,
         profile,
         open,
         rate,
@@ -251,6 +273,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "last_message_unix_us": c.last_message_us.load(Ordering::Relaxed),
         "refused_connections": c.refused_connections.load(Ordering::Relaxed),
         "rate_limited": c.rate_limited.load(Ordering::Relaxed),
+        "deferred_by_profile": c.deferred_by_profile.load(Ordering::Relaxed),
         "disconnects": c.disconnects.load(Ordering::Relaxed),
         "bad_content": c.bad_content.load(Ordering::Relaxed),
         "transactions_per_connection_max":
@@ -330,6 +353,11 @@ fn metrics_text(shared: &Shared) -> String {
             &c.rate_limited,
         ),
         (
+            "deferred_by_profile",
+            "MAIL commands answered by a peer table's deferral",
+            &c.deferred_by_profile,
+        ),
+        (
             "disconnects",
             "Connections dropped at end of data",
             &c.disconnects,
@@ -370,6 +398,34 @@ async fn delay(d: &Delay) {
     if ms > 0.0 {
         tokio::time::sleep(std::time::Duration::from_secs_f64(ms / 1000.0)).await;
     }
+}
+
+/// The peer table's deferral reply while its window is open: it opens once the peer has had
+/// `defer_after_messages` accepted on the listener, and lasts `defer_for_ms`, once.
+fn deferral<'b>(
+    shared: &Shared,
+    b: &'b Behaviour,
+    listener: Option<SocketAddr>,
+    peer: IpAddr,
+) -> Option<&'b str> {
+    if b.defer_after_messages == 0 {
+        return None;
+    }
+    let st = shared.peers.get(&(listener?, peer))?;
+    if st.accepted.load(Ordering::Relaxed) < b.defer_after_messages {
+        return None;
+    }
+    let now = unix_micros();
+    let until = now + b.defer_for_ms * 1000;
+    let until =
+        match st
+            .deferring_until_us
+            .compare_exchange(0, until, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => until,
+            Err(set) => set,
+        };
+    (now < until).then_some(b.defer_reply.as_str())
 }
 
 /// Takes a message slot under the listener's rate cap; false when the second is full.
@@ -608,9 +664,15 @@ async fn session(
     conn_no: u64,
     listener: Option<SocketAddr>,
 ) -> std::io::Result<()> {
-    let b = shared.profile.listener(listener);
+    let b = shared
+        .profile
+        .for_peer(listener, c.peer.ip())
+        .unwrap_or_else(|| shared.profile.listener(listener));
     let open = listener.and_then(|l| shared.open.get(&l));
     let now_open = open.map_or(0, |o| o.fetch_add(1, Ordering::Relaxed) + 1);
+    // The connection stops counting toward `connections_max` when it ends, or at QUIT before
+    // the 221 is sent (a client that waits for it may open the next one at once).
+    let counted = std::cell::Cell::new(open);
     let result = if b.connections_max > 0 && now_open as usize > b.connections_max {
         shared
             .counters
@@ -620,9 +682,9 @@ async fn session(
         c.reply("421 4.7.0 sink.test too many connections, try again later");
         c.flush().await
     } else {
-        converse(shared, b, c, conn_no, listener).await
+        converse(shared, b, c, conn_no, listener, &counted).await
     };
-    if let Some(o) = open {
+    if let Some(o) = counted.take() {
         o.fetch_sub(1, Ordering::Relaxed);
     }
     result
@@ -640,6 +702,7 @@ async fn converse(
     mut c: Conn,
     conn_no: u64,
     listener: Option<SocketAddr>,
+    counted: &std::cell::Cell<Option<&AtomicU64>>,
 ) -> std::io::Result<()> {
     if listener.is_some_and(|l| shared.args.greet_421.contains(&l)) {
         c.reply("421 4.3.2 sink.test not accepting mail here");
@@ -710,6 +773,17 @@ async fn converse(
                 txn = Txn::default();
             }
             Command::Mail { from, .. } => {
+                if let Some(reply) = deferral(shared, b, listener, c.peer.ip()) {
+                    shared
+                        .counters
+                        .deferred_by_profile
+                        .fetch_add(1, Ordering::Relaxed);
+                    c.reply(reply);
+                    if reply.starts_with("421") {
+                        return c.flush().await;
+                    }
+                    continue;
+                }
                 if !rate_ok(shared, listener, b) {
                     shared.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
                     c.reply("451 4.7.1 rate limit exceeded, slow down");
@@ -821,6 +895,9 @@ async fn converse(
             }
             Command::Noop => c.reply("250 2.0.0 ok"),
             Command::Quit => {
+                if let Some(o) = counted.take() {
+                    o.fetch_sub(1, Ordering::Relaxed);
+                }
                 c.reply("221 2.0.0 bye");
                 c.flush().await?;
                 return Ok(());
@@ -890,6 +967,9 @@ fn accept(
     k.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     let now = unix_micros();
     k.last_message_us.fetch_max(now, Ordering::Relaxed);
+    if let Some(st) = listener.and_then(|l| shared.peers.get(&(l, c.peer.ip()))) {
+        st.accepted.fetch_add(1, Ordering::Relaxed);
+    }
     if let Some(sent) = sent_stamp(body) {
         let mut h = shared.latency.lock().unwrap_or_else(|p| p.into_inner());
         h.saturating_record(now.saturating_sub(sent).max(1));
@@ -907,6 +987,7 @@ fn accept(
                 "tls": c.tls,
                 "peer": c.peer.ip().to_string(),
                 "ehlo": c.ehlo,
+                "at_us": now,
             });
             if shared.args.record_bodies {
                 line["body"] = String::from_utf8_lossy(body).into();

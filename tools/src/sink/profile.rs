@@ -23,12 +23,20 @@
 //!
 //! [domain."slow.test"]               # per recipient domain: the reply mixes, greylist, delays
 //! eod_delay_ms = { dist = "fixed", value = 200 }
+//!
+//! [peer."127.0.0.2"]                 # per client address (every listener): what a domain may
+//! defer_after_messages = 100         # set, and a deferral: after this many messages accepted
+//! defer_reply = "421 4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred"
+//! defer_for_ms = 3000                # from the peer, MAIL gets `defer_reply` for this long
+//!                                    # (a 421 also closes the connection), once
+//! [listener."127.0.0.3:2600".peer."127.0.0.2"]   # the same, for one listener only
+//! defer_after_messages = 50
 //! ```
 //!
 //! Reply mixes are rolled independently per recipient (RCPT) and per message (end of data).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Deserialize;
 
@@ -116,6 +124,12 @@ pub struct Partial {
     pub chunking: Option<bool>,
     pub smtputf8: Option<bool>,
     pub starttls: Option<bool>,
+    /// Per client address (listener and default tables only).
+    pub peer: Option<HashMap<String, Partial>>,
+    /// Peer tables only: the deferral.
+    pub defer_after_messages: Option<u64>,
+    pub defer_reply: Option<String>,
+    pub defer_for_ms: Option<u64>,
 }
 
 /// The effective behaviour of a listener, or of a recipient domain on it.
@@ -134,6 +148,10 @@ pub struct Behaviour {
     pub chunking: bool,
     pub smtputf8: bool,
     pub starttls: bool,
+    /// 0 = no deferral.
+    pub defer_after_messages: u64,
+    pub defer_reply: String,
+    pub defer_for_ms: u64,
 }
 
 impl Default for Behaviour {
@@ -152,6 +170,11 @@ impl Default for Behaviour {
             chunking: true,
             smtputf8: true,
             starttls: true,
+            defer_after_messages: 0,
+            defer_reply: "421 4.7.0 [TSS04] Messages temporarily deferred due to unexpected \
+                          volume or user complaints"
+                .into(),
+            defer_for_ms: 1000,
         }
     }
 }
@@ -175,7 +198,10 @@ impl Behaviour {
             pipelining,
             chunking,
             smtputf8,
-            starttls
+            starttls,
+            defer_after_messages,
+            defer_reply,
+            defer_for_ms
         );
         b
     }
@@ -203,6 +229,8 @@ struct File {
     listener: HashMap<String, Partial>,
     #[serde(default)]
     domain: HashMap<String, Partial>,
+    #[serde(default)]
+    peer: HashMap<String, Partial>,
 }
 
 /// A compiled profile.
@@ -212,24 +240,62 @@ pub struct Profile {
     listeners: HashMap<SocketAddr, Behaviour>,
     /// Per (lower-case) recipient domain, applied over the listener's behaviour.
     domains: HashMap<String, Partial>,
+    /// Per (listener or every listener, client address): the peer's behaviour.
+    peers: HashMap<(Option<SocketAddr>, IpAddr), Behaviour>,
 }
 
 impl Profile {
     pub fn parse(text: &str) -> Result<Profile, String> {
         let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut f = f;
+        if f.default.peer.is_some() || has_defer(&f.default) {
+            return Err("default: peer tables are [peer.\"IP\"]; defer_* keys go in them".into());
+        }
         let default = Behaviour::default().merged(&f.default);
         validate(&default, "default")?;
+        let mut peers = HashMap::new();
+        let mut every = Vec::new();
+        for (ip, p) in std::mem::take(&mut f.peer) {
+            let table = format!("peer.\"{ip}\"");
+            let addr = peer_ip(&ip, &table)?;
+            peers.insert((None, addr), peer_behaviour(&default, &p, &table)?);
+            every.push((addr, p, table));
+        }
         let mut listeners = HashMap::new();
-        for (addr, p) in &f.listener {
+        for (addr, p) in &mut f.listener {
             let a: SocketAddr = addr
                 .parse()
                 .map_err(|_| format!("listener.\"{addr}\": not ip:port"))?;
+            if has_defer(p) {
+                return Err(format!(
+                    "listener.\"{addr}\": defer_* keys go in peer tables"
+                ));
+            }
+            let own_peers = p.peer.take().unwrap_or_default();
             let b = default.merged(p);
             validate(&b, &format!("listener.\"{addr}\""))?;
+            for (ip, pp) in own_peers {
+                let table = format!("listener.\"{addr}\".peer.\"{ip}\"");
+                peers.insert(
+                    (Some(a), peer_ip(&ip, &table)?),
+                    peer_behaviour(&b, &pp, &table)?,
+                );
+            }
+            // Peer tables for every listener apply over this listener's table too.
+            for (ip, pp, table) in &every {
+                if let std::collections::hash_map::Entry::Vacant(e) = peers.entry((Some(a), *ip)) {
+                    e.insert(peer_behaviour(&b, pp, table)?);
+                }
+            }
             listeners.insert(a, b);
         }
         let mut domains = HashMap::new();
         for (d, p) in f.domain {
+            if p.peer.is_some() || has_defer(&p) {
+                return Err(format!(
+                    "domain.\"{d}\": no peer tables or defer_* keys here"
+                ));
+            }
             if p.connections_max.is_some()
                 || p.rate_per_second.is_some()
                 || p.banner_delay_ms.is_some()
@@ -250,6 +316,7 @@ impl Profile {
             default,
             listeners,
             domains,
+            peers,
         })
     }
 
@@ -267,12 +334,60 @@ impl Profile {
             .unwrap_or(&self.default)
     }
 
+    /// The behaviour for a client on a listener, if a peer table names it: the listener's own
+    /// peer table, else the one for every listener (over the listener's table, if any).
+    pub fn for_peer(&self, listener: Option<SocketAddr>, peer: IpAddr) -> Option<&Behaviour> {
+        listener
+            .and_then(|l| self.peers.get(&(Some(l), peer)))
+            .or_else(|| {
+                let own_table = listener.is_some_and(|l| self.listeners.contains_key(&l));
+                (!own_table)
+                    .then(|| self.peers.get(&(None, peer)))
+                    .flatten()
+            })
+    }
+
+    /// The client addresses of every peer table.
+    pub fn peer_ips(&self) -> std::collections::HashSet<IpAddr> {
+        self.peers.keys().map(|(_, ip)| *ip).collect()
+    }
+
     /// The behaviour for a recipient domain on a listener.
     pub fn for_domain(&self, base: &Behaviour, domain: &str) -> Option<Behaviour> {
         self.domains
             .get(&domain.to_ascii_lowercase())
             .map(|p| base.merged(p))
     }
+}
+
+fn has_defer(p: &Partial) -> bool {
+    p.defer_after_messages.is_some() || p.defer_reply.is_some() || p.defer_for_ms.is_some()
+}
+
+fn peer_ip(ip: &str, table: &str) -> Result<IpAddr, String> {
+    ip.parse()
+        .map_err(|_| format!("{table}: not an IP address"))
+}
+
+/// A peer table over `base`: the keys a domain may set, and the deferral.
+fn peer_behaviour(base: &Behaviour, p: &Partial, table: &str) -> Result<Behaviour, String> {
+    if p.peer.is_some() || p.connections_max.is_some() || p.rate_per_second.is_some() {
+        return Err(format!(
+            "{table}: connections_max, rate_per_second and peer tables are per listener"
+        ));
+    }
+    let b = base.merged(p);
+    validate(&b, table)?;
+    if b.defer_after_messages > 0 {
+        let code: Option<u16> = b.defer_reply.get(..3).and_then(|c| c.parse().ok());
+        if !code.is_some_and(|c| (400..600).contains(&c)) || b.defer_reply.contains(['\r', '\n']) {
+            return Err(format!("{table}.defer_reply: not a 4xx or 5xx SMTP reply"));
+        }
+        if b.defer_for_ms > DELAY_MS_MAX as u64 {
+            return Err(format!("{table}.defer_for_ms: at most {DELAY_MS_MAX} ms"));
+        }
+    }
+    Ok(b)
 }
 
 fn validate(b: &Behaviour, table: &str) -> Result<(), String> {
@@ -334,6 +449,50 @@ mod tests {
             Some("550 5.1.1 gone")
         );
         assert!(p.for_domain(l, "other.test").is_none());
+    }
+
+    #[test]
+    fn peer_tables_apply_per_client_address_and_listener() {
+        let p = Profile::parse(
+            r#"
+            [listener."127.0.0.9:25"]
+            chunking = false
+            [listener."127.0.0.9:25".peer."127.0.0.2"]
+            defer_after_messages = 5
+            defer_for_ms = 2000
+            [peer."127.0.0.3"]
+            rcpt_reply_mix = [{ percent = 100, reply = "451 4.7.1 later" }]
+            "#,
+        )
+        .unwrap();
+        let l9 = Some("127.0.0.9:25".parse().unwrap());
+        let l10 = Some("127.0.0.10:25".parse().unwrap());
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let on9 = p.for_peer(l9, a).unwrap();
+        assert_eq!(
+            (on9.defer_after_messages, on9.defer_for_ms, on9.chunking),
+            (5, 2000, false)
+        );
+        assert!(on9.defer_reply.starts_with("421 4.7.0 [TSS04]"));
+        assert!(p.for_peer(l10, a).is_none(), "that listener only");
+        let b9 = p.for_peer(l9, b).unwrap();
+        assert_eq!(
+            (b9.rcpt_reply_mix.len(), b9.chunking),
+            (1, false),
+            "over the listener's"
+        );
+        assert_eq!(p.for_peer(l10, b).unwrap().rcpt_reply_mix.len(), 1);
+        assert_eq!(p.peer_ips().len(), 2);
+        for bad in [
+            "[default]\ndefer_after_messages = 1\n",
+            "[peer.\"x\"]\ndefer_after_messages = 1\n",
+            "[peer.\"127.0.0.2\"]\nconnections_max = 1\n",
+            "[peer.\"127.0.0.2\"]\ndefer_after_messages = 1\ndefer_reply = \"250 ok\"\n",
+            "[domain.\"d.test\"]\ndefer_for_ms = 1\n",
+        ] {
+            assert!(Profile::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
