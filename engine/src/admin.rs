@@ -619,10 +619,10 @@ fn backoff_request(
                     "backoff cancelled");
                 (200, serde_json::json!({ "cancelled": n }))
             }
-            Err(e) => (
-                400,
-                serde_json::json!({ "error": format!("expected {{\"provider\": NAME, \"source\": NAME}}: {e}") }),
-            ),
+            Err(e) => {
+                let why = format!("expected {{\"provider\": NAME, \"source\": NAME}}: {e}");
+                (400, serde_json::json!({ "error": why }))
+            }
         },
         (_, "/backoffs" | "/backoffs/cancel") => {
             (405, serde_json::json!({ "error": "method not allowed" }))

@@ -200,7 +200,8 @@ mod tests {
             let served_before_routing = matches!(
                 (method, concrete.as_str()),
                 ("GET", "/metrics" | "/healthz" | "/readyz") | ("POST", "/messages")
-            ) || concrete.starts_with("/suppressions");
+            ) || concrete.starts_with("/suppressions")
+                || concrete.starts_with("/backoffs");
             assert!(
                 served_before_routing || route(method, &concrete).is_ok(),
                 "{method} {p} is documented but not routed"

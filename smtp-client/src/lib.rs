@@ -318,17 +318,24 @@ impl<S: Stream> ClientSession<S> {
         let lines: Vec<&str> = text.split_inclusive("\r\n").collect();
         let group = if pipelining { RCPTS_PER_WRITE_MAX } else { 1 };
         let mut replies: Vec<ServerReply> = Vec::with_capacity(n + 1);
+        // A 421 to a RCPT: if the connection ends after it, it stands for every recipient.
+        let mut closing: Option<ServerReply> = None;
         let mut i = 0;
         while i < lines.len() {
             let end = (i + group).min(lines.len());
             self.write(lines[i..end].concat().into_bytes()).await?;
             // Replies to MAIL and RCPT are read here; DATA's, if pipelined, further down.
-            for _ in i..end.min(1 + n) {
-                let r = self
-                    .reply("an envelope reply", self.timeouts.command)
-                    .await?;
+            for k in i..end.min(1 + n) {
+                let r = match self.reply("an envelope reply", self.timeouts.command).await {
+                    Ok(r) => r,
+                    Err(e) => return self.closed_after(closing, e, n),
+                };
                 if r.code == 421 {
-                    return Ok(self.closing(r, n));
+                    if k == 0 {
+                        // MAIL: nothing of the transaction stands.
+                        return Ok(self.closing(r, n));
+                    }
+                    closing = Some(r.clone());
                 }
                 replies.push(r);
             }
@@ -394,9 +401,10 @@ impl<S: Stream> ClientSession<S> {
                 });
             }
             let t = Instant::now();
-            let go = self
-                .reply("the DATA reply", self.timeouts.data_start)
-                .await?;
+            let go = match self.reply("the DATA reply", self.timeouts.data_start).await {
+                Ok(r) => r,
+                Err(e) => return self.closed_after(closing, e, n),
+            };
             self.phases.data = Some(t.elapsed());
             if go.is_positive() {
                 // "Accepted" without the content ever being sent: not a delivery.
@@ -489,16 +497,25 @@ impl<S: Stream> ClientSession<S> {
         if mail.code == 421 {
             return Ok(self.closing(mail, n));
         }
+        // A 421 to a RCPT may be followed by the rest of the replies, or by the end of the
+        // connection: then that 421 stands for every recipient.
+        let mut closing = None;
         let mut rcpts = Vec::with_capacity(n);
         for _ in 0..n {
-            let r = self.reply("a RCPT reply", self.timeouts.command).await?;
+            let r = match self.reply("a RCPT reply", self.timeouts.command).await {
+                Ok(r) => r,
+                Err(e) => return self.closed_after(closing, e, n),
+            };
             if r.code == 421 {
-                return Ok(self.closing(r, n));
+                closing = Some(r.clone());
             }
             rcpts.push(r);
         }
         self.phases.rcpt = Some(written.elapsed());
-        let last = self.reply("the BDAT reply", self.timeouts.data_end).await?;
+        let last = match self.reply("the BDAT reply", self.timeouts.data_end).await {
+            Ok(r) => r,
+            Err(e) => return self.closed_after(closing, e, n),
+        };
         if last.code == 421 {
             self.broken = true;
         }
@@ -519,6 +536,20 @@ impl<S: Stream> ClientSession<S> {
         self.broken = true;
         Delivery {
             replies: vec![r; n],
+        }
+    }
+
+    /// A read failed after a `421` (`closing`): the server closed as that reply said, and it
+    /// stands for every recipient; without one, the failure is the error.
+    fn closed_after(
+        &mut self,
+        closing: Option<ServerReply>,
+        e: ClientError,
+        n: usize,
+    ) -> Result<Delivery, ClientError> {
+        match closing {
+            Some(r) if e.is_connection_failure() => Ok(self.closing(r, n)),
+            _ => Err(e),
         }
     }
 

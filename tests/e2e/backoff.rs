@@ -179,7 +179,8 @@ fn a_tss04_deferral_stops_one_path_and_it_resumes_and_ramps_while_the_others_kee
     );
     let full = within(&a_big, resume + 2_500_000, resume + 4_500_000);
     eprintln!(
-        "MEASURED deferred {deferred} stop-after {} gap {gap} b_big {} a_other {} cut {cut} full {full}",
+        "deferred {deferred}, stopped after {}, gap {gap} µs, meanwhile b→bigmail {} and \
+         a→othermail {}, {cut} in 1.8 s after resuming, {full} in 2 s once ramped",
         gap_at + 1,
         within(&b_big, stop, resume),
         within(&a_other, stop, resume)

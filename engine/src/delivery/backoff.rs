@@ -107,7 +107,10 @@ pub const BUILTIN_RULES: &[(&str, &str, &str, &str, u64, f64, u64)] = &[
         "too-many-connections",
         "4xx",
         "",
-        r"too many (concurrent |open |simultaneous )?(smtp )?(connections|sessions)|connection (rate )?limit",
+        concat!(
+            r"too many (concurrent |open |simultaneous )?(smtp )?(connections|sessions)",
+            r"|connection (rate )?limit"
+        ),
         0,
         0.5,
         300,
@@ -117,7 +120,10 @@ pub const BUILTIN_RULES: &[(&str, &str, &str, &str, u64, f64, u64)] = &[
         "rate-limited",
         "4xx",
         "",
-        r"rate limit|slow down|too much mail|too many messages|sending too fast|try again later\b.*\b(volume|rate)",
+        concat!(
+            r"rate limit|slow down|too much mail|too many messages|sending too fast",
+            r"|try again later\b.*\b(volume|rate)"
+        ),
         0,
         0.5,
         300,
