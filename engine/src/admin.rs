@@ -325,13 +325,9 @@ async fn handle(
     }
     if path == "/suppressions" || path.starts_with("/suppressions/") {
         let query = req.uri().query().unwrap_or("").to_string();
-        let body = if method == "POST" {
-            match read_body(req.into_body()).await {
-                Ok(b) => b,
-                Err((status, why)) => return error(status, &why),
-            }
-        } else {
-            Vec::new()
+        let body = match post_body(&method, req).await {
+            Ok(b) => b,
+            Err((status, why)) => return error(status, &why),
         };
         tracing::info!(client = %peer, %method, %path, "suppression request");
         let ep = std::sync::Arc::clone(&endpoint);
@@ -342,13 +338,9 @@ async fn handle(
         };
     }
     if path == "/backoffs" || path.starts_with("/backoffs/") {
-        let body = if method == "POST" {
-            match read_body(req.into_body()).await {
-                Ok(b) => b,
-                Err((status, why)) => return error(status, &why),
-            }
-        } else {
-            Vec::new()
+        let body = match post_body(&method, req).await {
+            Ok(b) => b,
+            Err((status, why)) => return error(status, &why),
         };
         tracing::info!(client = %peer, %method, %path, "backoff request");
         let (status, value) = backoff_request(&endpoint.providers, &method, &path, &body);
@@ -385,6 +377,18 @@ async fn handle(
                 Err(_) => error(500, "the request failed"),
             }
         }
+    }
+}
+
+/// The body of a POST (none for other methods).
+async fn post_body(
+    method: &str,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<Vec<u8>, (u16, String)> {
+    if method == "POST" {
+        read_body(req.into_body()).await
+    } else {
+        Ok(Vec::new())
     }
 }
 
