@@ -150,6 +150,9 @@ pub struct ClientSession<S: Stream> {
     pub phases: Phases,
     /// An error left the conversation in an unknown state: the connection must not be reused.
     broken: bool,
+    /// The last transaction did not end with an end-of-data reply: the next one starts with
+    /// RSET (a completed transaction leaves the server ready for MAIL, RFC 5321 4.1.1.4).
+    needs_rset: bool,
 }
 
 /// RCPT commands sent in one pipelined write: RFC 2920 §3.1 warns that a server may stop
@@ -186,6 +189,7 @@ impl<S: Stream> ClientSession<S> {
             transactions: 0,
             phases: Phases::default(),
             broken: false,
+            needs_rset: false,
         };
         let t = Instant::now();
         let banner = s.reply("the banner", setup.timeouts.command).await?;
@@ -296,7 +300,10 @@ impl<S: Stream> ClientSession<S> {
         {
             return self.send_one_write(env, message).await;
         }
-        if self.transactions > 0 {
+        let pipelining = self.caps.pipelining;
+        // RSET goes in the envelope's write when the server pipelines.
+        let rset = std::mem::replace(&mut self.needs_rset, true);
+        if rset && !pipelining {
             self.write(b"RSET\r\n".to_vec()).await?;
             let r = self.reply("the RSET reply", self.timeouts.command).await?;
             if r.code == 421 {
@@ -310,7 +317,6 @@ impl<S: Stream> ClientSession<S> {
         self.phases = Phases::default();
         let started = Instant::now();
         let chunking = self.caps.chunking;
-        let pipelining = self.caps.pipelining;
         // DATA is pipelined with the envelope only when PIPELINING is offered.
         let commands = transaction_commands(env, &self.caps, chunking || !pipelining)?;
         let n = env.recipients.len();
@@ -323,7 +329,21 @@ impl<S: Stream> ClientSession<S> {
         let mut i = 0;
         while i < lines.len() {
             let end = (i + group).min(lines.len());
-            self.write(lines[i..end].concat().into_bytes()).await?;
+            let mut out = Vec::with_capacity(text.len() + 6);
+            if i == 0 && rset && pipelining {
+                out.extend_from_slice(b"RSET\r\n");
+            }
+            out.extend(lines[i..end].iter().flat_map(|l| l.bytes()));
+            self.write(out).await?;
+            if i == 0 && rset && pipelining {
+                let r = self.reply("the RSET reply", self.timeouts.command).await?;
+                if r.code == 421 {
+                    return Ok(self.closing(r, n));
+                }
+                if !r.is_positive() {
+                    return Err(ClientError::Refused(r));
+                }
+            }
             // Replies to MAIL and RCPT are read here; DATA's, if pipelined, further down.
             for k in i..end.min(1 + n) {
                 let r = match self.reply("an envelope reply", self.timeouts.command).await {
@@ -390,6 +410,7 @@ impl<S: Stream> ClientSession<S> {
             let t = Instant::now();
             let r = self.reply("the BDAT reply", self.timeouts.data_end).await?;
             self.phases.end_of_data = Some(t.elapsed());
+            self.needs_rset = false;
             r
         } else {
             if !self.caps.pipelining && proceed {
@@ -433,12 +454,18 @@ impl<S: Stream> ClientSession<S> {
             }
             let mut out = Vec::new();
             dot_stuff(message, &mut out);
-            self.write_content(&out).await?;
+            if out.len() <= DATA_WRITE_BYTES {
+                // One write of the buffer as it is (no copy into write pieces).
+                self.write_timed(out, self.timeouts.data_block).await?;
+            } else {
+                self.write_content(&out).await?;
+            }
             let t = Instant::now();
             let r = self
                 .reply("the end-of-data reply", self.timeouts.data_end)
                 .await?;
             self.phases.end_of_data = Some(t.elapsed());
+            self.needs_rset = false;
             r
         };
         let replies = rcpt_replies
@@ -464,7 +491,7 @@ impl<S: Stream> ClientSession<S> {
         message: &[u8],
     ) -> Result<Delivery, ClientError> {
         let commands = transaction_commands(env, &self.caps, true)?;
-        let rset = self.transactions > 0;
+        let rset = std::mem::replace(&mut self.needs_rset, true);
         self.transactions += 1;
         let mut head =
             Vec::with_capacity(commands.len() + 32 + message.len().min(DATA_WRITE_BYTES));
@@ -522,10 +549,14 @@ impl<S: Stream> ClientSession<S> {
         self.phases.end_of_data = Some(written.elapsed());
         let replies = match match_envelope_replies(mail, rcpts) {
             EnvelopeOutcome::MailRefused(r) => vec![r; n],
-            EnvelopeOutcome::Recipients { replies, .. } => replies
-                .into_iter()
-                .map(|r| if r.is_positive() { last.clone() } else { r })
-                .collect(),
+            EnvelopeOutcome::Recipients { replies, proceed } => {
+                // The content went to accepted recipients: its reply ended the transaction.
+                self.needs_rset = !proceed;
+                replies
+                    .into_iter()
+                    .map(|r| if r.is_positive() { last.clone() } else { r })
+                    .collect()
+            }
         };
         Ok(Delivery { replies })
     }

@@ -317,22 +317,32 @@ pub fn match_envelope_replies(mail: ServerReply, rcpts: Vec<ServerReply>) -> Env
 /// content can never form an end of data, nor `\r.\r\n` tricks, at the next hop.
 pub fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
     out.reserve(message.len() + message.len() / 64 + 5);
-    let mut line_start = true;
-    let mut prev = 0u8;
-    for (i, &b) in message.iter().enumerate() {
-        if line_start && b == b'.' {
+    // Runs between line ends are copied whole; only line ends (found by memchr) and a dot
+    // right after one are looked at.
+    if message.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    let mut start = 0; // message[..start] is written
+    for i in memchr::memchr2_iter(b'\r', b'\n', message) {
+        if i < start {
+            continue; // the LF of a CRLF already written
+        }
+        if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
+            out.extend_from_slice(&message[start..i + 2]);
+            start = i + 2;
+        } else {
+            // A bare CR or LF: a line end, written as CRLF.
+            out.extend_from_slice(&message[start..i]);
+            out.extend_from_slice(b"\r\n");
+            start = i + 1;
+        }
+        if message.get(start) == Some(&b'.') {
             out.push(b'.');
         }
-        match b {
-            b'\n' if prev != b'\r' => out.extend_from_slice(b"\r\n"),
-            b'\n' => out.push(b'\n'),
-            b'\r' if message.get(i + 1) != Some(&b'\n') => out.extend_from_slice(b"\r\n"),
-            _ => out.push(b),
-        }
-        line_start = b == b'\n' || (b == b'\r' && message.get(i + 1) != Some(&b'\n'));
-        prev = b;
     }
-    if !line_start {
+    let tail = &message[start..];
+    out.extend_from_slice(tail);
+    if !tail.is_empty() {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
@@ -494,6 +504,53 @@ mod tests {
         }
         let refused = match_envelope_replies(reply("451 4.3.0 busy\r\n"), vec![no]);
         assert!(matches!(refused, EnvelopeOutcome::MailRefused(r) if r.code == 451));
+    }
+
+    #[test]
+    fn dot_stuffing_matches_the_byte_by_byte_definition() {
+        // The definition, one byte at a time: a dot at a line start is doubled, bare CR and
+        // LF become CRLF, the content ends with a line end and `.`.
+        fn reference(message: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let (mut line_start, mut prev) = (true, 0u8);
+            for (i, &b) in message.iter().enumerate() {
+                if line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                match b {
+                    b'\n' if prev != b'\r' => out.extend_from_slice(b"\r\n"),
+                    b'\r' if message.get(i + 1) != Some(&b'\n') => out.extend_from_slice(b"\r\n"),
+                    _ => out.push(b),
+                }
+                line_start = b == b'\n' || (b == b'\r' && message.get(i + 1) != Some(&b'\n'));
+                prev = b;
+            }
+            if !line_start {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b".\r\n");
+            out
+        }
+        let alphabet = b"ab.\r\n";
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for len in 0..2000 {
+            let message: Vec<u8> = (0..len % 40)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    alphabet[(x % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let mut out = Vec::new();
+            dot_stuff(&message, &mut out);
+            assert_eq!(
+                out,
+                reference(&message),
+                "{:?}",
+                String::from_utf8_lossy(&message)
+            );
+        }
     }
 
     #[test]

@@ -743,3 +743,57 @@ fn sources_by_weight(backend: &str) {
 fn count_delivered(log: &[serde_json::Value]) -> usize {
     count(log, "outcome", "delivered")
 }
+
+/// One connection carries transactions that end well and ones whose recipients were all
+/// refused (the server then still holds the sender): RSET comes exactly when it is needed, and
+/// the sink (which refuses a second MAIL in a transaction with `503`) never sees one too few.
+/// Over DATA (no CHUNKING) and over BDAT.
+#[test]
+fn transactions_after_a_refused_one_start_clean_over_data_and_bdat() {
+    for chunking in [false, true] {
+        let port = free_port();
+        let profile = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            profile.path(),
+            format!("[default]\nchunking = {chunking}\n"),
+        )
+        .unwrap();
+        let sink = Sink::start(
+            &[format!("127.0.0.2:{port}")],
+            &["--profile", profile.path().to_str().unwrap()],
+        );
+        let config = delivery(&format!(
+            "bounces = false\n\n[[route]]\ndomain = \"x.test\"\nhosts = [\"127.0.0.2:{port}\"]\n\
+             retry_delays_secs = [60]\nconnections_max = 1\n"
+        ));
+        let d = Daemon::start("epoll", &config);
+        let one = |r: &[&str]| ("s@origin.test", r.iter().map(|x| x.to_string()).collect());
+        let msgs = vec![
+            one(&["ok1@x.test"]),
+            one(&["reject1@x.test"]),
+            one(&["ok2@x.test"]),
+            one(&["reject2@x.test", "ok3@x.test"]),
+            one(&["reject3@x.test"]),
+            one(&["reject4@x.test"]),
+            one(&["ok4@x.test"]),
+        ];
+        assert_eq!(send_messages(d.port, &msgs), 7);
+        let log = wait_log(&d, "eight outcomes", |l| l.len() >= 8);
+        for l in &log {
+            let r = l["recipient"].as_str().unwrap();
+            let want = if r.starts_with("ok") {
+                "delivered"
+            } else {
+                "failed"
+            };
+            assert_eq!(l["outcome"], want, "chunking {chunking}: {l}");
+            assert!(!l["reply"].as_str().unwrap_or("").contains("503"), "{l}");
+        }
+        let mut got = rcpts(&sink.records());
+        got.sort();
+        assert_eq!(
+            got,
+            ["ok1@x.test", "ok2@x.test", "ok3@x.test", "ok4@x.test"]
+        );
+    }
+}

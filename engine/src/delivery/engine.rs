@@ -1129,6 +1129,9 @@ impl<S: Dial + 'static> Deliverer<S> {
             let result = session.send(&env, msg.body).await;
             let micros = t.elapsed().as_micros() as u64;
             self.metrics.record(self.shard, Hist::Transaction, micros);
+            if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                q.observe_transaction(micros);
+            }
             self.record_phases(&session.phases);
             drop(env);
             sent += 1;

@@ -52,6 +52,9 @@ pub fn queue_egress(name: &str) -> Option<(&str, &str)> {
     Some(egress.split_once(':').unwrap_or((egress, "")))
 }
 
+/// The time a queue's ready jobs should take to drain: beyond it, more connections open.
+pub const DRAIN_TARGET_MICROS: u64 = 1_000_000;
+
 /// One recipient of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobRcpt {
@@ -128,6 +131,9 @@ pub struct DomainQueue {
     /// The mailbox provider of the destination (`delivery::provider`), once its MX is known.
     pub provider: Option<usize>,
     pub rate: RateLimit,
+    /// Moving average of one transaction's time on this queue's connections (µs; 0 = none
+    /// measured yet): how many connections the backlog needs to drain in time.
+    pub txn_micros: u64,
     /// Wakes idle workers when work arrives.
     pub wake: std::rc::Rc<tokio::sync::Notify>,
 }
@@ -150,6 +156,7 @@ impl DomainQueue {
             source: None,
             provider: None,
             rate: RateLimit::new(s, m, h, now_micros),
+            txn_micros: 0,
             wake: Default::default(),
         }
     }
@@ -288,9 +295,20 @@ impl DomainQueue {
         self.deferred.peek().map(|Reverse(d)| d.due_micros)
     }
 
-    /// How many more connection workers to start now: enough to drain the ready queue at
-    /// `msgs_per_connection_max` each, up to `connections_max`, when no worker is idle and no
-    /// backoff is running.
+    /// Counts one transaction's time into the moving average (weight 1/8).
+    pub fn observe_transaction(&mut self, micros: u64) {
+        let micros = micros.max(1);
+        self.txn_micros = match self.txn_micros {
+            0 => micros,
+            avg => (avg * 7 + micros) / 8,
+        };
+    }
+
+    /// How many more connection workers to start now, when no worker is idle and no backoff
+    /// is running: enough to carry the ready queue at `msgs_per_connection_max` each, and
+    /// enough to drain it within [`DRAIN_TARGET_MICROS`] at the observed transaction time (a
+    /// destination answering in 200 ms gets its 99 messages over ten connections in 2 s, not
+    /// over one in 20 s), up to `connections_max`.
     pub fn workers_wanted(&self, now_micros: u64) -> usize {
         if self.paused()
             || self.ready.is_empty()
@@ -300,11 +318,12 @@ impl DomainQueue {
             return 0;
         }
         let per_conn = self.policy.msgs_per_connection_max.max(1) as usize;
-        let want = self
-            .ready
-            .len()
-            .div_ceil(per_conn)
-            .min(self.policy.connections_max);
+        let jobs = self.ready.len();
+        let by_count = jobs.div_ceil(per_conn);
+        let by_time = (jobs as u64)
+            .saturating_mul(self.txn_micros)
+            .div_ceil(DRAIN_TARGET_MICROS) as usize;
+        let want = by_count.max(by_time).min(self.policy.connections_max);
         want.saturating_sub(self.workers)
     }
 
@@ -427,6 +446,34 @@ mod tests {
         q.suspended = true;
         assert_eq!(q.workers_wanted(150), 0);
         assert!(q.pop().is_none(), "a suspended domain hands out nothing");
+    }
+
+    #[test]
+    fn a_slow_destination_gets_connections_to_drain_its_backlog_in_time() {
+        let mut q = DomainQueue::new(policy(10, 100, 100), 0);
+        for i in 0..99 {
+            q.push(job(i, 1), 0, 0);
+        }
+        assert_eq!(q.workers_wanted(0), 1, "no transaction time known yet");
+        q.observe_transaction(200_000);
+        assert_eq!(
+            q.workers_wanted(0),
+            10,
+            "99 x 200 ms in 1 s: 20, capped at 10"
+        );
+        q.txn_micros = 0;
+        for _ in 0..50 {
+            q.observe_transaction(2_000);
+        }
+        assert_eq!(q.txn_micros, 2_000);
+        assert_eq!(
+            q.workers_wanted(0),
+            1,
+            "99 x 2 ms drain in 0.2 s on one connection"
+        );
+        q.observe_transaction(2_000 + 8 * 48_000);
+        assert_eq!(q.txn_micros, 50_000, "a moving average");
+        assert_eq!(q.workers_wanted(0), 5);
     }
 
     #[test]

@@ -773,6 +773,11 @@ async fn converse(
                 txn = Txn::default();
             }
             Command::Mail { from, .. } => {
+                if txn.from.is_some() {
+                    // RFC 5321 4.1.4: one transaction at a time; RSET or end it first.
+                    c.reply("503 5.5.1 sender already specified");
+                    continue;
+                }
                 if let Some(reply) = deferral(shared, b, listener, c.peer.ip()) {
                     shared
                         .counters
