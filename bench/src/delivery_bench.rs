@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use saida_bench::{KillOnDrop, free_port, postfix_ctl, repo_root, run_load_to, wait_port};
 
+mod real_peers;
 mod tools_vs_postfix;
 use tools_vs_postfix::tools_bench;
 
@@ -30,8 +31,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(about = "End-to-end delivery: saida beside the ceiling and Postfix")]
 struct Args {
-    /// Workloads to run.
-    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3")]
+    /// Workloads to run (w4: w1 with every end of data answered after 200 ms; it has no
+    /// ceiling row, and is compared with the w1 of the same run).
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4")]
     workloads: Vec<String>,
     /// Scale every message count (0.05 for a quick run).
     #[arg(long, default_value_t = 1.0)]
@@ -72,6 +74,16 @@ struct Args {
     /// Key algorithm for --dkim: `rsa` (2048 bits) or `ed25519`.
     #[arg(long, default_value = "ed25519")]
     dkim_algorithm: String,
+    /// Instead of the workloads: `postfix-tools`, Postfix's own load tools around saida:
+    /// smtp-source → saida → smtp-sink beside smtp-source → Postfix → smtp-sink and the direct
+    /// smtp-source → smtp-sink ceiling, `--rounds` rounds of `--peer-messages` 2 KB messages,
+    /// with CPU µs per message of each process.
+    #[arg(long)]
+    peer: Option<String>,
+    #[arg(long, default_value_t = 50_000)]
+    peer_messages: usize,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 struct Workload {
@@ -80,15 +92,18 @@ struct Workload {
     size: usize,
     domains: usize,
     rcpts: usize,
+    /// The sink answers each end of data after this long (a provider across the internet).
+    eod_delay_ms: u64,
 }
 
-const WORKLOADS: [Workload; 3] = [
+const WORKLOADS: [Workload; 4] = [
     Workload {
         name: "w1",
         messages: 200_000,
         size: 2048,
         domains: 1000,
         rcpts: 1,
+        eod_delay_ms: 0,
     },
     Workload {
         name: "w2",
@@ -96,6 +111,7 @@ const WORKLOADS: [Workload; 3] = [
         size: 102_400,
         domains: 1000,
         rcpts: 1,
+        eod_delay_ms: 0,
     },
     Workload {
         name: "w3",
@@ -103,6 +119,16 @@ const WORKLOADS: [Workload; 3] = [
         size: 2048,
         domains: 1000,
         rcpts: 10,
+        eod_delay_ms: 0,
+    },
+    // W1 to slow destinations: every end of data answered after 200 ms.
+    Workload {
+        name: "w4",
+        messages: 100_000,
+        size: 2048,
+        domains: 1000,
+        rcpts: 1,
+        eod_delay_ms: 200,
     },
 ];
 
@@ -141,6 +167,18 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.tools {
         return tools_bench(&bin, n, args.connections);
+    }
+    if let Some(peer) = &args.peer {
+        if peer != "postfix-tools" {
+            bail!("--peer takes `postfix-tools`");
+        }
+        return real_peers::peers_bench(
+            &bin,
+            &root,
+            args.peer_messages,
+            args.connections,
+            args.rounds,
+        );
     }
     if let Some(rounds) = args.dkim {
         return dkim_bench(
@@ -199,6 +237,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let mut markdown = Vec::new();
+    let mut w1_rate = None;
     for w in WORKLOADS
         .iter()
         .filter(|w| args.workloads.iter().any(|n| n == w.name))
@@ -207,8 +246,28 @@ fn main() -> anyhow::Result<()> {
         if n < w.messages && !args.json {
             eprintln!("{}: scaled to {n} messages", w.name);
         }
-        let ceiling = run_target(&bin, w, n, args.connections, Target::Ceiling)?;
+        // A closed-loop generator straight into a 200 ms sink measures nothing: no ceiling
+        // for W4, which is compared with W1 instead.
+        let slow = w.eod_delay_ms > 0;
+        let ceiling = if slow {
+            None
+        } else {
+            Some(run_target(&bin, w, n, args.connections, Target::Ceiling)?)
+        };
         let saida = run_target(&bin, w, n, args.connections, Target::Saida(true))?;
+        if w.name == "w1" {
+            w1_rate = Some(saida.e2e_rate);
+        }
+        if slow {
+            let x_w1 = w1_rate.map(|r| saida.e2e_rate / r);
+            eprintln!(
+                "{}: saida {:.0} msgs/s with every end of data delayed {} ms; x w1 of this run: {}",
+                w.name,
+                saida.e2e_rate,
+                w.eod_delay_ms,
+                x_w1.map_or("- (run w1 too)".into(), |x| format!("{x:.2}"))
+            );
+        }
         let postfix = if args.compare.is_some() {
             let pn = ((n as f64 * args.postfix_fraction) as usize).max(args.connections);
             Some(run_target(
@@ -223,12 +282,15 @@ fn main() -> anyhow::Result<()> {
         };
         let mut rows = vec![saida];
         rows.extend(postfix);
-        rows.push(ceiling);
+        rows.extend(ceiling);
         let pf = rows
             .iter()
             .find(|r| r.target == "postfix")
             .map(|r| r.e2e_rate);
-        let ceil = rows.last().map_or(1.0, |r| r.e2e_rate);
+        let ceil = rows
+            .iter()
+            .find(|r| r.target == "ceiling")
+            .map_or(rows[0].e2e_rate, |r| r.e2e_rate);
         for r in &rows {
             markdown.push(markdown_row(w, r, pf, ceil));
         }
@@ -350,6 +412,7 @@ fn run_target(
     let sink = Command::new(bin.join("saida-sink"))
         .args(["--listen", &sink_addr, "--stats"])
         .arg(&stats)
+        .args(["--delay-eod-ms", &w.eod_delay_ms.to_string()])
         .stdout(Stdio::null())
         .spawn()
         .context("saida-sink")?;
@@ -369,24 +432,10 @@ fn run_target(
                 Target::Saida(metrics) => (metrics, String::new()),
                 _ => (true, String::new()),
             };
-            let config = format!(
-                "[server]\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
-                 [spool]\ndir = \"{d}/spool\"\n[smtp]\nconnections_per_ip_max = 100000\n\
-                 [log]\nlevel = \"warn\"\n[delivery]\nlog_dir = \"{d}/log\"\n\
-                 [admin]\naddress = \"\"\nmetrics = {metrics}\n{signing}\
-                 [[route]]\ndomain = \"*\"\nhosts = [\"{sink_addr}\"]\n",
-                d = dir.path().display()
-            );
-            let path = dir.path().join("saida.toml");
-            std::fs::write(&path, config)?;
-            let child = Command::new(bin.join("saida"))
-                .args(["run", "--config"])
-                .arg(&path)
-                .stderr(Stdio::null())
-                .spawn()?;
-            saida_pid = Some(child.id());
-            _saida = Some(KillOnDrop(child));
-            wait_port(port)?;
+            let extra = format!("[admin]\naddress = \"\"\nmetrics = {metrics}\n{signing}");
+            let child = start_saida(bin, dir.path(), port, &sink_addr, &extra, "")?;
+            saida_pid = Some(child.0.id());
+            _saida = Some(child);
             ("saida".to_string(), Some(port))
         }
         Target::Postfix(root) => {
@@ -536,6 +585,36 @@ fn dkim_bench(
     Ok(())
 }
 
+/// Starts saida in `dir` listening on `port`, every domain routed to `sink_addr` (`route` adds
+/// keys to that route), 2 shards, durable spool, logging warnings only; returns once it
+/// listens.
+fn start_saida(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    sink_addr: &str,
+    extra: &str,
+    route: &str,
+) -> anyhow::Result<KillOnDrop> {
+    let config = format!(
+        "[server]\nshards = 2\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [spool]\ndir = \"{d}/spool\"\n[smtp]\nconnections_per_ip_max = 100000\n\
+         [log]\nlevel = \"warn\"\n[delivery]\nlog_dir = \"{d}/log\"\n{extra}\
+         [[route]]\ndomain = \"*\"\nhosts = [\"{sink_addr}\"]\n{route}",
+        d = dir.display()
+    );
+    let path = dir.join("saida.toml");
+    std::fs::write(&path, config)?;
+    let child = Command::new(bin.join("saida"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let guard = KillOnDrop(child);
+    wait_port(port)?;
+    Ok(guard)
+}
+
 /// Runs saida-blast (closed loop, one thread) and returns its JSON report.
 fn blast(
     bin: &Path,
@@ -587,7 +666,7 @@ fn unix_micros() -> u64 {
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
