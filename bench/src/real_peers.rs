@@ -235,8 +235,8 @@ pub fn peers_bench(
         let (source_us, sink_us) = (med(r, &|x| x.source_us), med(r, &|x| x.sink_us));
         let x_pf = postfix_rate.map(|p| e2e / p);
         println!(
-            "{target:<8} | {inject:>9.0} {e2e:>9.0} | {:>8.2} {:>8.2} {:>9} | {:>10} {source_us:>9.1} \
-             {sink_us:>8.1}",
+            "{target:<8} | {inject:>9.0} {e2e:>9.0} | {:>8.2} {:>8.2} {:>9} | {:>10} \
+             {source_us:>9.1} {sink_us:>8.1}",
             e2e / inject,
             e2e / ceiling,
             x_pf.map_or("-".into(), |x| format!("{x:.1}")),
