@@ -153,6 +153,10 @@ pub struct ClientSession<S: Stream> {
     /// The last transaction did not end with an end-of-data reply: the next one starts with
     /// RSET (a completed transaction leaves the server ready for MAIL, RFC 5321 4.1.1.4).
     needs_rset: bool,
+    /// The next transaction's envelope (`MAIL`, `RCPT`s, `DATA`), written after the last
+    /// content in the same write (RFC 2920), whose replies are still to be read: its sender
+    /// and recipient count, which the next `send` must be for.
+    pending: Option<(String, usize)>,
 }
 
 /// RCPT commands sent in one pipelined write: RFC 2920 §3.1 warns that a server may stop
@@ -190,6 +194,7 @@ impl<S: Stream> ClientSession<S> {
             phases: Phases::default(),
             broken: false,
             needs_rset: false,
+            pending: None,
         };
         let t = Instant::now();
         let banner = s.reply("the banner", setup.timeouts.command).await?;
@@ -281,10 +286,29 @@ impl<S: Stream> ClientSession<S> {
         env: &Envelope<'_>,
         message: &[u8],
     ) -> Result<Delivery, ClientError> {
+        self.send_then(env, message, None).await
+    }
+
+    /// Whether [`Self::send_then`] can write the next transaction's envelope with this one's
+    /// content: the server pipelines and takes the content over DATA.
+    pub fn pipelines_next(&self) -> bool {
+        self.caps.pipelining && !self.caps.chunking && !self.broken
+    }
+
+    /// [`Self::send`], writing `next`'s envelope (`MAIL`, `RCPT`s, `DATA`) in the same write as
+    /// this content's end (RFC 2920: one round trip per transaction over DATA). The next call
+    /// must then be `send` for `next` (same sender and recipients); its replies are read there.
+    /// If this transaction ends before its content is sent, `next` is not written.
+    pub async fn send_then(
+        &mut self,
+        env: &Envelope<'_>,
+        message: &[u8],
+        next: Option<&Envelope<'_>>,
+    ) -> Result<Delivery, ClientError> {
         if self.broken {
             return Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into());
         }
-        let result = self.send_inner(env, message).await;
+        let result = self.send_inner(env, message, next).await;
         if matches!(&result, Err(e) if e.is_connection_failure()) {
             self.broken = true;
         }
@@ -295,14 +319,28 @@ impl<S: Stream> ClientSession<S> {
         &mut self,
         env: &Envelope<'_>,
         message: &[u8],
+        next: Option<&Envelope<'_>>,
     ) -> Result<Delivery, ClientError> {
-        if self.caps.chunking && self.caps.pipelining && env.recipients.len() <= RCPTS_PER_WRITE_MAX
+        let pending = self.pending.take();
+        if let Some((sender, n)) = &pending {
+            if sender != env.sender || *n != env.recipients.len() {
+                // Replies of another envelope are on their way: this one cannot be matched.
+                self.broken = true;
+                let why = "the envelope sent ahead is not this one";
+                return Err(std::io::Error::other(why).into());
+            }
+        }
+        if pending.is_none()
+            && self.caps.chunking
+            && self.caps.pipelining
+            && env.recipients.len() <= RCPTS_PER_WRITE_MAX
         {
             return self.send_one_write(env, message).await;
         }
         let pipelining = self.caps.pipelining;
-        // RSET goes in the envelope's write when the server pipelines.
-        let rset = std::mem::replace(&mut self.needs_rset, true);
+        // RSET goes in the envelope's write when the server pipelines; an envelope sent ahead
+        // followed a completed transaction and needs none.
+        let rset = std::mem::replace(&mut self.needs_rset, true) && pending.is_none();
         if rset && !pipelining {
             self.write(b"RSET\r\n".to_vec()).await?;
             let r = self.reply("the RSET reply", self.timeouts.command).await?;
@@ -329,12 +367,14 @@ impl<S: Stream> ClientSession<S> {
         let mut i = 0;
         while i < lines.len() {
             let end = (i + group).min(lines.len());
-            let mut out = Vec::with_capacity(text.len() + 6);
-            if i == 0 && rset && pipelining {
-                out.extend_from_slice(b"RSET\r\n");
+            if i > 0 || pending.is_none() {
+                let mut out = Vec::with_capacity(text.len() + 6);
+                if i == 0 && rset && pipelining {
+                    out.extend_from_slice(b"RSET\r\n");
+                }
+                out.extend(lines[i..end].iter().flat_map(|l| l.bytes()));
+                self.write(out).await?;
             }
-            out.extend(lines[i..end].iter().flat_map(|l| l.bytes()));
-            self.write(out).await?;
             if i == 0 && rset && pipelining {
                 let r = self.reply("the RSET reply", self.timeouts.command).await?;
                 if r.code == 421 {
@@ -454,6 +494,18 @@ impl<S: Stream> ClientSession<S> {
             }
             let mut out = Vec::new();
             dot_stuff(message, &mut out);
+            // The next envelope rides on the content's last write, if it fits in one group.
+            let ahead = next
+                .filter(|e| {
+                    pipelining && !chunking && e.recipients.len() + 2 <= RCPTS_PER_WRITE_MAX
+                })
+                .and_then(|e| {
+                    let commands = transaction_commands(e, &self.caps, false).ok()?;
+                    Some((commands, e.sender.to_string(), e.recipients.len()))
+                });
+            if let Some((commands, _, _)) = &ahead {
+                out.extend_from_slice(commands);
+            }
             if out.len() <= DATA_WRITE_BYTES {
                 // One write of the buffer as it is (no copy into write pieces).
                 self.write_timed(out, self.timeouts.data_block).await?;
@@ -466,6 +518,12 @@ impl<S: Stream> ClientSession<S> {
                 .await?;
             self.phases.end_of_data = Some(t.elapsed());
             self.needs_rset = false;
+            if r.code == 421 {
+                // Closing: the envelope sent ahead will not be answered.
+                self.broken = true;
+            } else if let Some((_, sender, n)) = ahead {
+                self.pending = Some((sender, n));
+            }
             r
         };
         let replies = rcpt_replies
@@ -586,7 +644,9 @@ impl<S: Stream> ClientSession<S> {
 
     /// Says QUIT and closes (errors ignored: the transactions are already decided).
     pub async fn quit(mut self) {
-        if self.write(b"QUIT\r\n".to_vec()).await.is_ok() {
+        // An envelope sent ahead may have been answered 354: a QUIT now would be content. A
+        // close without the end of data makes the server drop that transaction.
+        if self.pending.is_none() && self.write(b"QUIT\r\n".to_vec()).await.is_ok() {
             let _ = self.reply("the QUIT reply", Duration::from_secs(10)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.conn.shutdown()).await;

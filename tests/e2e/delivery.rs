@@ -797,3 +797,42 @@ fn transactions_after_a_refused_one_start_clean_over_data_and_bdat() {
         );
     }
 }
+
+/// Over DATA to a pipelining server, the next transaction's envelope goes in the same write
+/// as the content's end (RFC 2920): one round trip per message; every message once.
+#[test]
+fn over_data_the_next_envelope_rides_with_the_end_of_the_content() {
+    let port = free_port();
+    let profile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        profile.path(),
+        "[default]\nchunking = false\neod_delay_ms = { dist = \"fixed\", value = 20 }\n",
+    )
+    .unwrap();
+    let sink = Sink::start(
+        &[format!("127.0.0.2:{port}")],
+        &["--profile", profile.path().to_str().unwrap()],
+    );
+    let config = delivery(&format!(
+        "[[route]]\ndomain = \"x.test\"\nhosts = [\"127.0.0.2:{port}\"]\nconnections_max = 1\n"
+    ));
+    let d = Daemon::start("epoll", &config);
+    let msgs: Vec<(&str, Vec<String>)> = (0..60)
+        .map(|i| ("s@origin.test", vec![format!("r{i}@x.test")]))
+        .collect();
+    assert_eq!(send_messages(d.port, &msgs), 60);
+    let records = sink.wait_until(30, "60 deliveries", |r| r.len() >= 60);
+    let mut got = rcpts(&records);
+    got.sort();
+    got.dedup();
+    assert_eq!((records.len(), got.len()), (60, 60), "each once");
+    let stats = sink.stats();
+    let ahead = stats["pipelined_after_content"].as_u64().unwrap();
+    // The queue builds up behind one connection at 20 ms a message: most go ahead.
+    assert!(
+        ahead >= 30,
+        "{ahead} of 60 envelopes went with the last content: {stats}"
+    );
+    let log = log_of(&d);
+    assert!(log.iter().all(|l| l["outcome"] == "delivered"), "{log:?}");
+}

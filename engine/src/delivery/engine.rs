@@ -147,6 +147,27 @@ enum ConnEnd {
     Reconnect { next_host: bool },
 }
 
+/// After one transaction: go on (with the job whose envelope went ahead, if any), or end.
+enum Step {
+    Next(Option<Job>),
+    End(ConnEnd),
+}
+
+/// What the delivery log says about an attempt on this connection.
+fn attempt_info(
+    host: &Host,
+    source: &Option<String>,
+    tls: &Option<(String, String)>,
+) -> AttemptInfo {
+    AttemptInfo {
+        host: Some(host.name.clone()),
+        ip: Some(host.addr.ip()),
+        source: source.clone(),
+        tls: tls.clone(),
+        started: Some(Instant::now()),
+    }
+}
+
 /// The delivery side of one shard.
 pub struct Deliverer<S: Dial> {
     shard: u16,
@@ -1067,19 +1088,49 @@ impl<S: Dial + 'static> Deliverer<S> {
         let path = slot.path();
         let tls = session.tls_info();
         let mut sent = 0u32;
+        // A job whose envelope was written ahead with the last content (its rate token taken,
+        // its recipients checked against the suppression list): sent next, or put back.
+        let mut ahead: Option<Job> = None;
         loop {
-            if sent >= policy.msgs_per_connection_max {
-                session.quit().await;
-                return ConnEnd::Reconnect { next_host: false };
-            }
-            if self.stopping() {
-                session.quit().await;
-                return ConnEnd::Done;
-            }
-            if slot.shed() {
+            let closing = if sent >= policy.msgs_per_connection_max {
+                Some(ConnEnd::Reconnect { next_host: false })
+            } else if self.stopping() {
+                Some(ConnEnd::Done)
+            } else if slot.shed() {
                 // Backoff cut the path's connections: this one closes.
+                Some(ConnEnd::Done)
+            } else {
+                None
+            };
+            if let Some(end) = closing {
+                if let Some(job) = ahead.take() {
+                    self.requeue_front(domain, job);
+                }
                 session.quit().await;
-                return ConnEnd::Done;
+                return end;
+            }
+            let room = sent + 1 < policy.msgs_per_connection_max;
+            if let Some(mut job) = ahead.take() {
+                // Read a moment ago; if it moved since, the envelope sent ahead cannot be
+                // followed: the connection ends (the server drops that transaction).
+                let Some(mref) = self.read_job(domain, &job) else {
+                    session.quit().await;
+                    return ConnEnd::Reconnect { next_host: false };
+                };
+                let Ok(msg) = mref.message() else {
+                    session.quit().await;
+                    return ConnEnd::Reconnect { next_host: false };
+                };
+                let info = attempt_info(host, &source, &tls);
+                let sent_ahead = self
+                    .transact(domain, &mut session, path, &mut job, &msg, &info, room)
+                    .await;
+                sent += 1;
+                match sent_ahead {
+                    Step::Next(next) => ahead = next,
+                    Step::End(end) => return end,
+                }
+                continue;
             }
             let Some(mut job) = self.pop_job(domain) else {
                 // Another domain of the provider waits for this source's slots: make room.
@@ -1110,13 +1161,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 }
                 continue;
             }
-            let info = AttemptInfo {
-                host: Some(host.name.clone()),
-                ip: Some(host.addr.ip()),
-                source: source.clone(),
-                tls: tls.clone(),
-                started: Some(Instant::now()),
-            };
+            let info = attempt_info(host, &source, &tls);
             let Some(mref) = self.read_job(domain, &job) else {
                 continue;
             };
@@ -1124,76 +1169,165 @@ impl<S: Dial + 'static> Deliverer<S> {
             if !self.drop_suppressed(&mut job, &msg).await {
                 continue;
             }
-            let env = envelope(&msg, &job);
-            let t = Instant::now();
-            let result = session.send(&env, msg.body).await;
-            let micros = t.elapsed().as_micros() as u64;
-            self.metrics.record(self.shard, Hist::Transaction, micros);
-            if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
-                q.observe_transaction(micros);
-            }
-            self.record_phases(&session.phases);
-            drop(env);
+            let step = self
+                .transact(domain, &mut session, path, &mut job, &msg, &info, room)
+                .await;
             sent += 1;
-            match result {
-                Ok(delivery) => {
-                    if delivery.replies.iter().any(|r| r.is_positive()) {
-                        self.metrics.inc(Counter::BytesOut, msg.body.len() as u64);
-                    }
-                    if let Some(r) = delivery.replies.iter().find(|r| r.code >= 400) {
-                        self.observe_backoff(path, r);
-                    }
-                    let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
-                    if saw_421 && !job.failed_over {
-                        // The host is going away: the recipients it answered 421 go to the next
-                        // host first; the others' replies stand (never resend after a 2xx).
-                        let (again, settled): (Vec<_>, Vec<_>) = job
-                            .rcpts
-                            .iter()
-                            .zip(&delivery.replies)
-                            .partition(|(_, r)| r.code == 421);
-                        if !settled.is_empty() {
-                            let part = Job {
-                                rcpts: settled.iter().map(|(r, _)| **r).collect(),
-                                ..job.clone()
-                            };
-                            let verdicts = settled
-                                .iter()
-                                .map(|(_, r)| Verdict::from_reply(r))
-                                .collect();
-                            self.settle(domain, &part, &msg, verdicts, &info).await;
-                        }
-                        job.rcpts = again.iter().map(|(r, _)| **r).collect();
-                        job.failed_over = true;
-                        self.requeue_front(domain, job);
-                        return ConnEnd::Reconnect { next_host: true };
-                    }
-                    let verdicts = delivery.replies.iter().map(Verdict::from_reply).collect();
-                    self.settle(domain, &job, &msg, verdicts, &info).await;
-                    if saw_421 || !session.is_reusable() {
-                        return ConnEnd::Reconnect { next_host: saw_421 };
-                    }
-                }
-                Err(ClientError::Envelope(e)) => {
-                    let v = match e {
-                        EnvelopeError::TooBig { .. } => Verdict::local(552, "5.3.4", &e),
-                        EnvelopeError::NeedsSmtputf8 => Verdict::local(553, "5.6.7", &e),
-                        _ => Verdict::local(553, "5.1.3", &e),
-                    };
-                    let n = job.rcpts.len();
-                    self.settle(domain, &job, &msg, vec![v; n], &info).await;
-                    if !session.is_reusable() {
-                        return ConnEnd::Reconnect { next_host: false };
-                    }
-                }
-                Err(e) => {
-                    let v = Verdict::local(451, "4.4.2", format!("{}: {e}", host.name));
-                    let n = job.rcpts.len();
-                    self.settle(domain, &job, &msg, vec![v; n], &info).await;
-                    return ConnEnd::Reconnect { next_host: false };
-                }
+            match step {
+                Step::Next(next) => ahead = next,
+                Step::End(end) => return end,
             }
         }
+    }
+
+    /// Sends one job on the session and settles its outcome. Over DATA to a pipelining server,
+    /// when the connection has `room` for another transaction, the next ready job (if its rate
+    /// allows it now) has its envelope written with this content's end and is returned to be
+    /// sent next; on any end of the connection it is put back first.
+    #[allow(clippy::too_many_arguments)]
+    async fn transact(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        session: &mut ClientSession<S>,
+        path: &Path,
+        job: &mut Job,
+        msg: &Message<'_>,
+        info: &AttemptInfo,
+        room: bool,
+    ) -> Step {
+        let env = envelope(msg, job);
+        let next = if room && session.pipelines_next() && !self.stopping() {
+            self.prepare_ahead(domain, path).await
+        } else {
+            None
+        };
+        let next_msg = next.as_ref().and_then(|(_, m)| m.message().ok());
+        let next_env = next
+            .as_ref()
+            .zip(next_msg.as_ref())
+            .map(|((j, _), m)| envelope(m, j));
+        let t = Instant::now();
+        let result = session.send_then(&env, msg.body, next_env.as_ref()).await;
+        let micros = t.elapsed().as_micros() as u64;
+        drop(next_env);
+        drop(next_msg);
+        let ahead = next.map(|(j, _)| j);
+        self.metrics.record(self.shard, Hist::Transaction, micros);
+        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+            q.observe_transaction(micros);
+        }
+        self.record_phases(&session.phases);
+        drop(env);
+        let end = self
+            .settle_result(domain, session, path, job, msg, info, result)
+            .await;
+        match end {
+            None => Step::Next(ahead),
+            Some(end) => {
+                if let Some(j) = ahead {
+                    self.requeue_front(domain, j);
+                }
+                Step::End(end)
+            }
+        }
+    }
+
+    /// The next ready job, for its envelope to go ahead: only if its rate has a token now;
+    /// its message read and its suppressed recipients cancelled.
+    async fn prepare_ahead(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        path: &Path,
+    ) -> Option<(Job, MessageRef)> {
+        let mut job = self.pop_job(domain)?;
+        if self
+            .rate_wait(domain)
+            .or_else(|| path.take(now_micros()).err())
+            .is_some()
+        {
+            self.requeue_front(domain, job);
+            return None;
+        }
+        let mref = self.read_job(domain, &job)?;
+        let keep = match mref.message() {
+            Ok(msg) => self.drop_suppressed(&mut job, &msg).await,
+            Err(_) => false,
+        };
+        keep.then_some((job, mref))
+    }
+
+    /// Settles one transaction's result; `Some` when the connection is done with.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_result(
+        self: &Rc<Self>,
+        domain: &Rc<str>,
+        session: &ClientSession<S>,
+        path: &Path,
+        job: &mut Job,
+        msg: &Message<'_>,
+        info: &AttemptInfo,
+        result: Result<smtp_client::Delivery, ClientError>,
+    ) -> Option<ConnEnd> {
+        let host = info.host.as_deref().unwrap_or("");
+        match result {
+            Ok(delivery) => {
+                if delivery.replies.iter().any(|r| r.is_positive()) {
+                    self.metrics.inc(Counter::BytesOut, msg.body.len() as u64);
+                }
+                if let Some(r) = delivery.replies.iter().find(|r| r.code >= 400) {
+                    self.observe_backoff(path, r);
+                }
+                let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
+                if saw_421 && !job.failed_over {
+                    // The host is going away: the recipients it answered 421 go to the next
+                    // host first; the others' replies stand (never resend after a 2xx).
+                    let (again, settled): (Vec<_>, Vec<_>) = job
+                        .rcpts
+                        .iter()
+                        .zip(&delivery.replies)
+                        .partition(|(_, r)| r.code == 421);
+                    if !settled.is_empty() {
+                        let part = Job {
+                            rcpts: settled.iter().map(|(r, _)| **r).collect(),
+                            ..job.clone()
+                        };
+                        let verdicts = settled
+                            .iter()
+                            .map(|(_, r)| Verdict::from_reply(r))
+                            .collect();
+                        self.settle(domain, &part, msg, verdicts, info).await;
+                    }
+                    job.rcpts = again.iter().map(|(r, _)| **r).collect();
+                    job.failed_over = true;
+                    self.requeue_front(domain, job.clone());
+                    return Some(ConnEnd::Reconnect { next_host: true });
+                }
+                let verdicts = delivery.replies.iter().map(Verdict::from_reply).collect();
+                self.settle(domain, job, msg, verdicts, info).await;
+                if saw_421 || !session.is_reusable() {
+                    return Some(ConnEnd::Reconnect { next_host: saw_421 });
+                }
+            }
+            Err(ClientError::Envelope(e)) => {
+                let v = match e {
+                    EnvelopeError::TooBig { .. } => Verdict::local(552, "5.3.4", &e),
+                    EnvelopeError::NeedsSmtputf8 => Verdict::local(553, "5.6.7", &e),
+                    _ => Verdict::local(553, "5.1.3", &e),
+                };
+                let n = job.rcpts.len();
+                self.settle(domain, job, msg, vec![v; n], info).await;
+                if !session.is_reusable() {
+                    return Some(ConnEnd::Reconnect { next_host: false });
+                }
+            }
+            Err(e) => {
+                let v = Verdict::local(451, "4.4.2", format!("{host}: {e}"));
+                let n = job.rcpts.len();
+                self.settle(domain, job, msg, vec![v; n], info).await;
+                return Some(ConnEnd::Reconnect { next_host: false });
+            }
+        }
+        None
     }
 
     /// Gives a freed connection slot of a provider path to the queue of this shard that has

@@ -104,6 +104,9 @@ struct Counters {
     rate_limited: AtomicU64,
     /// MAIL commands answered by a peer table's deferral.
     deferred_by_profile: AtomicU64,
+    /// Messages over DATA whose end came with the next commands in the same read (a client
+    /// pipelining the next transaction after the content, RFC 2920).
+    pipelined_after_content: AtomicU64,
     disconnects: AtomicU64,
     /// Messages refused for content no conforming client sends (bare CR or LF, NUL, long
     /// lines): the sender is broken.
@@ -274,6 +277,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "refused_connections": c.refused_connections.load(Ordering::Relaxed),
         "rate_limited": c.rate_limited.load(Ordering::Relaxed),
         "deferred_by_profile": c.deferred_by_profile.load(Ordering::Relaxed),
+        "pipelined_after_content": c.pipelined_after_content.load(Ordering::Relaxed),
         "disconnects": c.disconnects.load(Ordering::Relaxed),
         "bad_content": c.bad_content.load(Ordering::Relaxed),
         "transactions_per_connection_max":
@@ -538,6 +542,7 @@ fn serve_thread(shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>) {
                             tls: false,
                             peer,
                             ehlo: String::new(),
+                            after_content: false,
                         };
                         let _ = session(&shared, conn, n, listener).await;
                     });
@@ -559,6 +564,8 @@ struct Conn {
     /// The client's address, and the name it gave in EHLO/HELO (recorded per transaction).
     peer: SocketAddr,
     ehlo: String,
+    /// The last content's end came with more bytes in the same read.
+    after_content: bool,
 }
 
 impl Conn {
@@ -627,6 +634,7 @@ impl Conn {
             match reader.feed(&self.buf, &mut body) {
                 Progress::Done { consumed } => {
                     self.buf.drain(..consumed);
+                    self.after_content = !self.buf.is_empty();
                     return Ok(Some(reader.error().map_or(Ok(body), Err)));
                 }
                 Progress::NeedMore => {
@@ -769,6 +777,7 @@ async fn converse(
                     tls: true,
                     peer: c.peer,
                     ehlo: String::new(),
+                    after_content: false,
                 };
                 txn = Txn::default();
             }
@@ -850,7 +859,15 @@ async fn converse(
                 c.flush().await?;
                 let body = match c.data().await? {
                     None => return Ok(()),
-                    Some(Ok(body)) => body,
+                    Some(Ok(body)) => {
+                        if c.after_content {
+                            shared
+                                .counters
+                                .pipelined_after_content
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        body
+                    }
                     Some(Err(e)) => {
                         shared.counters.bad_content.fetch_add(1, Ordering::Relaxed);
                         txn = Txn::default();
