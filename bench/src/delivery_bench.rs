@@ -84,7 +84,14 @@ struct Args {
     peer_messages: usize,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The sink of the workloads: `saida-sink` (CHUNKING, latency from its timestamps) or
+    /// Postfix's `smtp-sink` (PIPELINING without CHUNKING: saida's DATA path; no latency).
+    #[arg(long, default_value = "saida-sink")]
+    sink: String,
 }
+
+/// The sink every workload run delivers to (`--sink`).
+static SINK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 struct Workload {
     name: &'static str,
@@ -150,6 +157,10 @@ fn main() -> anyhow::Result<()> {
     if args.compare.as_deref().is_some_and(|c| c != "postfix") {
         bail!("--compare takes `postfix`");
     }
+    if !["saida-sink", "smtp-sink"].contains(&args.sink.as_str()) {
+        bail!("--sink takes `saida-sink` or `smtp-sink`");
+    }
+    let _ = SINK.set(args.sink.clone());
     let root = repo_root()?;
     // The binaries beside this one: the same build profile (release for real numbers; the CI
     // smoke test runs the debug build).
@@ -409,15 +420,28 @@ fn run_target(
     let sink_port = free_port()?;
     let sink_addr = format!("127.0.0.2:{sink_port}");
     let stats = dir.path().join("sink.json");
-    let sink = Command::new(bin.join("saida-sink"))
-        .args(["--listen", &sink_addr, "--stats"])
-        .arg(&stats)
-        .args(["--delay-eod-ms", &w.eod_delay_ms.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("saida-sink")?;
-    let _sink = KillOnDrop(sink);
-    wait_addr(&sink_addr)?;
+    let counter = dir.path().join("smtp-sink.out");
+    let smtp_sink = SINK.get().is_some_and(|s| s == "smtp-sink");
+    let _sink = if smtp_sink {
+        if w.eod_delay_ms > 0 {
+            bail!(
+                "{}: smtp-sink cannot delay its replies by milliseconds",
+                w.name
+            );
+        }
+        real_peers::start_smtp_sink(&sink_addr, &counter)?
+    } else {
+        let sink = Command::new(bin.join("saida-sink"))
+            .args(["--listen", &sink_addr, "--stats"])
+            .arg(&stats)
+            .args(["--delay-eod-ms", &w.eod_delay_ms.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("saida-sink")?;
+        let guard = KillOnDrop(sink);
+        wait_addr(&sink_addr)?;
+        guard
+    };
     let mut saida_pid = None;
     let mut _saida = None;
     let (name, port) = match target {
@@ -460,11 +484,18 @@ fn run_target(
     // Wait until the sink has every recipient (or nothing moved for 60 s).
     let mut last = (0, Instant::now());
     let s = loop {
-        let s: serde_json::Value = std::fs::read_to_string(&stats)
+        let mut s: serde_json::Value = std::fs::read_to_string(&stats)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        let got = s["recipients"].as_u64().unwrap_or(0) as usize;
+        let got = if smtp_sink {
+            // smtp-sink counts messages, not recipients; the end is when it counted the last.
+            let got = real_peers::sink_count(&counter);
+            s = serde_json::json!({ "last_message_unix_us": unix_micros() });
+            got
+        } else {
+            s["recipients"].as_u64().unwrap_or(0) as usize
+        };
         if got >= n * w.rcpts {
             break s;
         }
@@ -473,7 +504,7 @@ fn run_target(
         } else if last.1.elapsed() > Duration::from_secs(60) {
             bail!("{name}: stalled at {got} of {n} delivered");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(if smtp_sink { 5 } else { 50 }));
     };
     let end_us = s["last_message_unix_us"].as_u64().unwrap_or(start_us);
     let e2e = n as f64 / ((end_us.saturating_sub(start_us)) as f64 / 1e6).max(1e-6);

@@ -28,7 +28,7 @@ struct Run {
 }
 
 /// `smtp-sink -c` on `addr`, its counter lines going to `out`.
-fn start_smtp_sink(addr: &str, out: &Path) -> anyhow::Result<KillOnDrop> {
+pub(crate) fn start_smtp_sink(addr: &str, out: &Path) -> anyhow::Result<KillOnDrop> {
     let file = std::fs::File::create(out)?;
     let child = Command::new("smtp-sink")
         .args(["-c", "-u", "nobody", addr, "1024"])
@@ -48,7 +48,7 @@ fn start_smtp_sink(addr: &str, out: &Path) -> anyhow::Result<KillOnDrop> {
 }
 
 /// The last `mesg=N` that `smtp-sink -c` printed.
-fn sink_count(out: &Path) -> usize {
+pub(crate) fn sink_count(out: &Path) -> usize {
     let text = std::fs::read(out).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     text.rsplit("mesg=")
