@@ -373,7 +373,10 @@ impl<S: Stream> ClientSession<S> {
                     out.extend_from_slice(b"RSET\r\n");
                 }
                 out.extend(lines[i..end].iter().flat_map(|l| l.bytes()));
-                self.write(out).await?;
+                if let Err(e) = self.write(out).await {
+                    // A server that answered a RCPT 421 may close before this write.
+                    return self.closed_after(closing, e, n);
+                }
             }
             if i == 0 && rset && pipelining {
                 let r = self.reply("the RSET reply", self.timeouts.command).await?;
@@ -454,7 +457,9 @@ impl<S: Stream> ClientSession<S> {
             r
         } else {
             if !self.caps.pipelining && proceed {
-                self.write(b"DATA\r\n".to_vec()).await?;
+                if let Err(e) = self.write(b"DATA\r\n".to_vec()).await {
+                    return self.closed_after(closing, e, n);
+                }
             }
             if !self.caps.pipelining && !proceed {
                 return Ok(Delivery {

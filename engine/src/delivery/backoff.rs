@@ -328,7 +328,10 @@ impl Backoff {
             let until = now + rule.suspend_secs * 1_000_000;
             self.suspended_until_micros = self.suspended_until_micros.max(until);
         }
-        self.level = (self.level * rule.factor).max(rule.floor).min(1.0);
+        // Never up: a rule with a higher floor leaves a deeper cut as it is.
+        self.level = (self.level * rule.factor)
+            .max(rule.floor.min(self.level))
+            .min(1.0);
         self.next_ramp_micros = self.suspended_until_micros.max(now) + self.ramp_secs * 1_000_000;
         true
     }
@@ -519,6 +522,13 @@ mod tests {
         assert_eq!(b.level, 0.25, "the floor");
         assert!(b.matched(&r, "421 again", 104 * S));
         assert_eq!(b.level, 0.25, "never under the floor");
+        let higher_floor = BackoffRule {
+            floor: 0.5,
+            ..r.clone()
+        };
+        let mut deep = b.clone();
+        deep.matched(&higher_floor, "421", 106 * S);
+        assert_eq!(deep.level, 0.25, "a cut never raises the limits");
         assert_eq!(b.connections_max(), 2);
         // Suspended until 109 s; a step every 10 s after that: 0.5 at 119 s, 1 (over) at 129 s.
         assert!(b.refresh(110 * S) && b.level == 0.25 && !b.suspended(110 * S));

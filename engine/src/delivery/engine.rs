@@ -1111,6 +1111,13 @@ impl<S: Dial + 'static> Deliverer<S> {
             }
             let room = sent + 1 < policy.msgs_per_connection_max;
             if let Some(mut job) = ahead.take() {
+                if path.suspended(now_micros()) {
+                    // The last reply suspended the path: the job sent ahead waits with the
+                    // rest; the close drops its envelope at the server.
+                    self.requeue_front(domain, job);
+                    session.quit().await;
+                    return ConnEnd::Done;
+                }
                 // Read a moment ago; if it moved since, the envelope sent ahead cannot be
                 // followed: the connection ends (the server drops that transaction).
                 let Some(mref) = self.read_job(domain, &job) else {
@@ -1213,8 +1220,11 @@ impl<S: Dial + 'static> Deliverer<S> {
         drop(next_msg);
         let ahead = next.map(|(j, _)| j);
         self.metrics.record(self.shard, Hist::Transaction, micros);
-        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
-            q.observe_transaction(micros);
+        if result.is_ok() {
+            // Answered transactions only: a timeout says nothing of how fast the peer is.
+            if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                q.observe_transaction(micros);
+            }
         }
         self.record_phases(&session.phases);
         drop(env);
@@ -1274,8 +1284,13 @@ impl<S: Dial + 'static> Deliverer<S> {
                 if delivery.replies.iter().any(|r| r.is_positive()) {
                     self.metrics.inc(Counter::BytesOut, msg.body.len() as u64);
                 }
-                if let Some(r) = delivery.replies.iter().find(|r| r.code >= 400) {
-                    self.observe_backoff(path, r);
+                // Each distinct failure reply may carry its own "slow down".
+                let mut seen: Vec<&smtp_proto::client::ServerReply> = Vec::new();
+                for r in delivery.replies.iter().filter(|r| r.code >= 400) {
+                    if !seen.contains(&r) {
+                        self.observe_backoff(path, r);
+                        seen.push(r);
+                    }
                 }
                 let saw_421 = delivery.replies.iter().any(|r| r.code == 421);
                 if saw_421 && !job.failed_over {

@@ -169,6 +169,16 @@ impl Path {
         })
     }
 
+    /// Whether the path is suspended by backoff now.
+    pub fn suspended(&self, now: u64) -> bool {
+        if !self.in_backoff.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut st = lock(&self.state);
+        self.refresh(&mut st, now);
+        st.backoff.as_ref().is_some_and(|(b, _)| b.suspended(now))
+    }
+
     /// Whether a connection was refused a slot within the last second: an idle connection of
     /// the path should close and make room.
     pub fn contended(&self, now_micros: u64) -> bool {
