@@ -59,7 +59,7 @@ pub(crate) fn sink_count(out: &Path) -> usize {
 
 /// smtp-source, `conns` sessions, `n` messages of 2 KB to `target`; (wall seconds, CPU seconds
 /// of smtp-source from the shell's `times`).
-fn smtp_source(target: &str, conns: usize, n: usize) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn smtp_source(target: &str, conns: usize, n: usize) -> anyhow::Result<(f64, f64)> {
     let t = Instant::now();
     let out = Command::new("bash")
         .args([

@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use saida_bench::{KillOnDrop, free_port, wait_port};
@@ -40,26 +39,8 @@ fn start_sink(bin: &Path, kind: SinkKind, port: u16) -> anyhow::Result<KillOnDro
 
 /// smtp-source: `conns` sessions in parallel, `n` messages of 2 KB; messages per second.
 fn smtp_source(port: u16, conns: usize, n: usize) -> anyhow::Result<f64> {
-    let t = Instant::now();
-    let status = Command::new("smtp-source")
-        .args([
-            "-d",
-            "-s",
-            &conns.to_string(),
-            "-m",
-            &n.to_string(),
-            "-l",
-            "2048",
-        ])
-        .args(["-f", "bench@origin.test", "-t", "user@d0.test"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .status()
-        .context("smtp-source")?;
-    if !status.success() {
-        bail!("smtp-source failed: {status}");
-    }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    let (wall, _cpu) = crate::real_peers::smtp_source(&format!("127.0.0.1:{port}"), conns, n)?;
+    Ok(n as f64 / wall)
 }
 
 /// saida-blast, closed loop, one client thread like smtp-source's single process.
