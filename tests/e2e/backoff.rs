@@ -208,7 +208,7 @@ fn a_long_suspension_is_listed_survives_a_restart_and_is_cancelled() {
     // The shipped rule (yahoo-tss) suspends for 15 minutes.
     let config = format!(
         "[admin]\naddress = \"{admin}\"\ntoken = \"{token}\"\n\n\
-         [delivery]\nenabled = true\nretry_delays_secs = [1]\n\n\
+         [delivery]\nenabled = true\nlog_dir = \"{{dir}}/dlog\"\nretry_delays_secs = [1]\n\n\
          [[provider]]\nname = \"bigmail\"\ndomains = [\"b.test\"]\n\n\
          [[route]]\ndomain = \"b.test\"\nhosts = [\"127.0.0.9:{port}\"]\n"
     );
