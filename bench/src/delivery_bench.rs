@@ -84,6 +84,10 @@ struct Args {
     peer_messages: usize,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// With --peer: saida's route to the sink has `spread_over_shards = true` (the one hot
+    /// destination is delivered by every shard).
+    #[arg(long)]
+    spread: bool,
     /// The sink of the workloads: `saida-sink` (CHUNKING, latency from its timestamps) or
     /// Postfix's `smtp-sink` (PIPELINING without CHUNKING: saida's DATA path; no latency).
     #[arg(long, default_value = "saida-sink")]
@@ -189,6 +193,7 @@ fn main() -> anyhow::Result<()> {
             args.peer_messages,
             args.connections,
             args.rounds,
+            args.spread,
         );
     }
     if let Some(rounds) = args.dkim {

@@ -103,7 +103,14 @@ fn ticks(pid: u32) -> u64 {
 }
 
 /// One run of `target` (`ceiling`, `saida` or `postfix`).
-fn run(bin: &Path, root: &Path, target: &str, n: usize, conns: usize) -> anyhow::Result<Run> {
+fn run(
+    bin: &Path,
+    root: &Path,
+    target: &str,
+    n: usize,
+    conns: usize,
+    spread: bool,
+) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
     let sink_addr = format!("127.0.0.2:{}", free_port()?);
     let counter = dir.path().join("smtp-sink.out");
@@ -120,7 +127,7 @@ fn run(bin: &Path, root: &Path, target: &str, n: usize, conns: usize) -> anyhow:
                 port,
                 &sink_addr,
                 "[admin]\naddress = \"\"\n",
-                "connections_max = 50\n",
+                &format!("connections_max = 50\nspread_over_shards = {spread}\n"),
             )?;
             saida = Some(child);
             format!("127.0.0.1:{port}")
@@ -178,6 +185,7 @@ pub fn peers_bench(
     n: usize,
     conns: usize,
     rounds: usize,
+    spread: bool,
 ) -> anyhow::Result<()> {
     let postfix = Command::new("sh")
         .args(["-c", "command -v postfix"])
@@ -199,7 +207,7 @@ pub fn peers_bench(
             } else {
                 n
             };
-            done.push(run(bin, root, target, m, conns)?);
+            done.push(run(bin, root, target, m, conns, spread)?);
         }
     }
     let median = |v: Vec<f64>| {

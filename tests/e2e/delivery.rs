@@ -836,3 +836,50 @@ fn over_data_the_next_envelope_rides_with_the_end_of_the_content() {
     let log = log_of(&d);
     assert!(log.iter().all(|l| l["outcome"] == "delivered"), "{log:?}");
 }
+
+/// A route with `spread_over_shards` is delivered by the shard that accepted each message:
+/// one hot domain's mail leaves from both shards (each writes its own delivery log), each
+/// message once. Without it, the domain's one owner shard delivers everything.
+#[test]
+fn a_spread_destination_is_delivered_by_every_shard() {
+    for spread in [true, false] {
+        let port = free_port();
+        let sink = Sink::start(&[format!("127.0.0.2:{port}")], &[]);
+        let config = delivery(&format!(
+            "[[route]]\ndomain = \"hot.test\"\nhosts = [\"127.0.0.2:{port}\"]\n\
+             spread_over_shards = {spread}\n"
+        ));
+        let d = Daemon::start("epoll", &config);
+        // 20 client connections, spread by the kernel over both shards' listeners (all on
+        // one shard: a chance of 2 in a million).
+        let msgs: Vec<(&str, Vec<String>)> = (0..40)
+            .map(|i| ("s@origin.test", vec![format!("r{i}@hot.test")]))
+            .collect();
+        std::thread::scope(|s| {
+            for chunk in msgs.chunks(2) {
+                s.spawn(|| assert_eq!(send_messages(d.port, chunk), 2));
+            }
+        });
+        let records = sink.wait_until(30, "40 deliveries", |r| r.len() >= 40);
+        let mut got = rcpts(&records);
+        got.sort();
+        got.dedup();
+        assert_eq!((records.len(), got.len()), (40, 40), "each once");
+        let log = wait_log(&d, "40 outcomes", |l| l.len() >= 40);
+        assert_eq!(log.len(), 40);
+        let per_shard = |n: usize| {
+            let f = d.dir.path().join("log").join(format!("delivery-{n}.jsonl"));
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let (s0, s1) = (per_shard(0), per_shard(1));
+        assert_eq!(s0 + s1, 40);
+        if spread {
+            assert!(s0 > 0 && s1 > 0, "both shards deliver: {s0} + {s1}");
+        } else {
+            assert!(s0 == 0 || s1 == 0, "one owner shard: {s0} + {s1}");
+        }
+    }
+}

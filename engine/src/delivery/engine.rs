@@ -1845,7 +1845,8 @@ impl<S: Dial + 'static> Deliverer<S> {
                 let suspend = matches!(req, Request::Suspend(_));
                 let d = d.to_ascii_lowercase();
                 let owner = crate::mesh::route::owner_shard(&d, self.router.shards());
-                if owner == self.shard as usize {
+                // A spread destination has queues on every shard: each keeps the state.
+                if owner == self.shard as usize || self.router.is_spread(&d) {
                     // The destination's own queue keeps the saved state; its tenants' queues
                     // follow it.
                     let key: Rc<str> = d.as_str().into();

@@ -57,6 +57,9 @@ macro_rules! with_limits {
             pub tls: Option<TlsMode>,
             /// The `[[pool]]` connections leave from; none = the kernel's address.
             pub pool: Option<String>,
+            /// Deliver from the shard that accepted each message instead of the domain's one
+            /// owner shard (a hot destination on every core; its limits then apply per shard).
+            pub spread_over_shards: Option<bool>,
         }
 
         impl $name {
@@ -78,6 +81,7 @@ macro_rules! with_limits {
                     max_age_secs: self.max_age_secs,
                     tls: self.tls,
                     pool: self.pool.clone(),
+                    spread_over_shards: self.spread_over_shards,
                 }
             }
         }
@@ -160,6 +164,7 @@ impl Default for DeliveryConfig {
             max_age_secs: None,
             tls: None,
             pool: None,
+            spread_over_shards: None,
         }
     }
 }
@@ -237,6 +242,8 @@ pub struct DomainPolicy {
     pub tls: TlsPolicy,
     /// The egress pool new connections pick their source from.
     pub pool: Option<String>,
+    /// Delivered by the accepting shard, not by the domain's owner shard.
+    pub spread_over_shards: bool,
 }
 
 /// Defaults of `[delivery]` keys, safe for large providers: few connections per destination,
@@ -283,6 +290,9 @@ fn apply(base: &DomainPolicy, l: &Limits) -> Result<DomainPolicy, (String, Strin
             check(key, v.into(), 1, 10_000_000)?;
             *slot = Some(v);
         }
+    }
+    if let Some(v) = l.spread_over_shards {
+        p.spread_over_shards = v;
     }
     if let Some(v) = l.connect_timeout_secs {
         check("connect_timeout_secs", v, 1, 600)?;
@@ -358,6 +368,7 @@ impl DeliveryPolicies {
             schedule: RetrySchedule::default(),
             tls: TlsPolicy::Opportunistic,
             pool: None,
+            spread_over_shards: false,
         };
         let defaults =
             apply(&builtin, &delivery.limits()).map_err(|(k, m)| (format!("delivery.{k}"), m))?;

@@ -126,6 +126,8 @@ pub struct Router {
     pub stats: Arc<RouterStats>,
     /// Recipients in memory across shards beyond which new mail is refused with 452.
     queued_rcpts_max: usize,
+    /// Destinations delivered by the shard that accepted each message (`spread_over_shards`).
+    spread: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 impl Router {
@@ -139,13 +141,36 @@ impl Router {
                 senders,
                 stats: Arc::default(),
                 queued_rcpts_max,
+                spread: Arc::new(|_| false),
             },
             receivers,
         )
     }
 
+    /// Destinations for which `spread` holds are delivered by the shard hosting the spool that
+    /// accepted each message.
+    pub fn with_spread(mut self, spread: Arc<dyn Fn(&str) -> bool + Send + Sync>) -> Router {
+        self.spread = spread;
+        self
+    }
+
     pub fn shards(&self) -> usize {
         self.senders.len()
+    }
+
+    /// The shard that delivers to `domain` the recipients of a message in spool `spool`: the
+    /// domain's owner, or for a spread destination the spool's host.
+    pub fn deliverer_of(&self, domain: &str, spool: u16) -> usize {
+        if (self.spread)(domain) {
+            self.host_of(spool)
+        } else {
+            route::owner_shard(domain, self.senders.len())
+        }
+    }
+
+    /// Whether `domain` is delivered by every shard (its own mail each).
+    pub fn is_spread(&self, domain: &str) -> bool {
+        (self.spread)(domain)
     }
 
     /// The shard hosting spool `spool`: its own shard, or the adopter of a spool left by a
@@ -242,7 +267,7 @@ impl Router {
         let shards = self.senders.len();
         let mut by_owner: Vec<Vec<HandoffRcpt>> = vec![Vec::new(); shards];
         for (addr, r) in rcpts {
-            by_owner[route::owner_shard(route::domain_of(addr), shards)].push(*r);
+            by_owner[self.deliverer_of(route::domain_of(addr), spool_shard)].push(*r);
         }
         for (owner, rcpts) in by_owner
             .into_iter()

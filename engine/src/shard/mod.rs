@@ -208,6 +208,13 @@ impl Server {
         let shards = config.shard_count();
         let queued_max = config.delivery.queued_rcpts_max.saturating_mul(shards);
         let (router, inboxes) = Router::new(shards, queued_max);
+        // Routes with `spread_over_shards`: delivered by the accepting shard.
+        let policies =
+            crate::delivery::policy::DeliveryPolicies::new(&config.delivery, &config.routes)
+                .map_err(|(k, m)| anyhow::anyhow!("{k}: {m}"))?;
+        let router = router.with_spread(Arc::new(move |domain: &str| {
+            policies.for_domain(domain).spread_over_shards
+        }));
         let orphans = orphan_spools(&config.spool.dir, shards)?;
         let slots = orphans
             .iter()
@@ -1070,13 +1077,12 @@ fn reoffer(
     let Some(h) = recovered_handoff(&spool.borrow(), shard, queue_id) else {
         return;
     };
-    let shards = router.shards();
     let (queue_id, base, received) = (h.0, h.1, h.2);
     let rcpts: Vec<HandoffRcpt> =
         h.3.into_iter()
             .filter(|(a, r)| {
                 wanted.contains(&r.index)
-                    && route::owner_shard(route::domain_of(a), shards) == owner as usize
+                    && router.deliverer_of(route::domain_of(a), shard) == owner as usize
             })
             .map(|(_, r)| r)
             .collect();
