@@ -1110,7 +1110,8 @@ impl<S: Dial + 'static> Deliverer<S> {
                 return end;
             }
             let room = sent + 1 < policy.msgs_per_connection_max;
-            if let Some(mut job) = ahead.take() {
+            // The job whose envelope went ahead, else the next ready one.
+            let (mut job, went_ahead) = if let Some(job) = ahead.take() {
                 if path.suspended(now_micros()) {
                     // The last reply suspended the path: the job sent ahead waits with the
                     // rest; the close drops its envelope at the server.
@@ -1118,62 +1119,54 @@ impl<S: Dial + 'static> Deliverer<S> {
                     session.quit().await;
                     return ConnEnd::Done;
                 }
-                // Read a moment ago; if it moved since, the envelope sent ahead cannot be
-                // followed: the connection ends (the server drops that transaction).
-                let Some(mref) = self.read_job(domain, &job) else {
-                    session.quit().await;
-                    return ConnEnd::Reconnect { next_host: false };
-                };
-                let Ok(msg) = mref.message() else {
-                    session.quit().await;
-                    return ConnEnd::Reconnect { next_host: false };
-                };
-                let info = attempt_info(host, &source, &tls);
-                let sent_ahead = self
-                    .transact(domain, &mut session, path, &mut job, &msg, &info, room)
-                    .await;
-                sent += 1;
-                match sent_ahead {
-                    Step::Next(next) => ahead = next,
-                    Step::End(end) => return end,
-                }
-                continue;
-            }
-            let Some(mut job) = self.pop_job(domain) else {
-                // Another domain of the provider waits for this source's slots: make room.
-                let contended = path.contended(now_micros());
-                if !contended && self.wait_for_work(domain, policy.idle).await {
-                    continue;
-                }
-                session.quit().await;
-                return ConnEnd::Done;
-            };
-            let wait = self
-                .rate_wait(domain)
-                .or_else(|| path.take(now_micros()).err());
-            if let Some(wait) = wait {
-                self.requeue_front(domain, job);
-                if Duration::from_micros(wait) > policy.idle {
-                    // Longer than a connection may idle: close it, and open none until then.
-                    if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
-                        q.backoff_until_micros = now_micros() + wait;
+                (job, true)
+            } else {
+                let Some(job) = self.pop_job(domain) else {
+                    // Another domain of the provider waits for this source's slots: make room.
+                    let contended = path.contended(now_micros());
+                    if !contended && self.wait_for_work(domain, policy.idle).await {
+                        continue;
                     }
                     session.quit().await;
                     return ConnEnd::Done;
+                };
+                let wait = self
+                    .rate_wait(domain)
+                    .or_else(|| path.take(now_micros()).err());
+                if let Some(wait) = wait {
+                    self.requeue_front(domain, job);
+                    if Duration::from_micros(wait) > policy.idle {
+                        // Longer than a connection may idle: close it, and open none until
+                        // then.
+                        if let Some(q) = self.domains.borrow_mut().get_mut(&**domain) {
+                            q.backoff_until_micros = now_micros() + wait;
+                        }
+                        session.quit().await;
+                        return ConnEnd::Done;
+                    }
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_micros(wait)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
                 }
-                let mut shutdown = self.shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_micros(wait)) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
+                (job, false)
+            };
             let info = attempt_info(host, &source, &tls);
-            let Some(mref) = self.read_job(domain, &job) else {
+            let msg_ref = self.read_job(domain, &job);
+            let msg = msg_ref.as_ref().and_then(|m| m.message().ok());
+            let Some(msg) = msg else {
+                if went_ahead {
+                    // Read a moment ago; moved since: its envelope sent ahead cannot be
+                    // followed, so the connection ends (the server drops that transaction).
+                    session.quit().await;
+                    return ConnEnd::Reconnect { next_host: false };
+                }
                 continue;
             };
-            let Ok(msg) = mref.message() else { continue };
-            if !self.drop_suppressed(&mut job, &msg).await {
+            // A job sent ahead had its suppressed recipients cancelled already.
+            if !went_ahead && !self.drop_suppressed(&mut job, &msg).await {
                 continue;
             }
             let step = self
