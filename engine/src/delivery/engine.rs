@@ -149,7 +149,7 @@ enum ConnEnd {
 
 /// After one transaction: go on (with the job whose envelope went ahead, if any), or end.
 enum Step {
-    Next(Option<Job>),
+    Next(Option<(Job, MessageRef)>),
     End(ConnEnd),
 }
 
@@ -1089,8 +1089,9 @@ impl<S: Dial + 'static> Deliverer<S> {
         let tls = session.tls_info();
         let mut sent = 0u32;
         // A job whose envelope was written ahead with the last content (its rate token taken,
-        // its recipients checked against the suppression list): sent next, or put back.
-        let mut ahead: Option<Job> = None;
+        // its recipients checked against the suppression list, its message held): sent next,
+        // or put back.
+        let mut ahead: Option<(Job, MessageRef)> = None;
         loop {
             let closing = if sent >= policy.msgs_per_connection_max {
                 Some(ConnEnd::Reconnect { next_host: false })
@@ -1103,7 +1104,7 @@ impl<S: Dial + 'static> Deliverer<S> {
                 None
             };
             if let Some(end) = closing {
-                if let Some(job) = ahead.take() {
+                if let Some((job, _)) = ahead.take() {
                     self.requeue_front(domain, job);
                 }
                 session.quit().await;
@@ -1111,15 +1112,16 @@ impl<S: Dial + 'static> Deliverer<S> {
             }
             let room = sent + 1 < policy.msgs_per_connection_max;
             // The job whose envelope went ahead, else the next ready one.
-            let (mut job, went_ahead) = if let Some(job) = ahead.take() {
+            let (mut job, held) = if let Some((job, mref)) = ahead.take() {
                 if path.suspended(now_micros()) {
                     // The last reply suspended the path: the job sent ahead waits with the
                     // rest; the close drops its envelope at the server.
+                    drop(mref);
                     self.requeue_front(domain, job);
                     session.quit().await;
                     return ConnEnd::Done;
                 }
-                (job, true)
+                (job, Some(mref))
             } else {
                 let Some(job) = self.pop_job(domain) else {
                     // Another domain of the provider waits for this source's slots: make room.
@@ -1151,15 +1153,18 @@ impl<S: Dial + 'static> Deliverer<S> {
                     }
                     continue;
                 }
-                (job, false)
+                (job, None)
             };
             let info = attempt_info(host, &source, &tls);
-            let msg_ref = self.read_job(domain, &job);
+            let went_ahead = held.is_some();
+            // A job sent ahead brings the message it was read with (its map stays alive).
+            let msg_ref = held.or_else(|| self.read_job(domain, &job));
             let msg = msg_ref.as_ref().and_then(|m| m.message().ok());
             let Some(msg) = msg else {
                 if went_ahead {
-                    // Read a moment ago; moved since: its envelope sent ahead cannot be
-                    // followed, so the connection ends (the server drops that transaction).
+                    // Its envelope sent ahead cannot be followed: the connection ends (the
+                    // server drops that transaction).
+                    self.requeue_front(domain, job);
                     session.quit().await;
                     return ConnEnd::Reconnect { next_host: false };
                 }
@@ -1211,7 +1216,6 @@ impl<S: Dial + 'static> Deliverer<S> {
         let micros = t.elapsed().as_micros() as u64;
         drop(next_env);
         drop(next_msg);
-        let ahead = next.map(|(j, _)| j);
         self.metrics.record(self.shard, Hist::Transaction, micros);
         if result.is_ok() {
             // Answered transactions only: a timeout says nothing of how fast the peer is.
@@ -1225,9 +1229,9 @@ impl<S: Dial + 'static> Deliverer<S> {
             .settle_result(domain, session, path, job, msg, info, result)
             .await;
         match end {
-            None => Step::Next(ahead),
+            None => Step::Next(next),
             Some(end) => {
-                if let Some(j) = ahead {
+                if let Some((j, _)) = next {
                     self.requeue_front(domain, j);
                 }
                 Step::End(end)
