@@ -80,6 +80,8 @@ fn reply_mixes_greylisting_and_extensions_follow_the_profile() {
         &[
             "--count",
             "20",
+            "--connections",
+            "1",
             "--domains",
             "1",
             "--rcpt-format",

@@ -459,6 +459,10 @@ async fn transaction(plan: &Plan, c: &mut Conn, i: u64, out: &mut Vec<u8>) -> Re
     }
     let (code, _) = c.reply().await?;
     if code != 354 {
+        // The transaction did not end (MAIL may stand without recipients): a new MAIL before
+        // RSET is out of sequence (RFC 5321 4.1.4).
+        c.send(b"RSET\r\n").await?;
+        c.expect(2, "RSET").await?;
         return Ok(refused.unwrap_or(code));
     }
     build_message(plan, i, &first_rcpt, out);
