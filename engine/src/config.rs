@@ -422,6 +422,10 @@ pub struct Spool {
     pub append_method: String,
     pub pending_bytes_max: usize,
     pub compact_age_secs: u64,
+    /// How long a delivery outcome may wait to ride on a message's commit (0 ..= 1000 ms).
+    pub outcome_commit_delay_ms: u64,
+    /// How long a busy spool may gather messages into one commit (0 ..= 10000 µs).
+    pub commit_gather_us: u64,
 }
 
 impl Default for Spool {
@@ -433,6 +437,8 @@ impl Default for Spool {
             append_method: "pwrite".into(),
             pending_bytes_max: spool::log::PENDING_BYTES_MAX_DEFAULT,
             compact_age_secs: 3600,
+            outcome_commit_delay_ms: spool::log::OUTCOME_COMMIT_DELAY_DEFAULT.as_millis() as u64,
+            commit_gather_us: spool::log::COMMIT_GATHER_DEFAULT.as_micros() as u64,
         }
     }
 }
@@ -738,6 +744,18 @@ impl Config {
             60,
             7 * 86_400,
         )?;
+        range(
+            "spool.outcome_commit_delay_ms",
+            self.spool.outcome_commit_delay_ms,
+            0,
+            spool::log::OUTCOME_COMMIT_DELAY_MAX.as_millis() as u64,
+        )?;
+        range(
+            "spool.commit_gather_us",
+            self.spool.commit_gather_us,
+            0,
+            spool::log::COMMIT_GATHER_MAX.as_micros() as u64,
+        )?;
         self.spool_config(0).map_err(|e| {
             let message = e.to_string();
             let key = ["segment_bytes", "pending_bytes_max", "sync"]
@@ -782,6 +800,8 @@ impl Config {
             sync: parse_sync(&self.spool.sync).map_err(bad)?,
             append_method: parse_method(&self.spool.append_method).map_err(bad)?,
             pending_bytes_max: self.spool.pending_bytes_max,
+            outcome_commit_delay: Duration::from_millis(self.spool.outcome_commit_delay_ms),
+            commit_gather: Duration::from_micros(self.spool.commit_gather_us),
             disk: spool::disk::real(),
         };
         let config = spool::SpoolConfig {

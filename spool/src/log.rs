@@ -97,6 +97,18 @@ pub const UNTRUSTED_FILE: &str = "untrusted";
 const UNTRUSTED_MAX: usize = 4096;
 /// Spare batch buffers kept for reuse.
 const SPARE_BUFFERS_MAX: usize = 4;
+/// Default for [`LogConfig::outcome_commit_delay`].
+pub const OUTCOME_COMMIT_DELAY_DEFAULT: Duration = Duration::from_millis(5);
+/// Largest allowed [`LogConfig::outcome_commit_delay`].
+pub const OUTCOME_COMMIT_DELAY_MAX: Duration = Duration::from_secs(1);
+/// Bytes of outcome records that start a commit without waiting for the delay.
+const DEFERRED_BYTES_MAX: usize = 1 << 20;
+/// Default for [`LogConfig::commit_gather`].
+pub const COMMIT_GATHER_DEFAULT: Duration = Duration::from_micros(500);
+/// Largest allowed [`LogConfig::commit_gather`].
+pub const COMMIT_GATHER_MAX: Duration = Duration::from_millis(10);
+/// A batch this large is committed without gathering more.
+const GATHER_RECORDS_MAX: u64 = 64;
 
 /// When appended records are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +145,13 @@ pub struct LogConfig {
     pub append_method: AppendMethod,
     /// Bound on bytes appended but not yet handed to the sync thread.
     pub pending_bytes_max: usize,
+    /// How long an outcome record may wait for a commit that a new message starts anyway (it
+    /// rides along) before it starts one itself. Zero commits every record at once.
+    pub outcome_commit_delay: Duration,
+    /// How long a batch holding a new message may wait for more messages before its commit,
+    /// when messages arrive at least twice that often (a busy spool: fewer `fdatasync`s per
+    /// message, at most this much more latency). Zero commits at once.
+    pub commit_gather: Duration,
     /// Where writes, syncs and recovery reads go ([`crate::disk::RealDisk`] unless a test
     /// injects faults).
     pub disk: Arc<dyn Disk>,
@@ -148,6 +167,8 @@ impl LogConfig {
             sync: SyncPolicy::EveryCommit,
             append_method: AppendMethod::Pwrite,
             pending_bytes_max: PENDING_BYTES_MAX_DEFAULT,
+            outcome_commit_delay: OUTCOME_COMMIT_DELAY_DEFAULT,
+            commit_gather: COMMIT_GATHER_DEFAULT,
             disk: crate::disk::real(),
         }
     }
@@ -169,6 +190,18 @@ impl LogConfig {
             return Err(SpoolError::Config(format!(
                 "pending_bytes_max = {} is outside 65536..=1073741824",
                 self.pending_bytes_max
+            )));
+        }
+        if self.outcome_commit_delay > OUTCOME_COMMIT_DELAY_MAX {
+            return Err(SpoolError::Config(format!(
+                "outcome_commit_delay = {:?} is above {OUTCOME_COMMIT_DELAY_MAX:?}",
+                self.outcome_commit_delay
+            )));
+        }
+        if self.commit_gather > COMMIT_GATHER_MAX {
+            return Err(SpoolError::Config(format!(
+                "commit_gather = {:?} is above {COMMIT_GATHER_MAX:?}",
+                self.commit_gather
             )));
         }
         if let SyncPolicy::Interval(d) = self.sync {
@@ -280,9 +313,21 @@ struct State {
     untrusted: Vec<(u64, u64)>,
     closed: bool,
     stats: LogStats,
+    /// Moving mean of the time between appended messages (see [`LogConfig::commit_gather`]).
+    message_gap: Duration,
+    last_message_at: Option<Instant>,
 }
 
 impl State {
+    /// Updates the moving mean of the time between messages (weight 1/8, gaps capped at 1 s).
+    fn note_message_at(&mut self, now: Instant) {
+        if let Some(last) = self.last_message_at {
+            let gap = now.saturating_duration_since(last).min(Duration::from_secs(1));
+            self.message_gap = (self.message_gap * 7 + gap) / 8;
+        }
+        self.last_message_at = Some(now);
+    }
+
     /// Notes how a batch ended, for [`LogWatch::unhealthy`].
     fn note_result(&mut self, result: &Result<(), SpoolError>) {
         self.last_failure = result.as_ref().err().map(|e| e.to_string());
@@ -293,6 +338,51 @@ struct Batch {
     chunks: Vec<Chunk>,
     outcome: Arc<BatchOutcome>,
     records: u64,
+    /// When the first record that must be committed soon (not an outcome) was appended;
+    /// `None` while the batch holds only outcomes, which may wait until
+    /// `opened + outcome_commit_delay`.
+    urgent_since: Option<Instant>,
+    /// When the first record of the batch was appended.
+    opened: Option<Instant>,
+}
+
+impl Batch {
+    /// How long the batch may still wait for more records before its commit: `None` when it is
+    /// empty, zero when it is due. `message_gap` is the recent mean time between messages.
+    fn wait_left(
+        &self,
+        config: &LogConfig,
+        bytes: usize,
+        closing: bool,
+        message_gap: Duration,
+    ) -> Option<Duration> {
+        if self.records == 0 {
+            return None;
+        }
+        if closing || bytes >= DEFERRED_BYTES_MAX {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let until = match self.urgent_since {
+            Some(since) => {
+                let gather = config.commit_gather;
+                if gather.is_zero()
+                    || message_gap * 2 > gather
+                    || self.records >= GATHER_RECORDS_MAX
+                {
+                    return Some(Duration::ZERO);
+                }
+                since + gather
+            }
+            None => self.opened.unwrap_or(now) + config.outcome_commit_delay,
+        };
+        Some(until.saturating_duration_since(now))
+    }
+
+    /// The batch should be committed now.
+    fn due(&self, config: &LogConfig, bytes: usize, closing: bool, gap: Duration) -> bool {
+        self.wait_left(config, bytes, closing, gap) == Some(Duration::ZERO)
+    }
 }
 
 impl Batch {
@@ -301,6 +391,8 @@ impl Batch {
             chunks: Vec::new(),
             outcome: Arc::new(BatchOutcome::default()),
             records: 0,
+            urgent_since: None,
+            opened: None,
         }
     }
 }
@@ -465,6 +557,8 @@ impl SegmentLog {
             untrusted: read_untrusted(&config.dir),
             closed: false,
             stats: LogStats::default(),
+            message_gap: Duration::from_secs(1),
+            last_message_at: None,
         };
         let shared = Arc::new(Shared {
             config,
@@ -556,6 +650,23 @@ impl SegmentLog {
         st_ref.active_next += len as u64;
         st_ref.pending_bytes += len;
         st_ref.pending.records += 1;
+        let first_in_batch = st_ref.pending.records == 1;
+        let now = Instant::now();
+        if first_in_batch {
+            st_ref.pending.opened = Some(now);
+        }
+        // Outcomes may wait for a commit that a message starts anyway (module docs).
+        let urgent = !matches!(record, Record::Outcomes(_))
+            || self.shared.config.outcome_commit_delay.is_zero();
+        let first_urgent = urgent && st_ref.pending.urgent_since.is_none();
+        if first_urgent {
+            st_ref.pending.urgent_since = Some(now);
+        }
+        if urgent {
+            st_ref.note_message_at(now);
+        }
+        let wake =
+            first_in_batch || first_urgent || st_ref.pending.records == GATHER_RECORDS_MAX;
         let ticket = CommitTicket {
             outcome: Arc::clone(&st_ref.pending.outcome),
             location: Location {
@@ -564,9 +675,8 @@ impl SegmentLog {
                 len: len as u32,
             },
         };
-        let first_in_batch = st_ref.pending.records == 1;
         drop(st);
-        if first_in_batch {
+        if wake {
             self.shared.work.notify_one();
         }
         Ok(ticket)
@@ -905,7 +1015,11 @@ impl SyncThread {
             return self.finish(batch, written);
         }
         let hand_off = match &self.stage {
-            Some((stage, _)) => !stage.is_idle() || self.lock_state().pending.records > 0,
+            Some((stage, _)) => !stage.is_idle() || {
+                let st = self.lock_state();
+                st.pending
+                    .due(&self.shared.config, st.pending_bytes, st.closed, st.message_gap)
+            },
             None => false,
         };
         if !hand_off {
@@ -938,7 +1052,10 @@ impl SyncThread {
         let shared = Arc::clone(&self.shared);
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if st.pending.records > 0 {
+            let wait_left =
+                st.pending
+                    .wait_left(&shared.config, st.pending_bytes, st.closed, st.message_gap);
+            if wait_left == Some(Duration::ZERO) {
                 let batch = mem::replace(&mut st.pending, Batch::new());
                 st.pending_bytes = 0;
                 return Work::Write(batch);
@@ -954,6 +1071,9 @@ impl SyncThread {
                 return Work::CreateStandby(id);
             }
             let mut timeout = Duration::from_secs(1);
+            if let Some(left) = wait_left {
+                timeout = timeout.min(left);
+            }
             if let Some((_, at)) = &st.standby_failure {
                 timeout = timeout.min(at.saturating_duration_since(now));
             }
@@ -1471,6 +1591,124 @@ mod tests {
         log.close();
         assert!(t.wait().is_ok());
         assert!(shared.state.lock().unwrap().closed);
+    }
+
+    /// An outcome does not start a commit of its own before `outcome_commit_delay`: it rides
+    /// on the commit a message starts, and alone it is committed once the delay is over.
+    #[test]
+    fn outcomes_ride_on_the_next_message_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            outcome_commit_delay: OUTCOME_COMMIT_DELAY_MAX,
+            ..small_config(dir.path())
+        };
+        let log = SegmentLog::open(config, 1, false, 0, &[]).unwrap();
+        let outcome = log.append(&rec(1)).unwrap();
+        assert!(outcome.try_result().is_none(), "committed before its delay");
+        assert_eq!(log.stats().commits, 0);
+        let message = log.append(&Record::Message(bare_message(b"x"))).unwrap();
+        message.wait().unwrap();
+        assert!(
+            matches!(outcome.try_result(), Some(Ok(_))),
+            "the message's commit covers the outcome before it"
+        );
+        assert_eq!(log.stats().commits, 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            outcome_commit_delay: Duration::from_millis(20),
+            ..small_config(dir.path())
+        };
+        let log = SegmentLog::open(config, 1, false, 0, &[]).unwrap();
+        let started = Instant::now();
+        log.append(&rec(1)).unwrap().wait().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(20));
+    }
+
+    /// How long a pending batch may wait: messages arriving at least twice per gather window
+    /// are gathered (up to the window after the first, or `GATHER_RECORDS_MAX` records);
+    /// sparse ones are committed at once; outcomes alone wait for their delay.
+    #[test]
+    fn a_busy_log_gathers_messages_for_at_most_the_window() {
+        let config = LogConfig {
+            commit_gather: Duration::from_millis(10),
+            outcome_commit_delay: Duration::from_secs(60),
+            ..LogConfig::new("/nonexistent")
+        };
+        let mut batch = Batch::new();
+        let busy = Duration::from_millis(1);
+        let sparse = Duration::from_millis(6);
+        assert_eq!(batch.wait_left(&config, 0, false, busy), None, "empty");
+        batch.records = 1;
+        batch.opened = Some(Instant::now());
+        let left = batch.wait_left(&config, 100, false, busy).unwrap();
+        assert!(left > Duration::from_secs(50), "outcomes alone: {left:?}");
+        assert_eq!(
+            batch.wait_left(&config, 100, true, busy),
+            Some(Duration::ZERO),
+            "closing commits everything"
+        );
+        assert_eq!(
+            batch.wait_left(&config, DEFERRED_BYTES_MAX, false, busy),
+            Some(Duration::ZERO),
+            "too many outcome bytes"
+        );
+        batch.urgent_since = Some(Instant::now());
+        let left = batch.wait_left(&config, 100, false, busy).unwrap();
+        assert!(
+            left > Duration::ZERO && left <= Duration::from_millis(10),
+            "{left:?}"
+        );
+        assert_eq!(
+            batch.wait_left(&config, 100, false, sparse),
+            Some(Duration::ZERO),
+            "sparse messages are not held"
+        );
+        batch.urgent_since = Some(Instant::now() - Duration::from_millis(11));
+        assert_eq!(
+            batch.wait_left(&config, 100, false, busy),
+            Some(Duration::ZERO),
+            "the window is over"
+        );
+        batch.urgent_since = Some(Instant::now());
+        batch.records = GATHER_RECORDS_MAX;
+        assert_eq!(
+            batch.wait_left(&config, 100, false, busy),
+            Some(Duration::ZERO),
+            "a full batch"
+        );
+        let off = LogConfig {
+            commit_gather: Duration::ZERO,
+            ..config
+        };
+        batch.records = 1;
+        assert_eq!(batch.wait_left(&off, 100, false, busy), Some(Duration::ZERO));
+    }
+
+    /// Messages appended a millisecond apart (each alone would be its own commit) share commits
+    /// when gathering is on; every ticket still completes.
+    #[test]
+    fn gathered_messages_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            commit_gather: Duration::from_millis(10),
+            ..small_config(dir.path())
+        };
+        let log = SegmentLog::open(config, 1, false, 0, &[]).unwrap();
+        let m = bare_message(b"x");
+        let mut tickets = Vec::new();
+        for _ in 0..300 {
+            tickets.push(log.append(&Record::Message(m.clone())).unwrap());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in tickets {
+            t.wait().unwrap();
+        }
+        let stats = log.stats();
+        assert_eq!(stats.records, 300);
+        // The first ~40 appends bring the moving mean down from its start of 1 s; the rest
+        // arrive ~10 per window (~3 if the machine is busy and sleeps run long).
+        assert!(stats.commits <= 150, "{stats:?}");
     }
 
     #[test]
