@@ -270,5 +270,33 @@ pub fn peers_bench(
                 "e2e_rounds": r.iter().map(|x| x.e2e.round()).collect::<Vec<_>>()})
         );
     }
+    // saida is an SMTP server and an SMTP client for each message; so is the tools' pair.
+    let tools_us = |name: &str| {
+        runs.iter()
+            .find(|(t, _)| *t == name)
+            .map(|(_, r)| med(r, &|x| x.source_us) + med(r, &|x| x.sink_us))
+    };
+    let saida_us = runs
+        .iter()
+        .find(|(t, _)| *t == "saida")
+        .map(|(_, r)| med(r, &|x| x.saida_us.unwrap_or(0.0)));
+    if let (Some(saida), Some(pair), Some(beside)) =
+        (saida_us, tools_us("ceiling"), tools_us("saida"))
+    {
+        println!(
+            "saida CPU per message {saida:.1} µs: {:.2}x the tools' pair on its own \
+             (smtp-source + smtp-sink, ceiling row: {pair:.1} µs), {:.2}x the tools around saida \
+             (saida row: {beside:.1} µs)",
+            saida / pair,
+            saida / beside
+        );
+        println!(
+            "{}",
+            serde_json::json!({"bench": "peers", "peer": "postfix-tools", "target": "cpu-ratio",
+                "saida_cpu_us_per_msg": saida, "tools_pair_cpu_us_per_msg": pair,
+                "tools_beside_saida_cpu_us_per_msg": beside, "x_tools_pair": saida / pair,
+                "x_tools_beside_saida": saida / beside})
+        );
+    }
     Ok(())
 }
