@@ -23,6 +23,7 @@ mod metrics;
 mod names;
 mod shard;
 mod smtp;
+mod state_file;
 mod suppression;
 mod tenant;
 

@@ -307,7 +307,7 @@ pub fn restore_suspended(tenants: &Tenants, spool_dir: &std::path::Path) {
     }
 }
 
-/// Writes the suspended tenants (a temporary file synced and renamed over the old one).
+/// Writes the suspended tenants (durably replaced: `state_file`).
 pub fn save_suspended(tenants: &Tenants, spool_dir: &std::path::Path) -> std::io::Result<()> {
     let text: String = tenants
         .all()
@@ -315,11 +315,7 @@ pub fn save_suspended(tenants: &Tenants, spool_dir: &std::path::Path) -> std::io
         .filter(|t| t.suspended())
         .map(|t| format!("{}\n", t.name()))
         .collect();
-    let path = spool_dir.join(SUSPENDED_FILE);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    crate::state_file::replace(&spool_dir.join(SUSPENDED_FILE), text.as_bytes())
 }
 
 /// Whether the domain of `address` is one of `domains` or below one; an empty list allows all.

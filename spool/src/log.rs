@@ -322,7 +322,9 @@ impl State {
     /// Updates the moving mean of the time between messages (weight 1/8, gaps capped at 1 s).
     fn note_message_at(&mut self, now: Instant) {
         if let Some(last) = self.last_message_at {
-            let gap = now.saturating_duration_since(last).min(Duration::from_secs(1));
+            let gap = now
+                .saturating_duration_since(last)
+                .min(Duration::from_secs(1));
             self.message_gap = (self.message_gap * 7 + gap) / 8;
         }
         self.last_message_at = Some(now);
@@ -665,8 +667,7 @@ impl SegmentLog {
         if urgent {
             st_ref.note_message_at(now);
         }
-        let wake =
-            first_in_batch || first_urgent || st_ref.pending.records == GATHER_RECORDS_MAX;
+        let wake = first_in_batch || first_urgent || st_ref.pending.records == GATHER_RECORDS_MAX;
         let ticket = CommitTicket {
             outcome: Arc::clone(&st_ref.pending.outcome),
             location: Location {
@@ -1015,11 +1016,17 @@ impl SyncThread {
             return self.finish(batch, written);
         }
         let hand_off = match &self.stage {
-            Some((stage, _)) => !stage.is_idle() || {
-                let st = self.lock_state();
-                st.pending
-                    .due(&self.shared.config, st.pending_bytes, st.closed, st.message_gap)
-            },
+            Some((stage, _)) => {
+                !stage.is_idle() || {
+                    let st = self.lock_state();
+                    st.pending.due(
+                        &self.shared.config,
+                        st.pending_bytes,
+                        st.closed,
+                        st.message_gap,
+                    )
+                }
+            }
             None => false,
         };
         if !hand_off {
@@ -1682,7 +1689,10 @@ mod tests {
             ..config
         };
         batch.records = 1;
-        assert_eq!(batch.wait_left(&off, 100, false, busy), Some(Duration::ZERO));
+        assert_eq!(
+            batch.wait_left(&off, 100, false, busy),
+            Some(Duration::ZERO)
+        );
     }
 
     /// Messages appended a millisecond apart (each alone would be its own commit) share commits

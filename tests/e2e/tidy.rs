@@ -148,6 +148,7 @@ const DAEMON_LAYERS: &[(&str, u8)] = &[
     ("smtp::server", 0),
     // Leaf helpers every layer may use.
     ("names", 0),
+    ("state_file", 0),
     ("cidr", 1),
     ("dns", 1),
     ("auth", 1),

@@ -448,11 +448,17 @@ impl<S: Dial + 'static> Deliverer<S> {
     /// retry heap for `READ_RETRY`, attempts unchanged, so it is never silently dropped.
     fn read_job(self: &Rc<Self>, domain: &str, job: &Job) -> Option<MessageRef> {
         let rcpts = job.rcpts.iter().map(|r| r.index).collect();
-        match self.read(job.queue_id, job.spool_shard, job.base, rcpts, true) {
+        match self.read(job.queue_id, job.spool_shard, job.base, rcpts, false) {
             // `read` already decoded and checked the record, so `message()` cannot fail.
-            // A queued job's recipients come back counted (`Reoffer::counted`).
             Ok(m) => Some(m),
-            Err(ReadFailure::Moved) => None,
+            Err(ReadFailure::Moved) => {
+                // The job leaves the queue and its tenant's count; the spool's shard hands back
+                // those of its recipients still live, uncounted, and their new job counts them.
+                if let Some(t) = self.tenant_of(domain) {
+                    t.finished(job.rcpts.len());
+                }
+                None
+            }
             _ => {
                 let now = now_micros();
                 self.push_job(
@@ -1964,7 +1970,7 @@ impl<S: Dial + 'static> Deliverer<S> {
         reply
     }
 
-    /// Writes the suspended domains (atomically: a temporary file renamed over the old one).
+    /// Writes the suspended domains (durably replaced: `state_file`).
     fn save_suspended(&self) {
         let mut list: Vec<String> = self
             .domains
@@ -1974,12 +1980,8 @@ impl<S: Dial + 'static> Deliverer<S> {
             .map(|(d, _)| d.to_string())
             .collect();
         list.sort();
-        let tmp = self.suspended_file.with_extension("tmp");
         let text: String = list.iter().map(|d| format!("{d}\n")).collect();
-        let saved = std::fs::write(&tmp, text).and_then(|()| {
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &self.suspended_file)
-        });
+        let saved = crate::state_file::replace(&self.suspended_file, text.as_bytes());
         if let Err(e) = saved {
             let file = self.suspended_file.display().to_string();
             tracing::error!(%file, error = %e, "suspended domains not saved");

@@ -8,8 +8,8 @@
 //! Paths also carry adaptive backoff (`delivery::backoff`): a reply matching a backoff rule
 //! suspends the path and/or cuts its connections and rate, which ramp back while replies are
 //! clean; paths in backoff are listed and cancelled through the admin API and saved in
-//! `<spool>/backoffs.json` (written and renamed at each change, not fsynced: a power loss may
-//! forget the last change, never corrupt the file). A destination of no provider has a path of
+//! `<spool>/backoffs.json` (durably replaced at each change: synced, renamed, directory synced).
+//! A destination of no provider has a path of
 //! its own per source, so backoff applies to it alike.
 
 use std::collections::HashMap;
@@ -563,18 +563,16 @@ impl Providers {
         n
     }
 
-    /// Writes the paths in backoff to the state file (a new file renamed over the old one).
+    /// Writes the paths in backoff to the state file (durably replaced: `state_file`).
     fn save(&self) {
         let Some(file) = &self.state_file else {
             return;
         };
         let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let entries = self.backoffs();
-        let tmp = file.with_extension("json.tmp");
         let result = serde_json::to_vec_pretty(&entries)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, file));
+            .and_then(|bytes| crate::state_file::replace(file, &bytes));
         if let Err(e) = result {
             tracing::error!(file = %file.display(), error = %e, "backoffs not saved");
         }

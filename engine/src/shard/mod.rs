@@ -824,7 +824,13 @@ async fn drain_inbox<S: saida_net::Dial + 'static>(
                     counted,
                 } => {
                     if let Some(sp) = spool_of(id) {
-                        reoffer(&sp, &router, id, queue_id, owner, &rcpts, counted)
+                        let offer = Reoffered {
+                            queue_id,
+                            owner,
+                            wanted: &rcpts,
+                            counted,
+                        };
+                        reoffer(&sp, &router, &ctx.tenants, id, offer)
                     }
                 }
                 ShardMsg::Admin(req, reply) => {
@@ -1065,16 +1071,33 @@ fn journal_outcomes(
 
 /// Hands `owner` the listed recipients of a message again, at its current location: only those
 /// still non-terminal and owned by `owner` (other jobs of the same message send their own).
+/// What a `Reoffer` asks for.
+struct Reoffered<'a> {
+    queue_id: QueueId,
+    owner: u16,
+    wanted: &'a [u32],
+    /// Counted in their tenant's queue quota: those not handed back leave the count here.
+    counted: bool,
+}
+
 fn reoffer(
     spool: &Rc<RefCell<Spool>>,
     router: &Router,
+    tenants: &crate::tenant::Tenants,
     shard: u16,
-    queue_id: QueueId,
-    owner: u16,
-    wanted: &[u32],
-    counted: bool,
+    offer: Reoffered<'_>,
 ) {
+    let Reoffered {
+        queue_id,
+        owner,
+        wanted,
+        counted,
+    } = offer;
     let Some(h) = recovered_handoff(&spool.borrow(), shard, queue_id) else {
+        // Every recipient is terminal or the message was deleted. Queued jobs re-offer
+        // uncounted (`Deliverer::read_job` released them); only a fresh hand-off from intake
+        // comes counted, and a message just accepted is neither compacted nor finished before
+        // its first delivery, so no count is left behind here in practice.
         return;
     };
     let (queue_id, base, received) = (h.0, h.1, h.2);
@@ -1086,6 +1109,16 @@ fn reoffer(
             })
             .map(|(_, r)| r)
             .collect();
+    if counted && rcpts.len() < wanted.len() {
+        let spool = spool.borrow();
+        let tenant = spool
+            .message(queue_id)
+            .ok()
+            .and_then(|m| tenants.named(crate::tenant::split_record_field(m.tenant).0));
+        if let Some(t) = tenant {
+            t.finished(wanted.len() - rcpts.len());
+        }
+    }
     if rcpts.is_empty() {
         return;
     }
