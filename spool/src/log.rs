@@ -104,7 +104,7 @@ pub const OUTCOME_COMMIT_DELAY_MAX: Duration = Duration::from_secs(1);
 /// Bytes of outcome records that start a commit without waiting for the delay.
 const DEFERRED_BYTES_MAX: usize = 1 << 20;
 /// Default for [`LogConfig::commit_gather`].
-pub const COMMIT_GATHER_DEFAULT: Duration = Duration::from_micros(500);
+pub const COMMIT_GATHER_DEFAULT: Duration = Duration::from_millis(1);
 /// Largest allowed [`LogConfig::commit_gather`].
 pub const COMMIT_GATHER_MAX: Duration = Duration::from_millis(10);
 /// A batch this large is committed without gathering more.
