@@ -150,7 +150,8 @@ pub struct LogConfig {
     pub outcome_commit_delay: Duration,
     /// How long a batch holding a new message may wait for more messages before its commit,
     /// when messages arrive at least twice that often (a busy spool: fewer `fdatasync`s per
-    /// message, at most this much more latency). Zero commits at once.
+    /// message, at most this much more latency). Zero commits at once; only
+    /// [`SyncPolicy::EveryCommit`] gathers.
     pub commit_gather: Duration,
     /// Where writes, syncs and recovery reads go ([`crate::disk::RealDisk`] unless a test
     /// injects faults).
@@ -368,7 +369,9 @@ impl Batch {
         let until = match self.urgent_since {
             Some(since) => {
                 let gather = config.commit_gather;
+                // Gathering saves fdatasyncs; without them it would only add latency.
                 if gather.is_zero()
+                    || config.sync != SyncPolicy::EveryCommit
                     || message_gap * 2 > gather
                     || self.records >= GATHER_RECORDS_MAX
                 {
@@ -1686,12 +1689,21 @@ mod tests {
         );
         let off = LogConfig {
             commit_gather: Duration::ZERO,
-            ..config
+            ..config.clone()
         };
         batch.records = 1;
         assert_eq!(
             batch.wait_left(&off, 100, false, busy),
             Some(Duration::ZERO)
+        );
+        let unsynced = LogConfig {
+            sync: SyncPolicy::None,
+            ..config
+        };
+        assert_eq!(
+            batch.wait_left(&unsynced, 100, false, busy),
+            Some(Duration::ZERO),
+            "no fdatasync to save"
         );
     }
 
