@@ -27,11 +27,14 @@ struct Run {
     sink_us: f64,
 }
 
-/// `smtp-sink -c` on `addr`, its counter lines going to `out`.
+/// `smtp-sink -c` on `addr`, its counter lines going to `out`. `-m 4096`: smtp-sink serves at
+/// most 256 sessions at once by default and leaves the others waiting for their banner in the
+/// listen queue until one ends (W1 opens a connection for each of its 1,000 domains, which then
+/// delivered in bursts every `idle_secs`).
 pub(crate) fn start_smtp_sink(addr: &str, out: &Path) -> anyhow::Result<KillOnDrop> {
     let file = std::fs::File::create(out)?;
     let child = Command::new("smtp-sink")
-        .args(["-c", "-u", "nobody", addr, "1024"])
+        .args(["-c", "-m", "4096", "-u", "nobody", addr, "1024"])
         .stdout(file)
         .stderr(Stdio::null())
         .spawn()
