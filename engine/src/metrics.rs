@@ -41,6 +41,7 @@ pub enum Counter {
     DeliveryAttempts,
     BytesOut,
     Bounces,
+    MessagesRehomed,
 }
 
 /// (counter, name, label, help).
@@ -124,6 +125,12 @@ pub const COUNTERS: &[(Counter, &str, Option<(&str, &str)>, &str)] = &[
         "Message bytes delivered (per transaction)",
     ),
     (Counter::Bounces, "bounces", None, "Bounces (DSNs) queued"),
+    (
+        Counter::MessagesRehomed,
+        "spool_messages_rehomed",
+        None,
+        "Live messages compaction copied out of an old segment so that it could be deleted",
+    ),
 ];
 
 /// Latency histograms, recorded per shard.

@@ -1,7 +1,8 @@
 //! Dedicated and shared sending end to end: three tenants authenticated over SMTP AUTH (and one
 //! over its API token), two egress pools of loopback sources, quotas, sender domains, tenant
 //! suspension, and DKIM signatures that mail-auth's verifier checks against keys published by
-//! dnsmasq. Real sockets, a real sink, a real DNS server.
+//! dnsmasq; a tenant's queued mail moved by spool compaction (stale locations re-offered, the
+//! quota released). Real sockets, a real sink, a real DNS server.
 
 use std::collections::HashMap;
 
@@ -464,5 +465,115 @@ fn a_suspended_tenant_keeps_its_mail_queued_while_others_deliver_and_resumes() {
             .count(),
         5
     );
+    drop(d);
+}
+
+/// Compaction moves a queued message while its domain is suspended: the queued job's location
+/// goes stale, the reading shard re-offers it (the spool's shard hands back the recipients
+/// still live, at the new location), each held message is delivered once, and the tenant's
+/// queue count ends at zero.
+#[test]
+fn a_queued_message_moved_by_compaction_is_delivered_once_and_its_quota_released() {
+    let work = tempfile::tempdir().unwrap();
+    let users = work.path().join("users");
+    std::fs::write(&users, saida_e2e::passwd_line("alice", "pw-alice")).unwrap();
+    let sink_port = free_port();
+    let sink_addr = format!("127.0.0.9:{sink_port}");
+    let sink = Sink::start(std::slice::from_ref(&sink_addr), &[]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let token = "operator-token-0123456789";
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    // One shard, so that the held messages and the churn share one spool; 1 MiB segments, so
+    // that a few MiB of delivered churn pushes the spool past its segment bound.
+    let config = format!(
+        "[server]\nhostname = \"saida.test\"\nshards = 1\nshutdown_grace_secs = 2\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
+         [spool]\ndir = \"{d}/spool\"\nsegment_bytes = 1048576\n\n[smtp]\nmessage_bytes_max = 524288\n\n\
+         [[tenant]]\nname = \"acme\"\nusers = [\"alice\"]\nqueued_rcpts_max = 1000\n\n\
+         [auth]\ncredentials_file = \"{users}\"\nrequire_tls = false\n\n\
+         [admin]\naddress = \"{admin}\"\ntoken = \"{token}\"\n\n\
+         [delivery]\nenabled = true\nlog_dir = \"{d}/dlog\"\n\n\
+         [[route]]\ndomain = \"held.test\"\nhosts = [\"{sink_addr}\"]\n\n\
+         [[route]]\ndomain = \"fast.test\"\nhosts = [\"{sink_addr}\"]\n",
+        d = dir.path().display(),
+        users = users.display(),
+    );
+    let d = Daemon::start_in(dir, port, &config);
+    let (status, _) = http_post_json(&admin, "/queue/domains/held.test/suspend", token, "");
+    assert_eq!(status, 200);
+    let segments = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        v.sort();
+        v
+    };
+    // Where the held messages go: the segment receiving appends now (the lowest-numbered one).
+    let first = segments(&d.shard_dir(0))[0].clone();
+    let held: Vec<_> = (0..5)
+        .map(|i| msg("alice@acme.test", &format!("h{i}@held.test")))
+        .collect();
+    let filler = "x".repeat(76) + "\r\n";
+    let churn: Vec<_> = (0..120)
+        .map(|i| {
+            let (f, t, h, _) = msg("alice@acme.test", &format!("f{i}@fast.test"));
+            (f, t, h, filler.repeat(800))
+        })
+        .collect();
+    let mut all = held.clone();
+    all.extend(churn);
+    let out = send_as(d.port, "alice", &all);
+    assert!(out.iter().all(|r| r == "250"), "{out:?}");
+    sink.wait_until(60, "the churn", |r| r.len() == 120);
+    // Reclamation runs every second: wait until it has copied the held messages out of the
+    // oldest segment (the churn's dead segments behind it can then go).
+    let metric = |name: &str| -> u64 {
+        http_get(&admin, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric("saida_spool_messages_rehomed_total ") < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction: {}",
+            http_get(&admin, "/metrics")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // ... and deleted that segment, so the queued jobs' locations are stale.
+    while first.exists() {
+        assert!(std::time::Instant::now() < deadline, "{first:?} kept");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        metric("saida_tenant_queued_recipients{tenant=\"acme\"} "),
+        5,
+        "the held recipients are queued and counted"
+    );
+    let (status, _) = http_post_json(&admin, "/queue/domains/held.test/resume", token, "");
+    assert_eq!(status, 200);
+    let records = sink.wait_until(60, "the held mail after resume", |r| r.len() == 125);
+    let mut held_to: Vec<String> = records
+        .iter()
+        .filter_map(|r| r["rcpt"].as_str().map(str::to_string))
+        .filter(|t| t.ends_with("@held.test"))
+        .collect();
+    held_to.sort();
+    let want: Vec<String> = (0..5).map(|i| format!("h{i}@held.test")).collect();
+    assert_eq!(held_to, want, "each held message once");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric("saida_tenant_queued_recipients{tenant=\"acme\"} ") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the quota was not released: {}",
+            http_get(&admin, "/metrics")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     drop(d);
 }

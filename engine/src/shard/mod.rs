@@ -617,8 +617,11 @@ async fn shard_main<A: Acceptor>(setup: ShardSetup, backend: RunningBackend) {
                 _ = tick.tick() => {}
                 _ = maint_shutdown.changed() => {}
             }
-            if let Err(e) = maint_spool.borrow_mut().reclaim() {
-                tracing::error!(shard, error = %e, "spool reclamation failed");
+            match maint_spool.borrow_mut().reclaim() {
+                Ok(r) => {
+                    maint_metrics.inc(crate::metrics::Counter::MessagesRehomed, r.messages_rehomed)
+                }
+                Err(e) => tracing::error!(shard, error = %e, "spool reclamation failed"),
             }
             retire_drained(&maint_spools, shard, &maint_config);
             // The oldest live message: a scan of the index, every 10 s (O(live messages)). The
