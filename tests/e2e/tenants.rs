@@ -489,7 +489,8 @@ fn a_queued_message_moved_by_compaction_is_delivered_once_and_its_quota_released
     let config = format!(
         "[server]\nhostname = \"saida.test\"\nshards = 1\nshutdown_grace_secs = 2\n\n\
          [[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
-         [spool]\ndir = \"{d}/spool\"\nsegment_bytes = 1048576\n\n[smtp]\nmessage_bytes_max = 524288\n\n\
+         [spool]\ndir = \"{d}/spool\"\nsegment_bytes = 1048576\n\n\
+         [smtp]\nmessage_bytes_max = 524288\n\n\
          [[tenant]]\nname = \"acme\"\nusers = [\"alice\"]\nqueued_rcpts_max = 1000\n\n\
          [auth]\ncredentials_file = \"{users}\"\nrequire_tls = false\n\n\
          [admin]\naddress = \"{admin}\"\ntoken = \"{token}\"\n\n\
