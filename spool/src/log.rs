@@ -101,7 +101,8 @@ const SPARE_BUFFERS_MAX: usize = 4;
 pub const OUTCOME_COMMIT_DELAY_DEFAULT: Duration = Duration::from_millis(5);
 /// Largest allowed [`LogConfig::outcome_commit_delay`].
 pub const OUTCOME_COMMIT_DELAY_MAX: Duration = Duration::from_secs(1);
-/// Bytes of outcome records that start a commit without waiting for the delay.
+/// Bytes of outcome records that start a commit without waiting for the delay (or half of
+/// `pending_bytes_max`, if that is less: waiting outcomes must never make appends fail).
 const DEFERRED_BYTES_MAX: usize = 1 << 20;
 /// Default for [`LogConfig::commit_gather`].
 pub const COMMIT_GATHER_DEFAULT: Duration = Duration::from_millis(1);
@@ -213,6 +214,11 @@ impl LogConfig {
             }
         }
         Ok(())
+    }
+
+    /// Pending bytes at which a batch of outcomes is committed without waiting for its delay.
+    fn deferred_bytes_max(&self) -> usize {
+        DEFERRED_BYTES_MAX.min(self.pending_bytes_max / 2)
     }
 
     /// Largest frame one segment can hold.
@@ -362,7 +368,7 @@ impl Batch {
         if self.records == 0 {
             return None;
         }
-        if closing || bytes >= DEFERRED_BYTES_MAX {
+        if closing || bytes >= config.deferred_bytes_max() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -670,7 +676,11 @@ impl SegmentLog {
         if urgent {
             st_ref.note_message_at(now);
         }
-        let wake = first_in_batch || first_urgent || st_ref.pending.records == GATHER_RECORDS_MAX;
+        let deferred_max = self.shared.config.deferred_bytes_max();
+        let wake = first_in_batch
+            || first_urgent
+            || st_ref.pending.records == GATHER_RECORDS_MAX
+            || (st_ref.pending_bytes >= deferred_max && st_ref.pending_bytes - len < deferred_max);
         let ticket = CommitTicket {
             outcome: Arc::clone(&st_ref.pending.outcome),
             location: Location {
@@ -1065,7 +1075,11 @@ impl SyncThread {
             let wait_left =
                 st.pending
                     .wait_left(&shared.config, st.pending_bytes, st.closed, st.message_gap);
-            if wait_left == Some(Duration::ZERO) {
+            let standby_wanted = st.standby.is_none() || st.reserve.is_none();
+            // A message's batch goes before a standby's creation (milliseconds of fallocate
+            // and syncs), gathering or not.
+            let message_waits = st.pending.urgent_since.is_some() && standby_wanted;
+            if wait_left == Some(Duration::ZERO) || message_waits {
                 let batch = mem::replace(&mut st.pending, Batch::new());
                 st.pending_bytes = 0;
                 return Work::Write(batch);
@@ -1633,6 +1647,38 @@ mod tests {
         let started = Instant::now();
         log.append(&rec(1)).unwrap().wait().unwrap();
         assert!(started.elapsed() >= Duration::from_millis(20));
+    }
+
+    /// Outcomes waiting for their delay never fill the pending bound: at half of it (here
+    /// 32 KiB) they are committed at once.
+    #[test]
+    fn waiting_outcomes_are_committed_before_they_fill_the_pending_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            outcome_commit_delay: OUTCOME_COMMIT_DELAY_MAX,
+            pending_bytes_max: 64 << 10,
+            ..small_config(dir.path())
+        };
+        let log = SegmentLog::open(config, 1, false, 0, &[]).unwrap();
+        let started = Instant::now();
+        let mut last = None;
+        let mut appended = 0usize;
+        while appended < 32 << 10 {
+            let record = rec(appended as u128);
+            appended += record.frame_len();
+            last = Some(log.append(&record).unwrap());
+            if appended == record.frame_len() {
+                // Lets the writer go back to waiting for the delay, so that the crossing has to
+                // wake it (if it has not gone back yet, the test is only weaker, never wrong).
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        last.unwrap().wait().unwrap();
+        assert!(
+            started.elapsed() < OUTCOME_COMMIT_DELAY_MAX * 9 / 10,
+            "waited for the delay: {:?}",
+            started.elapsed()
+        );
     }
 
     /// How long a pending batch may wait: messages arriving at least twice per gather window

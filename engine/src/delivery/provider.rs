@@ -332,8 +332,10 @@ pub struct Providers {
     rules: Rules,
     /// Where paths in backoff are saved (none: not saved).
     state_file: Option<std::path::PathBuf>,
-    /// Serialises saves.
-    saving: Mutex<()>,
+    /// Saves taken (snapshot numbers) and the newest one written: writes run off the shard
+    /// threads and may finish out of order; an older snapshot never replaces a newer one.
+    saves: std::sync::atomic::AtomicU64,
+    saving: Arc<Mutex<u64>>,
 }
 
 /// Paths by (provider, source); a destination of no provider is `(None, domain, source)`.
@@ -563,18 +565,34 @@ impl Providers {
         n
     }
 
-    /// Writes the paths in backoff to the state file (durably replaced: `state_file`).
+    /// Writes the paths in backoff to the state file (durably replaced: `state_file`), on the
+    /// blocking pool when there is a runtime: the syncs must not stall a shard's event loop.
     fn save(&self) {
-        let Some(file) = &self.state_file else {
+        let Some(file) = self.state_file.clone() else {
             return;
         };
-        let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = self.backoffs();
-        let result = serde_json::to_vec_pretty(&entries)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::state_file::replace(file, &bytes));
-        if let Err(e) = result {
-            tracing::error!(file = %file.display(), error = %e, "backoffs not saved");
+        let snapshot = self
+            .saves
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let bytes = match serde_json::to_vec_pretty(&self.backoffs()) {
+            Ok(b) => b,
+            Err(e) => return tracing::error!(error = %e, "backoffs not saved"),
+        };
+        let saving = Arc::clone(&self.saving);
+        let write = move || {
+            let mut written = saving.lock().unwrap_or_else(|p| p.into_inner());
+            if *written > snapshot {
+                return;
+            }
+            match crate::state_file::replace(&file, &bytes) {
+                Ok(()) => *written = snapshot,
+                Err(e) => tracing::error!(file = %file.display(), error = %e, "backoffs not saved"),
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 }
