@@ -2,6 +2,7 @@
 //! one message per transaction over reused connections:
 //! - generators into the same sink (`smtp-sink`): `smtp-source -d` vs `saida-blast`;
 //! - sinks under the same generator (`smtp-source -d`): `smtp-sink` vs `saida-sink`.
+//!
 //! Rates are messages over the generator's wall time (smtp-source prints no rate).
 
 use std::path::Path;

@@ -458,7 +458,7 @@ fn inject(
     }
     if let Some(t) = tenant {
         for m in &messages {
-            if !t.from_header_allowed(&m.content) {
+            if !t.header_from_allowed(&m.content) {
                 let why = "553 5.7.1 From: header address not allowed for this account";
                 return (403, serde_json::json!({ "error": why }));
             }

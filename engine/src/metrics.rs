@@ -44,8 +44,16 @@ pub enum Counter {
     MessagesRehomed,
 }
 
-/// (counter, name, label, help).
-pub const COUNTERS: &[(Counter, &str, Option<(&str, &str)>, &str)] = &[
+/// A counter's exposition: (counter, name, label, help).
+pub type CounterSpec = (
+    Counter,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    &'static str,
+);
+
+/// Every counter, in exposition order.
+pub const COUNTERS: &[CounterSpec] = &[
     (
         Counter::ConnectionsIn,
         "smtp_connections",
@@ -891,7 +899,7 @@ fn counter(v: f64, pairs: &[(&str, &str)]) -> proto::Metric {
     let mut c = proto::Counter::default();
     c.set_value(v);
     let mut m = proto::Metric::default();
-    m.set_label(labels(pairs).into());
+    m.set_label(labels(pairs));
     m.set_counter(c);
     m
 }
@@ -900,7 +908,7 @@ fn gauge(v: f64, pairs: &[(&str, &str)]) -> proto::Metric {
     let mut g = proto::Gauge::default();
     g.set_value(v);
     let mut m = proto::Metric::default();
-    m.set_label(labels(pairs).into());
+    m.set_label(labels(pairs));
     m.set_gauge(g);
     m
 }
@@ -928,7 +936,7 @@ fn histogram(h: &Histogram<u64>) -> proto::Metric {
     } else {
         h.mean() * h.len() as f64 / 1e6
     });
-    p.set_bucket(buckets.into());
+    p.set_bucket(buckets);
     let mut m = proto::Metric::default();
     m.set_histogram(p);
     m

@@ -125,7 +125,7 @@ impl Tenant {
     /// Whether every `From:` mailbox of `message` is within the sender domains (a message
     /// without one, or with more than one `From:` field, is not, when the tenant has sender
     /// domains).
-    pub fn from_header_allowed(&self, message: &[u8]) -> bool {
+    pub fn header_from_allowed(&self, message: &[u8]) -> bool {
         let domains = &self.config.sender_domains;
         if domains.is_empty() {
             return true;

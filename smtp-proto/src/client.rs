@@ -353,6 +353,24 @@ pub fn valid_ehlo_name(host: &str) -> bool {
     is_domain_or_literal(host)
 }
 
+/// Dot-stuffs `message` as the client sends it and reads it back with the server-side content
+/// reader; returns the content as the next hop stores it, or the rule it broke. For tests of
+/// what reaches a peer (panics if the stuffed form does not end where it should).
+pub fn stuff_and_read_back(message: &[u8]) -> Result<Vec<u8>, crate::content::ContentError> {
+    use crate::content::{BareLineEnd, ContentReader, Progress};
+    let mut wire = Vec::new();
+    dot_stuff(message, &mut wire);
+    let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);
+    let mut back = Vec::new();
+    assert_eq!(
+        r.feed(&wire, &mut back),
+        Progress::Done {
+            consumed: wire.len()
+        }
+    );
+    r.error().map_or(Ok(back), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,22 +593,4 @@ mod tests {
         let original: &[u8] = b"Subject: t\r\n\r\n.\r\n..\r\n.x\r\nend\r\n";
         assert_eq!(stuff_and_read_back(original), Ok(original.to_vec()));
     }
-}
-
-/// Dot-stuffs `message` as the client sends it and reads it back with the server-side content
-/// reader; returns the content as the next hop stores it, or the rule it broke. For tests of
-/// what reaches a peer (panics if the stuffed form does not end where it should).
-pub fn stuff_and_read_back(message: &[u8]) -> Result<Vec<u8>, crate::content::ContentError> {
-    use crate::content::{BareLineEnd, ContentReader, Progress};
-    let mut wire = Vec::new();
-    dot_stuff(message, &mut wire);
-    let mut r = ContentReader::new(true, BareLineEnd::Reject, 1000, 1 << 20);
-    let mut back = Vec::new();
-    assert_eq!(
-        r.feed(&wire, &mut back),
-        Progress::Done {
-            consumed: wire.len()
-        }
-    );
-    r.error().map_or(Ok(back), Err)
 }

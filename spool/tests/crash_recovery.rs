@@ -91,7 +91,7 @@ fn acknowledged_records_survive_sigkill() {
     }
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut rng = Rng(0x5EED_0F_C0FFEE | spool::now_micros());
+    let mut rng = Rng(0x5EED_0FC0_FFEE | spool::now_micros());
     let mut acked: HashMap<QueueId, u32> = HashMap::new();
     let mut done: HashSet<QueueId> = HashSet::new();
     let mut delivering: HashSet<QueueId> = HashSet::new();

@@ -78,7 +78,7 @@ fn change_shard_count(before: usize, after: usize) {
         .collect();
     assert_eq!(used.len(), before, "every shard had a spool");
     let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
-    let sink = saida_e2e::Sink::start(&[sink_addr.clone()], &[]);
+    let sink = saida_e2e::Sink::start(std::slice::from_ref(&sink_addr), &[]);
     let cfg = shard_config(dir.path(), port, after, &sink_addr);
     let d2 = Daemon::start_in(dir, port, &cfg);
     let records = sink.wait_until(30, "all 20 messages after the shard change", |r| {

@@ -565,7 +565,7 @@ mod tests {
             enhanced: "5.1.1".into(),
             text: "special".into(),
         };
-        let c = Classifier::new(&[mine.clone()]).unwrap();
+        let c = Classifier::new(std::slice::from_ref(&mine)).unwrap();
         let t = "550 5.1.1 special no such user";
         assert_eq!(c.classify(550, Some("5.1.1"), t), BounceClass::Routing);
         let builtin = Classifier::new(&[]).unwrap();

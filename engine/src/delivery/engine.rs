@@ -191,10 +191,7 @@ pub struct Deliverer<S: Dial> {
     /// `delivery.workers_per_shard_max`.
     pub workers: Cell<usize>,
     /// Domains that wanted workers when the shard had none to spare, in order; each once.
-    starved: RefCell<(
-        std::collections::VecDeque<Rc<str>>,
-        std::collections::HashSet<Rc<str>>,
-    )>,
+    starved: RefCell<Starved>,
     /// Tells idle connections to close: a domain is waiting for a worker slot.
     slot_wanted: tokio::sync::Notify,
     /// MX lookups under way at once, at most `delivery.dns_lookups_per_shard_max`.
@@ -215,8 +212,15 @@ pub struct Deliverer<S: Dial> {
     _stream: PhantomData<S>,
 }
 
+/// Domains waiting for a worker slot, in order, and the same set for a membership test.
+type Starved = (
+    std::collections::VecDeque<Rc<str>>,
+    std::collections::HashSet<Rc<str>>,
+);
+
 impl<S: Dial + 'static> Deliverer<S> {
     /// Builds the shard's deliverer (inside its runtime: the resolver needs one).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shard: u16,
         config: Arc<Config>,
@@ -2031,7 +2035,7 @@ impl<S: Dial + 'static> Deliverer<S> {
             .into_iter()
             .map(|(d, (queued, workers))| (d.to_string(), queued, workers))
             .collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.sort_by_key(|b| std::cmp::Reverse(b.1));
         for (i, row) in all.into_iter().enumerate() {
             if i < crate::metrics::TOP_LABELS {
                 snap.top.push(row);

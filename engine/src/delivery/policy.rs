@@ -554,8 +554,10 @@ mod tests {
             "route.hosts"
         );
         assert_eq!(bad(route("a*b", &[], None)).unwrap().0, "route.domain");
-        let mut d = DeliveryConfig::default();
-        d.retry_delays_secs = Some(vec![]);
+        let d = DeliveryConfig {
+            retry_delays_secs: Some(vec![]),
+            ..Default::default()
+        };
         assert_eq!(
             DeliveryPolicies::new(&d, &[]).err().unwrap().0,
             "delivery.retry_delays_secs"

@@ -684,7 +684,7 @@ impl<S: Stream> Session<S> {
         }
         let ctx = Rc::clone(&self.ctx);
         let account = self.user.as_deref().and_then(|u| ctx.tenants.of_user(u));
-        if let Some(t) = account.filter(|t| !t.from_header_allowed(&content)) {
+        if let Some(t) = account.filter(|t| !t.header_from_allowed(&content)) {
             tracing::warn!(client = %self.info.peer.ip(), tenant = t.name(),
                 "From: header outside the tenant's domains");
             self.reply(Reply::new(
