@@ -537,30 +537,24 @@ fn a_queued_message_moved_by_compaction_is_delivered_once_and_its_quota_released
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or(0)
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while metric("saida_spool_messages_rehomed_total ") < 5 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no compaction: {}",
-            http_get(&admin, "/metrics")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Polls `done` for up to 60 s.
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            let metrics = http_get(&admin, "/metrics");
+            assert!(std::time::Instant::now() < deadline, "{what}: {metrics}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let queued = || metric("saida_tenant_queued_recipients{tenant=\"acme\"} ");
+    wait_for("no compaction", &|| {
+        metric("saida_spool_messages_rehomed_total ") >= 5
+    });
     // ... and deleted that segment, so the queued jobs' locations are stale.
-    while first.exists() {
-        assert!(std::time::Instant::now() < deadline, "{first:?} kept");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for("the first segment is kept", &|| !first.exists());
     // The churn's last recipients leave the count when saida reads the sink's 250 (just after
     // the sink recorded them): the held five remain.
-    while metric("saida_tenant_queued_recipients{tenant=\"acme\"} ") != 5 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the held recipients are not counted: {}",
-            http_get(&admin, "/metrics")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for("the held recipients are not counted", &|| queued() == 5);
     let (status, _) = http_post_json(&admin, "/queue/domains/held.test/resume", token, "");
     assert_eq!(status, 200);
     let records = sink.wait_until(60, "the held mail after resume", |r| r.len() >= 125);
@@ -573,14 +567,6 @@ fn a_queued_message_moved_by_compaction_is_delivered_once_and_its_quota_released
     held_to.sort();
     let want: Vec<String> = (0..5).map(|i| format!("h{i}@held.test")).collect();
     assert_eq!(held_to, want, "each held message once");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while metric("saida_tenant_queued_recipients{tenant=\"acme\"} ") != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the quota was not released: {}",
-            http_get(&admin, "/metrics")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for("the quota was not released", &|| queued() == 0);
     drop(d);
 }
