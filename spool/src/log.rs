@@ -110,6 +110,11 @@ pub const COMMIT_GATHER_DEFAULT: Duration = Duration::from_millis(1);
 pub const COMMIT_GATHER_MAX: Duration = Duration::from_millis(10);
 /// A batch this large is committed without gathering more.
 const GATHER_RECORDS_MAX: u64 = 64;
+/// Gathering holds a batch only while at least this many messages are expected in the window
+/// (a moderate load, with few sessions in flight, would only wait).
+const GATHER_ARRIVALS_MIN: u32 = 4;
+/// Gathering ends when no message came for twice the mean gap, or at least this long.
+const GATHER_QUIET_MIN: Duration = Duration::from_micros(100);
 
 /// When appended records are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,8 +155,9 @@ pub struct LogConfig {
     /// rides along) before it starts one itself. Zero commits every record at once.
     pub outcome_commit_delay: Duration,
     /// How long a batch holding a new message may wait for more messages before its commit,
-    /// when messages arrive at least twice that often (a busy spool: fewer `fdatasync`s per
-    /// message, at most this much more latency). Zero commits at once; only
+    /// when at least four messages are expected in it (a busy spool: fewer `fdatasync`s per
+    /// message, at most this much more latency); it ends early when no message came for twice
+    /// the mean gap. Zero commits at once; only
     /// [`SyncPolicy::EveryCommit`] gathers.
     pub commit_gather: Duration,
     /// Where writes, syncs and recovery reads go ([`crate::disk::RealDisk`] unless a test
@@ -351,6 +357,8 @@ struct Batch {
     /// `None` while the batch holds only outcomes, which may wait until
     /// `opened + outcome_commit_delay`.
     urgent_since: Option<Instant>,
+    /// When the last such record was appended: gathering ends once messages stop coming.
+    urgent_last: Option<Instant>,
     /// When the first record of the batch was appended.
     opened: Option<Instant>,
 }
@@ -378,12 +386,15 @@ impl Batch {
                 // Gathering saves fdatasyncs; without them it would only add latency.
                 if gather.is_zero()
                     || config.sync != SyncPolicy::EveryCommit
-                    || message_gap * 2 > gather
+                    || message_gap * GATHER_ARRIVALS_MIN > gather
                     || self.records >= GATHER_RECORDS_MAX
                 {
                     return Some(Duration::ZERO);
                 }
-                since + gather
+                // No message for twice the mean gap: the senders are all waiting on this
+                // commit (a few sessions in flight), and waiting longer gains nothing.
+                let quiet = (message_gap * 2).max(GATHER_QUIET_MIN);
+                (since + gather).min(self.urgent_last.unwrap_or(since) + quiet)
             }
             None => self.opened.unwrap_or(now) + config.outcome_commit_delay,
         };
@@ -403,6 +414,7 @@ impl Batch {
             outcome: Arc::new(BatchOutcome::default()),
             records: 0,
             urgent_since: None,
+            urgent_last: None,
             opened: None,
         }
     }
@@ -675,6 +687,7 @@ impl SegmentLog {
         }
         if urgent {
             st_ref.note_message_at(now);
+            st_ref.pending.urgent_last = Some(now);
         }
         let deferred_max = self.shared.config.deferred_bytes_max();
         let wake = first_in_batch
@@ -1681,9 +1694,10 @@ mod tests {
         );
     }
 
-    /// How long a pending batch may wait: messages arriving at least twice per gather window
-    /// are gathered (up to the window after the first, or `GATHER_RECORDS_MAX` records);
-    /// sparse ones are committed at once; outcomes alone wait for their delay.
+    /// How long a pending batch may wait: messages arriving at least four times per gather
+    /// window are gathered (up to the window after the first, `GATHER_RECORDS_MAX` records, or
+    /// until none came for twice the mean gap); sparse ones are committed at once; outcomes
+    /// alone wait for their delay.
     #[test]
     fn a_busy_log_gathers_messages_for_at_most_the_window() {
         let config = LogConfig {
@@ -1720,6 +1734,14 @@ mod tests {
             Some(Duration::ZERO),
             "sparse messages are not held"
         );
+        batch.urgent_since = Some(Instant::now());
+        batch.urgent_last = Some(Instant::now() - Duration::from_millis(3));
+        assert_eq!(
+            batch.wait_left(&config, 100, false, busy),
+            Some(Duration::ZERO),
+            "no message for twice the mean gap: the senders all wait on this commit"
+        );
+        batch.urgent_last = None;
         batch.urgent_since = Some(Instant::now() - Duration::from_millis(11));
         assert_eq!(
             batch.wait_left(&config, 100, false, busy),
