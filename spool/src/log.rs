@@ -326,21 +326,30 @@ struct State {
     untrusted: Vec<(u64, u64)>,
     closed: bool,
     stats: LogStats,
-    /// Moving mean of the time between appended messages (see [`LogConfig::commit_gather`]).
-    message_gap: Duration,
-    last_message_at: Option<Instant>,
+    /// How messages have been arriving (the gather's inputs).
+    arrivals: Arrivals,
+}
+
+/// How messages have been arriving (see [`LogConfig::commit_gather`]).
+#[derive(Clone, Copy, Debug)]
+struct Arrivals {
+    /// Moving mean of the time between appended messages.
+    gap: Duration,
+    /// When the last one was appended.
+    last: Option<Instant>,
 }
 
 impl State {
     /// Updates the moving mean of the time between messages (weight 1/8, gaps capped at 1 s).
     fn note_message_at(&mut self, now: Instant) {
-        if let Some(last) = self.last_message_at {
+        let a = &mut self.arrivals;
+        if let Some(last) = a.last {
             let gap = now
                 .saturating_duration_since(last)
                 .min(Duration::from_secs(1));
-            self.message_gap = (self.message_gap * 7 + gap) / 8;
+            a.gap = (a.gap * 7 + gap) / 8;
         }
-        self.last_message_at = Some(now);
+        a.last = Some(now);
     }
 
     /// Notes how a batch ended, for [`LogWatch::unhealthy`].
@@ -357,21 +366,19 @@ struct Batch {
     /// `None` while the batch holds only outcomes, which may wait until
     /// `opened + outcome_commit_delay`.
     urgent_since: Option<Instant>,
-    /// When the last such record was appended: gathering ends once messages stop coming.
-    urgent_last: Option<Instant>,
     /// When the first record of the batch was appended.
     opened: Option<Instant>,
 }
 
 impl Batch {
     /// How long the batch may still wait for more records before its commit: `None` when it is
-    /// empty, zero when it is due. `message_gap` is the recent mean time between messages.
+    /// empty, zero when it is due.
     fn wait_left(
         &self,
         config: &LogConfig,
         bytes: usize,
         closing: bool,
-        message_gap: Duration,
+        arrivals: Arrivals,
     ) -> Option<Duration> {
         if self.records == 0 {
             return None;
@@ -386,15 +393,15 @@ impl Batch {
                 // Gathering saves fdatasyncs; without them it would only add latency.
                 if gather.is_zero()
                     || config.sync != SyncPolicy::EveryCommit
-                    || message_gap * GATHER_ARRIVALS_MIN > gather
+                    || arrivals.gap * GATHER_ARRIVALS_MIN > gather
                     || self.records >= GATHER_RECORDS_MAX
                 {
                     return Some(Duration::ZERO);
                 }
                 // No message for twice the mean gap: the senders are all waiting on this
                 // commit (a few sessions in flight), and waiting longer gains nothing.
-                let quiet = (message_gap * 2).max(GATHER_QUIET_MIN);
-                (since + gather).min(self.urgent_last.unwrap_or(since) + quiet)
+                let quiet = (arrivals.gap * 2).max(GATHER_QUIET_MIN);
+                (since + gather).min(arrivals.last.unwrap_or(since) + quiet)
             }
             None => self.opened.unwrap_or(now) + config.outcome_commit_delay,
         };
@@ -402,8 +409,8 @@ impl Batch {
     }
 
     /// The batch should be committed now.
-    fn due(&self, config: &LogConfig, bytes: usize, closing: bool, gap: Duration) -> bool {
-        self.wait_left(config, bytes, closing, gap) == Some(Duration::ZERO)
+    fn due(&self, config: &LogConfig, bytes: usize, closing: bool, arrivals: Arrivals) -> bool {
+        self.wait_left(config, bytes, closing, arrivals) == Some(Duration::ZERO)
     }
 }
 
@@ -414,7 +421,6 @@ impl Batch {
             outcome: Arc::new(BatchOutcome::default()),
             records: 0,
             urgent_since: None,
-            urgent_last: None,
             opened: None,
         }
     }
@@ -580,8 +586,10 @@ impl SegmentLog {
             untrusted: read_untrusted(&config.dir),
             closed: false,
             stats: LogStats::default(),
-            message_gap: Duration::from_secs(1),
-            last_message_at: None,
+            arrivals: Arrivals {
+                gap: Duration::from_secs(1),
+                last: None,
+            },
         };
         let shared = Arc::new(Shared {
             config,
@@ -687,7 +695,6 @@ impl SegmentLog {
         }
         if urgent {
             st_ref.note_message_at(now);
-            st_ref.pending.urgent_last = Some(now);
         }
         let deferred_max = self.shared.config.deferred_bytes_max();
         let wake = first_in_batch
@@ -1049,7 +1056,7 @@ impl SyncThread {
                         &self.shared.config,
                         st.pending_bytes,
                         st.closed,
-                        st.message_gap,
+                        st.arrivals,
                     )
                 }
             }
@@ -1087,7 +1094,7 @@ impl SyncThread {
         loop {
             let wait_left =
                 st.pending
-                    .wait_left(&shared.config, st.pending_bytes, st.closed, st.message_gap);
+                    .wait_left(&shared.config, st.pending_bytes, st.closed, st.arrivals);
             let standby_wanted = st.standby.is_none() || st.reserve.is_none();
             // A message's batch goes before a standby's creation (milliseconds of fallocate
             // and syncs), gathering or not.
@@ -1706,8 +1713,14 @@ mod tests {
             ..LogConfig::new("/nonexistent")
         };
         let mut batch = Batch::new();
-        let busy = Duration::from_millis(1);
-        let sparse = Duration::from_millis(6);
+        let busy = Arrivals {
+            gap: Duration::from_millis(1),
+            last: None,
+        };
+        let sparse = Arrivals {
+            gap: Duration::from_millis(6),
+            last: None,
+        };
         assert_eq!(batch.wait_left(&config, 0, false, busy), None, "empty");
         batch.records = 1;
         batch.opened = Some(Instant::now());
@@ -1735,13 +1748,15 @@ mod tests {
             "sparse messages are not held"
         );
         batch.urgent_since = Some(Instant::now());
-        batch.urgent_last = Some(Instant::now() - Duration::from_millis(3));
+        let quiet = Arrivals {
+            last: Some(Instant::now() - Duration::from_millis(3)),
+            ..busy
+        };
         assert_eq!(
-            batch.wait_left(&config, 100, false, busy),
+            batch.wait_left(&config, 100, false, quiet),
             Some(Duration::ZERO),
             "no message for twice the mean gap: the senders all wait on this commit"
         );
-        batch.urgent_last = None;
         batch.urgent_since = Some(Instant::now() - Duration::from_millis(11));
         assert_eq!(
             batch.wait_left(&config, 100, false, busy),
